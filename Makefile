@@ -1,0 +1,50 @@
+# ocm — two commands matter: `make demo` and `make test`. Both install what they need first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export OCM_HOME ?= $(CURDIR)/.ocm
+export DAGSTER_HOME ?= $(OCM_HOME)/dagster
+export RAY_USAGE_STATS_ENABLED := 0
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-slow dev stop lint bench lock clean-state
+
+install:
+	@scripts/install.sh
+
+demo: install
+	@$(PY) -m scripts.demo
+
+test: install
+	@$(PY) -m pytest -m "not slow and not k8s and not gpu" -p no:cacheprovider $(PYTEST_ARGS)
+
+test-slow: install
+	@$(PY) -m pytest -m slow -p no:cacheprovider $(PYTEST_ARGS)
+
+dev: install
+	@scripts/dev.sh start
+
+stop:
+	@scripts/dev.sh stop
+
+lint: install
+	@$(VENV)/bin/ruff check ocm_assets ocm_resources ocm_ml tests benchmarks scripts
+
+bench: install
+	@$(PY) benchmarks/load_time.py
+	@$(PY) benchmarks/sensor_tick.py
+
+# Regenerate requirements.lock from requirements.txt (needs the package registry).
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock
+	.venv-lock/bin/pip install -q -r requirements.txt
+	.venv-lock/bin/pip install -q --no-deps antlr4-python3-runtime==4.13.2 omegaconf==2.4.0
+	.venv-lock/bin/pip uninstall -y -q hydra-core
+	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^ocm' > requirements.lock
+	rm -rf .venv-lock
+
+clean-state:
+	rm -rf $(OCM_HOME)

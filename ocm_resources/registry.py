@@ -1,0 +1,357 @@
+"""The DVC data registry: a git repo whose tags ``<dataset>-v<semver>`` name dataset versions.
+
+Layout of a version (as in the seed registries)::
+
+    <dataset>/train.parquet   DVC-tracked, pushed to the DVC remote
+    <dataset>/val.parquet     DVC-tracked, pushed to the DVC remote
+    <dataset>/metadata.json   in git: {"normalization": {"mean", "std"}, ...} or {"label_map": {...}}
+
+``DvcRegistry`` reads any such repo by path or URL (the embedded one under ``.ocm/registry`` or a team's
+own). ``RegistryPublisher`` creates and publishes to a working copy the way a data team would (parquet,
+``dvc add``, ``dvc push``, commit, annotated tag) and is what ``ocm registry`` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import dagster as dg
+from pydantic import Field
+
+TAG_RE = re.compile(r"^(?P<dataset>[a-z0-9][a-z0-9._-]*?)-v(?P<version>\d+\.\d+\.\d+)$")
+SPLITS = ("train", "val")
+
+
+class RegistryError(RuntimeError):
+    """The registry could not answer: the message says what was asked, what was wrong and what to do."""
+
+
+@dataclass(frozen=True, order=True)
+class RegistryVersion:
+    dataset: str
+    version: str
+    tag: str
+    commit: str
+
+    @property
+    def semver(self) -> tuple[int, int, int]:
+        major, minor, patch = (int(p) for p in self.version.split("."))
+        return major, minor, patch
+
+
+@dataclass(frozen=True)
+class TagScan:
+    """What ``git ls-remote --tags`` shows for one dataset: valid versions and tags that look wrong."""
+
+    versions: tuple[RegistryVersion, ...]
+    malformed: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str
+    url: str
+    md5: str
+    size: int
+
+
+def tag_for(dataset: str, version: str) -> str:
+    tag = f"{dataset}-v{version.removeprefix('v')}"
+    if not TAG_RE.match(tag):
+        raise RegistryError(f"{tag!r} is not a valid version tag: use <dataset>-v<major>.<minor>.<patch>")
+    return tag
+
+
+def parse_tag(tag: str) -> tuple[str, str]:
+    match = TAG_RE.match(tag)
+    if not match:
+        raise RegistryError(
+            f"{tag!r} is not a registry version tag: expected <dataset>-v<major>.<minor>.<patch>, "
+            "for example fashion-mnist-v1.0.0"
+        )
+    return match["dataset"], match["version"]
+
+
+def _run(cmd: list[str], cwd: Path | None = None, what: str = "") -> str:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise RegistryError(f"{cmd[0]} is not installed or not on PATH ({what})") from exc
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip()
+        raise RegistryError(f"{what or ' '.join(cmd)} failed: {detail}")
+    return proc.stdout
+
+
+def _dvc_cmd() -> list[str]:
+    return [sys.executable, "-m", "dvc"]
+
+
+class DataRegistry(dg.ConfigurableResource):
+    """Interface of a versioned data registry; assets and sensors annotate this type.
+
+    Implementations: :class:`DvcRegistry` (a git+DVC repo by path or URL).
+    """
+
+    def scan(self, dataset: str) -> TagScan:
+        raise NotImplementedError
+
+    def list_versions(self, dataset: str) -> list[RegistryVersion]:
+        return list(self.scan(dataset).versions)
+
+    def resolve(self, tag: str) -> RegistryVersion:
+        raise NotImplementedError
+
+    def file_info(self, version: RegistryVersion, path: str) -> FileInfo:
+        raise NotImplementedError
+
+    @contextmanager
+    def open(self, version: RegistryVersion, path: str, mode: str = "rb") -> Iterator[IO[Any]]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def read_text(self, version: RegistryVersion, path: str) -> str:
+        with self.open(version, path, mode="r") as fh:
+            return fh.read()
+
+    def read_metadata(self, version: RegistryVersion) -> dict[str, Any]:
+        path = f"{version.dataset}/metadata.json"
+        text = self.read_text(version, path)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RegistryError(f"{path} at {version.tag} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise RegistryError(f"{path} at {version.tag} must be a JSON object, got {type(data).__name__}")
+        return data
+
+
+class DvcRegistry(DataRegistry):
+    """A git+DVC data registry read through ``git ls-remote`` and ``dvc.api``.
+
+    Example::
+
+        registry = DvcRegistry(repo_url="/path/to/registry")        # or https://…/registry.git
+        version = registry.resolve("fashion-mnist-v1.0.0")
+        info = registry.file_info(version, "fashion-mnist/train.parquet")  # url in the DVC remote, md5
+    """
+
+    repo_url: str = Field(description="Path or git URL of the registry repo (a bare file:// URL works too).")
+    remote: str | None = Field(
+        default=None, description="DVC remote to read from; the repo's default remote when unset."
+    )
+
+    def _ls_remote_tags(self) -> dict[str, str]:
+        out = _run(
+            ["git", "ls-remote", "--tags", self.repo_url],
+            what=f"listing tags of the registry {self.repo_url} (is the path or URL right and reachable?)",
+        )
+        tags: dict[str, str] = {}
+        peeled: dict[str, str] = {}
+        for line in out.splitlines():
+            sha, _, ref = line.partition("\t")
+            name = ref.removeprefix("refs/tags/")
+            if name.endswith("^{}"):
+                peeled[name[:-3]] = sha
+            else:
+                tags[name] = sha
+        # Annotated tags point at a tag object; the peeled ref is the commit.
+        return {name: peeled.get(name, sha) for name, sha in tags.items()}
+
+    def scan(self, dataset: str) -> TagScan:
+        prefix = f"{dataset}-"
+        versions, malformed = [], []
+        for name, commit in self._ls_remote_tags().items():
+            if not name.startswith(prefix):
+                continue
+            match = TAG_RE.match(name)
+            if match and match["dataset"] == dataset:
+                versions.append(RegistryVersion(dataset, match["version"], name, commit))
+            else:
+                malformed.append(name)
+        versions.sort(key=lambda v: v.semver)
+        return TagScan(tuple(versions), tuple(sorted(malformed)))
+
+    def resolve(self, tag: str) -> RegistryVersion:
+        dataset, version = parse_tag(tag)
+        scan = self.scan(dataset)
+        for v in scan.versions:
+            if v.tag == tag:
+                return v
+        known = ", ".join(v.tag for v in scan.versions) or "none"
+        raise RegistryError(
+            f"unknown tag {tag!r} in registry {self.repo_url}; versions of {dataset}: {known}. "
+            "Publish it with `ocm registry publish` or pick an existing tag."
+        )
+
+    def _fs(self, version: RegistryVersion):
+        from dvc.api import DVCFileSystem
+
+        try:
+            return DVCFileSystem(self.repo_url, rev=version.commit, remote=self.remote)
+        except Exception as exc:
+            raise RegistryError(
+                f"cannot open registry {self.repo_url} at {version.tag} ({version.commit[:10]}): {exc}"
+            ) from exc
+
+    def _missing(self, version: RegistryVersion, path: str) -> RegistryError:
+        folder = path.rsplit("/", 1)[0] if "/" in path else ""
+        try:
+            have = sorted(p.rsplit("/", 1)[-1] for p in self._fs(version).ls(folder or "/", detail=False))
+        except Exception:
+            have = []
+        return RegistryError(
+            f"{path} is missing in registry {self.repo_url} at {version.tag}"
+            + (f"; {folder}/ holds {have}" if have else "")
+            + ". Publish the version with all of train.parquet, val.parquet and metadata.json."
+        )
+
+    def file_info(self, version: RegistryVersion, path: str) -> FileInfo:
+        import dvc.api
+
+        fs = self._fs(version)
+        try:
+            info = fs.info(path)
+        except FileNotFoundError as exc:
+            raise self._missing(version, path) from exc
+        dvc_info = info.get("dvc_info") or {}
+        md5 = dvc_info.get("md5") or info.get("md5")
+        if not md5:
+            raise RegistryError(
+                f"{path} at {version.tag} is not tracked by DVC (no md5); track data files with `dvc add`"
+            )
+        try:
+            url = dvc.api.get_url(path, repo=self.repo_url, rev=version.commit, remote=self.remote)
+        except Exception as exc:
+            raise RegistryError(f"cannot resolve the DVC remote URL of {path} at {version.tag}: {exc}") from exc
+        return FileInfo(path=path, url=url, md5=md5, size=int(info.get("size") or 0))
+
+    @contextmanager
+    def open(self, version: RegistryVersion, path: str, mode: str = "rb") -> Iterator[IO[Any]]:
+        import dvc.api
+        from dvc.exceptions import PathMissingError
+
+        try:
+            handle = dvc.api.open(path, repo=self.repo_url, rev=version.commit, remote=self.remote, mode=mode)
+            fh = handle.__enter__()
+        except (FileNotFoundError, PathMissingError) as exc:
+            raise self._missing(version, path) from exc
+        except Exception as exc:
+            raise RegistryError(
+                f"cannot read {path} at {version.tag} from registry {self.repo_url}: {exc}. "
+                "Is the DVC remote reachable and was `dvc push` run when the version was published?"
+            ) from exc
+        try:
+            yield fh
+        finally:
+            handle.__exit__(None, None, None)
+
+
+class RegistryPublisher:
+    """Creates a git+DVC registry working copy and publishes dataset versions to it.
+
+    Example::
+
+        pub = RegistryPublisher(Path(".ocm/registry"), remote_dir=Path(".ocm/dvc-remote"))
+        pub.init()
+        pub.publish("fashion-mnist", "1.0.0", {"train": train_table, "val": val_table}, metadata)
+    """
+
+    def __init__(self, root: Path, remote_dir: Path | None = None):
+        self.root = Path(root).resolve()
+        self.remote_dir = Path(remote_dir).resolve() if remote_dir else None
+
+    def _git(self, *args: str, what: str = "") -> str:
+        return _run(["git", *args], cwd=self.root, what=what or f"git {' '.join(args)} in {self.root}")
+
+    def _dvc(self, *args: str) -> str:
+        return _run([*_dvc_cmd(), *args], cwd=self.root, what=f"dvc {' '.join(args)} in {self.root}")
+
+    def is_initialised(self) -> bool:
+        return (self.root / ".git").is_dir() and (self.root / ".dvc").is_dir()
+
+    def init(self) -> bool:
+        """Create the repo, DVC and its local remote; returns False when it already existed."""
+        if self.is_initialised():
+            return False
+        if self.remote_dir is None:
+            raise RegistryError("a new registry needs a DVC remote folder (remote_dir)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.remote_dir.mkdir(parents=True, exist_ok=True)
+        self._git("init", "-q", "-b", "main")
+        self._git("config", "user.name", "ocm registry")
+        self._git("config", "user.email", "registry@ocm.local")
+        self._dvc("init", "-q")
+        self._dvc("config", "core.analytics", "false")
+        self._dvc("remote", "add", "-d", "local", str(self.remote_dir))
+        (self.root / "README.md").write_text(
+            "# ocm data registry\n\nDatasets under `<dataset>/`; versions are tags `<dataset>-v<semver>`.\n"
+        )
+        self._git("add", "-A")
+        self._git("commit", "-q", "-m", "Initialise the data registry (git + DVC, local remote)")
+        return True
+
+    def publish(
+        self,
+        dataset: str,
+        version: str,
+        tables: Mapping[str, Any],
+        metadata: Mapping[str, Any],
+        message: str | None = None,
+        force: bool = False,
+        files: Mapping[str, bytes] | None = None,
+    ) -> RegistryVersion:
+        """Write ``tables`` (split name → pyarrow Table) as DVC-tracked parquet, metadata.json in git,
+        commit, tag ``<dataset>-v<version>`` (annotated) and push the data to the DVC remote.
+
+        ``force`` moves an existing tag to the new commit. ``files`` adds extra raw files (tests use it to
+        publish broken versions).
+        """
+        import pyarrow.parquet as pq
+
+        if not self.is_initialised():
+            raise RegistryError(f"{self.root} is not a registry; run `ocm registry init` first")
+        tag = tag_for(dataset, version)
+        existing = self._git("tag", "--list", tag).strip()
+        if existing and not force:
+            raise RegistryError(
+                f"tag {tag} already exists in {self.root}; publish a new version number, "
+                "or pass --force to move the tag to new content"
+            )
+        folder = self.root / dataset
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.parquet*"):
+            if stale.name.removesuffix(".dvc").removesuffix(".parquet") not in tables:
+                stale.unlink()
+        tracked = []
+        for split, table in tables.items():
+            path = folder / f"{split}.parquet"
+            pq.write_table(table, path, row_group_size=8192, compression="zstd")
+            tracked.append(str(path.relative_to(self.root)))
+        for name, payload in (files or {}).items():
+            (folder / name).write_bytes(payload)
+        (folder / "metadata.json").write_text(json.dumps(dict(metadata), indent=2, sort_keys=True) + "\n")
+        if tracked:
+            self._dvc("add", "-q", *tracked)
+        self._git("add", "-A", dataset)
+        if self._git("status", "--porcelain").strip():
+            self._git("commit", "-q", "-m", message or f"{dataset} {version}")
+        tag_args = ["tag", "-a", tag, "-m", message or f"{dataset} version {version}"]
+        if force:
+            tag_args.insert(1, "-f")
+        self._git(*tag_args)
+        if tracked:
+            self._dvc("push", "-q")
+        commit = self._git("rev-list", "-n", "1", tag).strip()
+        return RegistryVersion(dataset, version, tag, commit)
+
+    def delete_tag(self, tag: str) -> None:
+        self._git("tag", "-d", tag)
