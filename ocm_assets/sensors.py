@@ -65,6 +65,14 @@ def build_registry_sensor(fam: Family, job) -> dg.SensorDefinition:
                 f"tag {tag!r} starts with {fam.dataset}- but is not <dataset>-v<major>.<minor>.<patch>; ignored"
             )
 
+        # Every tag that gets a run needs its partition: new tags, and tags whose partition someone deleted.
+        wanted = [r.partition_key for r in run_requests]
+        try:
+            existing = set(context.instance.get_dynamic_partitions(fam.partitions_name))
+            to_add = [tag for tag in wanted if tag not in existing]
+        except dg.DagsterInvariantViolationError:  # evaluated without an instance
+            to_add = new_tags
+
         skip_reason = None
         if not run_requests:
             notes = [f"{len(current)} versions of {fam.dataset}, none new or moved"]
@@ -76,7 +84,7 @@ def build_registry_sensor(fam: Family, job) -> dg.SensorDefinition:
         return dg.SensorResult(
             run_requests=run_requests,
             dynamic_partitions_requests=(
-                [dg.AddDynamicPartitionsRequest(fam.partitions_name, new_tags)] if new_tags else []
+                [dg.AddDynamicPartitionsRequest(fam.partitions_name, to_add)] if to_add else []
             ),
             skip_reason=skip_reason,
             cursor=json.dumps({"tags": current, "malformed": list(scan.malformed)}, sort_keys=True),

@@ -98,6 +98,9 @@ def cmd_init(args) -> int:
 
 
 def cmd_publish(args) -> int:
+    from ocm_resources.registry import tag_for
+
+    tag_for(args.dataset, args.version)  # a bad version fails before any data is read
     pub = _publisher(args)
     pub.init()
     tables, metadata = build_version(args)

@@ -202,12 +202,19 @@ class DvcRegistry(DataRegistry):
                 f"cannot open registry {self.repo_url} at {version.tag} ({version.commit[:10]}): {exc}"
             ) from exc
 
-    def _missing(self, version: RegistryVersion, path: str) -> RegistryError:
+    def _missing(self, version: RegistryVersion, path: str, cause: Exception | None = None) -> RegistryError:
         folder = path.rsplit("/", 1)[0] if "/" in path else ""
         try:
             have = sorted(p.rsplit("/", 1)[-1] for p in self._fs(version).ls(folder or "/", detail=False))
         except Exception:
             have = []
+        if path.rsplit("/", 1)[-1] in have:
+            # Tracked at this revision, yet unreadable: the data is not in the DVC remote.
+            return RegistryError(
+                f"cannot read {path} at {version.tag} from registry {self.repo_url}: it is tracked, but the "
+                f"DVC remote{f' {self.remote!r}' if self.remote else ''} does not hold its data ({cause}). "
+                "Is the DVC remote reachable and was `dvc push` run when the version was published?"
+            )
         return RegistryError(
             f"{path} is missing in registry {self.repo_url} at {version.tag}"
             + (f"; {folder}/ holds {have}" if have else "")
@@ -243,7 +250,7 @@ class DvcRegistry(DataRegistry):
             handle = dvc.api.open(path, repo=self.repo_url, rev=version.commit, remote=self.remote, mode=mode)
             fh = handle.__enter__()
         except (FileNotFoundError, PathMissingError) as exc:
-            raise self._missing(version, path) from exc
+            raise self._missing(version, path, exc) from exc
         except Exception as exc:
             raise RegistryError(
                 f"cannot read {path} at {version.tag} from registry {self.repo_url}: {exc}. "
