@@ -64,6 +64,18 @@ def local_paths() -> LocalPaths:
     return LocalPaths(ocm_home())
 
 
+def ensure_dagster_home() -> Path:
+    """The Dagster instance folder (``DAGSTER_HOME``, default ``$OCM_HOME/dagster``) with a dagster.yaml:
+    sqlite storage (Dagster's default), telemetry off, sensors evaluated by the daemon."""
+    home = Path(os.environ.get("DAGSTER_HOME") or local_paths().dagster_home).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text("telemetry:\n  enabled: false\n")
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
 def registry_url() -> str:
     """The registry repo: ``OCM_REGISTRY_URL`` when set, else the embedded one."""
     return os.environ.get("OCM_REGISTRY_URL") or str(local_paths().registry)
