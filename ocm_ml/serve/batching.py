@@ -1,0 +1,111 @@
+"""An asyncio batcher that forms the next batch only when the model is free ("natural" batching).
+
+Ray's ``@serve.batch`` forms batches on a timer, independently of the model: while one batch computes, the
+next ones are cut from whatever arrived during ``batch_wait_timeout_s`` and queue for the model, so under
+load the batches stay small. Here the single worker takes everything that queued up while the previous
+batch computed (up to ``max_batch_size``): at low load a request runs at once, alone; at high load the
+batches grow with the queue. The forward pass runs off the event loop, so HTTP parsing and validation of
+the next requests overlap with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class AdaptiveBatcher(Generic[T, R]):
+    """``await batcher.submit(item)`` → the result of ``fn([... item ...])`` for that item.
+
+    ``fn`` takes a list of items and returns a list of results of the same length. When
+    ``batch_wait_timeout_s`` > 0 the worker waits that long for a batch to fill, but only when it found
+    fewer than ``max_batch_size`` items ready; 0 never delays a request.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[list[T]], Awaitable[list[R]]],
+        max_batch_size: int = 32,
+        batch_wait_timeout_s: float = 0.0,
+    ):
+        self._fn = fn
+        self.max_batch_size = max_batch_size
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
+        self._ready: asyncio.Event | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.items = 0
+
+    def set_max_batch_size(self, value: int) -> None:
+        self.max_batch_size = int(value)
+
+    def set_batch_wait_timeout_s(self, value: float) -> None:
+        self.batch_wait_timeout_s = float(value)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "items": self.items,
+            "mean_batch_size": round(self.items / self.batches, 2) if self.batches else None,
+            "queued": len(self._queue),
+        }
+
+    async def submit(self, item: T) -> R:
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._run())
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        self._ready.set()
+        return await future
+
+    def _take(self) -> list[tuple[T, asyncio.Future[R]]]:
+        batch = []
+        while self._queue and len(batch) < self.max_batch_size:
+            item, future = self._queue.popleft()
+            if not future.done():  # a cancelled request (client went away) is dropped
+                batch.append((item, future))
+        return batch
+
+    async def _run(self) -> None:
+        assert self._ready is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._ready.clear()
+                await self._ready.wait()
+            wait = self.batch_wait_timeout_s
+            if wait > 0 and len(self._queue) < self.max_batch_size:
+                deadline = loop.time() + wait
+                while len(self._queue) < self.max_batch_size and (left := deadline - loop.time()) > 0:
+                    self._ready.clear()
+                    try:
+                        await asyncio.wait_for(self._ready.wait(), left)
+                    except TimeoutError:
+                        break
+            batch = self._take()
+            if not batch:
+                continue
+            self.batches += 1
+            self.items += len(batch)
+            try:
+                results = await self._fn([item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
+            except BaseException as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)

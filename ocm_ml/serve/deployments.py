@@ -1,0 +1,375 @@
+"""Ray Serve deployments of the two families, and the helpers a Serve-control resource calls.
+
+Each replica loads its model bundle once (in ``reconfigure``, from the ``user_config``; see
+:class:`~ocm_ml.serve.loading.ServeConfig` for the keys), serves the FastAPI app of
+:mod:`ocm_ml.serve.app` as its ingress, batches requests dynamically and runs inference under
+``torch.inference_mode`` in one inference thread, so the event loop keeps parsing requests meanwhile.
+
+Hot reload: a new ``user_config`` reaches the live replicas through ``reconfigure``; the new bundle is
+loaded completely in a loader thread while the old one keeps answering, then swapped in with one
+assignment. A batch uses the bundle it started with, so every answer names the model that produced it.
+A failed reload keeps the old model and is reported by ``/health`` (``last_reload_error``) and by
+:func:`reconfigure`, which rolls the user_config back.
+
+Usage (on a long-lived cluster, e.g. ``ray start --head``)::
+
+    app = build_app("image", {"model_uri": "models:/local.fashion-mnist-classifier@champion",
+                              "tracking_uri": "sqlite:////abs/mlflow.db", "registry_url": "/abs/registry"})
+    deploy(app, "fashion_mnist")                      # http://127.0.0.1:8000/fashion_mnist/predict
+    reconfigure("fashion_mnist", {"model_uri": "models:/local.fashion-mnist-classifier/4"})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import orjson
+from ray import serve
+
+from ocm_ml.serve.app import create_app
+from ocm_ml.serve.batching import AdaptiveBatcher
+from ocm_ml.serve.loading import LoadError, ModelBundle, ServeConfig, load_bundle, resolve_model
+
+logger = logging.getLogger("ray.serve")
+
+DEPLOYMENT_NAMES = {"image": "ImageClassifier", "text": "TextClassifier"}
+DEFAULT_RAY_ACTOR_OPTIONS = {"num_cpus": 1}
+
+
+class ReloadError(RuntimeError):
+    """A reconfigure did not take effect on every replica; the message has the replica's reason."""
+
+
+def config_hash(user_config: dict[str, Any] | None) -> str:
+    return hashlib.sha1(orjson.dumps(user_config or {}, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+class _Classifier:
+    """Shared replica logic; the concrete deployments only fix ``kind``."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        self.started_at = time.monotonic()
+        self.bundle: ModelBundle | None = None
+        self.config = ServeConfig(kind=self.kind)
+        self.limits = self.config.limits
+        self.last_reload_error: str | None = None
+        self.applied_hash: str | None = None
+        self.failed_hash: str | None = None
+        self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ocm-infer")
+        self._load_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ocm-load")
+        self._adaptive: AdaptiveBatcher = AdaptiveBatcher(
+            self._run_batch, self.config.max_batch_size, self.config.batch_wait_timeout_s
+        )
+        self._reload_lock: asyncio.Lock | None = None
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self)
+
+    # --- inference ------------------------------------------------------------------------------------
+
+    async def infer(self, inputs: Any) -> tuple[ModelBundle, Any, Any]:
+        if self.config.batcher == "serve":
+            return await self._serve_batched(inputs)
+        return await self._adaptive.submit(inputs)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _serve_batched(self, items: list[Any]) -> list[tuple[ModelBundle, Any, Any]]:
+        return await self._run_batch(items)
+
+    async def _run_batch(self, items: list[Any]) -> list[tuple[ModelBundle, Any, Any]]:
+        bundle = self.bundle  # one model for the whole batch, even if a reload swaps it meanwhile
+        if bundle is None:
+            raise LoadError("no model is loaded")
+        sizes = [len(x) for x in items]
+        if self.kind == "image":
+            merged = items[0] if len(items) == 1 else np.concatenate(items)
+        else:
+            merged = [t for texts in items for t in texts]
+        loop = asyncio.get_running_loop()
+        first, second = await loop.run_in_executor(self._infer_pool, bundle.predict, merged)
+        out, start = [], 0
+        for n in sizes:
+            out.append((bundle, first[start : start + n], second[start : start + n]))
+            start += n
+        return out
+
+    # --- configuration --------------------------------------------------------------------------------
+
+    def _apply_serving(self, config: ServeConfig) -> None:
+        self.limits = config.limits
+        self._adaptive.set_max_batch_size(config.max_batch_size)
+        self._adaptive.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._serve_batched.set_max_batch_size(config.max_batch_size)
+        self._serve_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        if config.torch_threads:
+            import torch
+
+            torch.set_num_threads(config.torch_threads)
+
+    async def _needs_load(self, config: ServeConfig) -> bool:
+        if config.model_uri is None:
+            return False
+        if self.bundle is None or config.model_key() != self.config.model_key():
+            return True
+        if "@" not in config.model_uri:
+            return False
+        # Same alias URI: reload only if the alias now points at another version.
+        from mlflow.tracking import MlflowClient
+
+        def _version() -> str | None:
+            client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.registry_uri)
+            return resolve_model(config.model_uri, client).model_version
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._load_pool, _version) != self.bundle.resolved.model_version
+
+    def _reject(self, user_config: Any, reason: str) -> None:
+        self.last_reload_error = reason
+        self.failed_hash = config_hash(user_config)
+        logger.error("reconfigure rejected, still serving %s: %s",
+                     self.bundle.model_uri if self.bundle else "no model", reason)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this with the deployment's user_config at start and on every change."""
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        async with self._reload_lock:
+            try:
+                config = ServeConfig.from_user_config({"kind": self.kind, **(user_config or {})})
+                if config.kind != self.kind:
+                    raise ValueError(f"this is the {self.kind} deployment; user_config says kind={config.kind!r}")
+            except (TypeError, ValueError) as exc:
+                if self.bundle is None:
+                    raise
+                self._reject(user_config, f"invalid user_config: {exc}")
+                return
+            self._apply_serving(config)
+            bundle = self.bundle if config.model_uri is not None else None
+            try:
+                if await self._needs_load(config):
+                    loop = asyncio.get_running_loop()
+                    t0 = time.perf_counter()
+                    bundle = await loop.run_in_executor(self._load_pool, load_bundle, config)
+                    logger.info("loaded %s (%s) in %.1fs", config.model_uri, bundle.data_version,
+                                time.perf_counter() - t0)
+            except Exception as exc:
+                if self.bundle is None:
+                    raise
+                self._reject(user_config, f"{type(exc).__name__}: {exc}")
+                return
+            self.bundle = bundle  # the swap: one reference assignment
+            self.config = config
+            self.last_reload_error = None
+            self.applied_hash = config_hash(user_config)
+            self.failed_hash = None
+
+    # --- introspection (for /info and the control helpers) --------------------------------------------
+
+    def serving_info(self) -> dict[str, Any]:
+        import torch
+
+        batcher = self._adaptive.stats() if self.config.batcher == "adaptive" else {}
+        return {
+            "batcher": self.config.batcher,
+            "max_batch_size": self.config.max_batch_size,
+            "batch_wait_timeout_s": self.config.batch_wait_timeout_s,
+            "max_batch": self.limits.max_batch,
+            "max_text_length": self.limits.max_text_length,
+            "torch_threads": torch.get_num_threads(),
+            "replica_id": _replica_id(),
+            **({"batches": batcher} if batcher else {}),
+        }
+
+    def status(self) -> dict[str, Any]:
+        bundle = self.bundle
+        return {
+            "replica_id": _replica_id(),
+            "model_uri": bundle.model_uri if bundle else None,
+            "model_version": bundle.resolved.model_version if bundle else None,
+            "data_version": bundle.data_version if bundle else None,
+            "applied_hash": self.applied_hash,
+            "failed_hash": self.failed_hash,
+            "last_reload_error": self.last_reload_error,
+        }
+
+
+def _replica_id() -> str | None:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return None
+
+
+@serve.deployment(name=DEPLOYMENT_NAMES["image"], ray_actor_options=DEFAULT_RAY_ACTOR_OPTIONS,
+                  max_ongoing_requests=64)
+@serve.ingress()
+class ImageClassifier(_Classifier):
+    kind = "image"
+
+
+@serve.deployment(name=DEPLOYMENT_NAMES["text"], ray_actor_options=DEFAULT_RAY_ACTOR_OPTIONS,
+                  max_ongoing_requests=64)
+@serve.ingress()
+class TextClassifier(_Classifier):
+    kind = "text"
+
+
+DEPLOYMENTS = {"image": ImageClassifier, "text": TextClassifier}
+
+
+# --- building and controlling apps ------------------------------------------------------------------------
+
+
+def code_version() -> str:
+    """A hash of the ocm_ml sources: equal versions let Serve apply a user_config change in place
+    (``reconfigure`` on the live replicas); new code gets new replicas."""
+    digest = hashlib.sha1()
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return "ocm-" + digest.hexdigest()[:16]
+
+
+def build_app(
+    kind: str,
+    user_config: dict[str, Any] | None = None,
+    *,
+    num_replicas: int = 1,
+    max_ongoing_requests: int = 64,
+    autoscaling_config: dict[str, Any] | None = None,
+    ray_actor_options: dict[str, Any] | None = None,
+    max_queued_requests: int = -1,
+) -> serve.Application:
+    """The Serve application of one family kind ("image" or "text").
+
+    ``user_config`` is validated here (so a typo fails on the driver) and again on each replica.
+    ``max_ongoing_requests`` bounds a replica's batch: keep it >= ``max_batch_size``.
+    With ``autoscaling_config``, ``num_replicas`` is ignored.
+    """
+    if kind not in DEPLOYMENTS:
+        raise ValueError(f"kind must be one of {sorted(DEPLOYMENTS)}, got {kind!r}")
+    user_config = dict(user_config or {})
+    config = ServeConfig.from_user_config({"kind": kind, **user_config})
+    if config.kind != kind:
+        raise ValueError(f"user_config kind={config.kind!r} does not match the {kind} deployment")
+    options: dict[str, Any] = {
+        "user_config": user_config,
+        "max_ongoing_requests": max_ongoing_requests,
+        "max_queued_requests": max_queued_requests,
+        "ray_actor_options": ray_actor_options or DEFAULT_RAY_ACTOR_OPTIONS,
+    }
+    if autoscaling_config:
+        options["autoscaling_config"] = autoscaling_config
+    else:
+        options["num_replicas"] = num_replicas
+    deployment = DEPLOYMENTS[kind].options(**options)
+    # Serve gives every `serve.run` a random code version, which replaces the replicas even when only the
+    # user_config changed. A version derived from the code lets a user_config change reach the live
+    # replicas through `reconfigure` (the hot reload); `Deployment.options(version=...)` was removed.
+    deployment._version = code_version()
+    return deployment.bind()
+
+
+def deploy(app: serve.Application, name: str, route_prefix: str | None = None):
+    """Deploy (or update) ``app`` as Serve application ``name`` at ``/<name>``; returns its handle once the
+    application is RUNNING. Raises if it fails to deploy (e.g. the model cannot be loaded)."""
+    return serve.run(app, name=name, route_prefix=route_prefix or f"/{name}", blocking=False)
+
+
+def _app_details(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    app = details.get("applications", {}).get(name)
+    if app is None:
+        raise ReloadError(f"no Serve application named {name!r}; deploy it first")
+    for dep_name, dep in app.get("deployments", {}).items():
+        if dep_name in DEPLOYMENT_NAMES.values():
+            return app, dep
+    raise ReloadError(f"application {name!r} has no ocm classifier deployment")
+
+
+def _wait_applied(name: str, deployment_name: str, wanted: str, replicas: int, timeout_s: float) -> dict:
+    handle = serve.get_deployment_handle(deployment_name, app_name=name)
+    seen: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = handle.status.remote().result(timeout_s=30)
+        if status["failed_hash"] == wanted:
+            raise ReloadError(f"replica {status['replica_id']} rejected the new config: "
+                              f"{status['last_reload_error']}")
+        if status["applied_hash"] == wanted:
+            seen[status["replica_id"]] = status
+            if len(seen) >= replicas:
+                return status
+        else:
+            time.sleep(0.2)
+    raise ReloadError(f"{len(seen)} of {replicas} replicas of {name!r} applied the new config within {timeout_s}s")
+
+
+def reconfigure(
+    name: str, user_config: dict[str, Any], *, merge: bool = True, timeout_s: float = 300.0
+) -> dict[str, Any]:
+    """Hot-reload application ``name`` with ``user_config`` (merged into the current one unless
+    ``merge=False``): the live replicas load the new model while serving the old one, then swap.
+
+    Returns a replica's status after the swap. On failure the previous user_config is restored and
+    :class:`ReloadError` says why.
+    """
+    app, dep = _app_details(name)
+    dep_config = dep["deployment_config"]
+    kind = next(k for k, v in DEPLOYMENT_NAMES.items() if v == dep["name"])
+    old_user_config = dict(dep_config.get("user_config") or {})
+    new_user_config = {**old_user_config, **user_config} if merge else dict(user_config)
+    options = dict(
+        num_replicas=dep_config.get("num_replicas") or 1,
+        max_ongoing_requests=dep_config.get("max_ongoing_requests", 64),
+        autoscaling_config=dep_config.get("autoscaling_config"),
+        ray_actor_options=dep_config.get("ray_actor_options"),
+        max_queued_requests=dep_config.get("max_queued_requests", -1),
+    )
+    route_prefix = app.get("route_prefix") or f"/{name}"
+    deploy(build_app(kind, new_user_config, **options), name, route_prefix)
+    replicas = max(1, int(dep.get("target_num_replicas") or options["num_replicas"]))
+    try:
+        return _wait_applied(name, dep["name"], config_hash(new_user_config), replicas, timeout_s)
+    except ReloadError:
+        if old_user_config != new_user_config:
+            deploy(build_app(kind, old_user_config, **options), name, route_prefix)
+        raise
+
+
+def endpoint_urls(name: str) -> dict[str, Any]:
+    """Where application ``name`` answers: ``proxy`` (Serve's HTTP proxy, the contract URL) and
+    ``direct`` (each replica's own port when the cluster runs direct ingress,
+    ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``; empty otherwise)."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    app = details.get("applications", {}).get(name)
+    if app is None:
+        raise ReloadError(f"no Serve application named {name!r}")
+    prefix = (app.get("route_prefix") or "/").rstrip("/")
+    http = details.get("http_options") or {}
+    host = http.get("host") or "127.0.0.1"
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    proxy_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    proxy = f"http://{proxy_host}:{http.get('port', 8000)}{prefix}"
+    direct = []
+    for group in details.get("target_groups", []):
+        if group.get("app_name") == name and str(group.get("protocol", "")).upper().endswith("HTTP"):
+            for target in group.get("targets", []):
+                if target.get("port") != http.get("port"):
+                    # Replicas bind the proxy's host: on a loopback-only cluster their node IP is unreachable.
+                    direct.append(f"http://{host if loopback else target['ip']}:{target['port']}{prefix}")
+    return {"proxy": proxy, "direct": sorted(direct)}

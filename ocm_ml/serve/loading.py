@@ -1,0 +1,450 @@
+"""Model bundles: an MLflow model plus the preprocessing of the exact data version it was trained on.
+
+A bundle is built from a Serve ``user_config`` (see :class:`ServeConfig`)::
+
+    bundle = load_bundle(ServeConfig.from_user_config({
+        "kind": "image",
+        "model_uri": "models:/local.fashion-mnist-classifier/3",   # or models:/name@champion, runs:/<id>/model
+        "tracking_uri": "sqlite:////abs/.ocm/mlflow/mlflow.db",
+        "registry_url": "/abs/.ocm/registry",                      # DVC data registry, path or git URL
+    }))
+
+The run's tag ``dvc_data_version`` (a registry tag such as ``fashion-mnist-v1.0.0``) names the dataset
+version; its ``<dataset>/metadata.json`` is read with ``dvc.api.read(..., rev=tag)`` and gives the
+normalization (images) or the label map (texts). Nothing is taken from constants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from ocm_ml.serve.validation import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_TEXT_LENGTH,
+    Limits,
+)
+
+KINDS = ("image", "text")
+BATCHERS = ("adaptive", "serve")
+TAG_RE = re.compile(r"^(?P<dataset>[a-z0-9][a-z0-9._-]*?)-v(?P<version>\d+\.\d+\.\d+)$")
+LINEAGE_TAGS = ("dvc_data_version", "dvc_commit", "dagster_run_id", "dagster_partition", "docker_image_tag",
+                "code_version")
+
+
+class LoadError(RuntimeError):
+    """A model bundle could not be built: the message says which step failed and what to check."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """A deployment's ``user_config``, validated. Unknown keys are refused so that typos surface.
+
+    Model keys (changing them reloads the model): ``model_uri``, ``tracking_uri``, ``registry_uri``
+    (MLflow model registry, defaults to the tracking URI), ``registry_url`` (DVC data registry),
+    ``kind``. Serving keys (applied at once): ``max_batch`` (request cap), ``max_text_length``,
+    ``max_body_bytes``, ``batcher``, ``max_batch_size`` and ``batch_wait_timeout_s`` (dynamic batching:
+    ``"adaptive"`` forms a batch when the model is free, ``"serve"`` is Ray's ``@serve.batch``),
+    ``torch_threads`` (intra-op threads of the replica; Ray sets 1 for a ``num_cpus=1`` replica),
+    ``warmup`` (run a forward pass at load).
+    """
+
+    kind: str = "image"
+    model_uri: str | None = None
+    tracking_uri: str | None = None
+    registry_uri: str | None = None
+    registry_url: str | None = None
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_text_length: int = DEFAULT_MAX_TEXT_LENGTH
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    batcher: str = "adaptive"
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.0
+    torch_threads: int | None = None
+    warmup: bool = True
+
+    MODEL_KEYS = ("kind", "model_uri", "tracking_uri", "registry_uri", "registry_url")
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.model_uri is not None and not self.registry_url:
+            raise ValueError(
+                "registry_url (the DVC data registry) is required with model_uri: the preprocessing comes "
+                "from the model's data version in that registry"
+            )
+        if self.batcher not in BATCHERS:
+            raise ValueError(f"batcher must be one of {BATCHERS}, got {self.batcher!r}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.batch_wait_timeout_s < 0:
+            raise ValueError(f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
+        self.limits  # noqa: B018 - validates the limits
+
+    @classmethod
+    def from_user_config(cls, user_config: dict[str, Any] | None) -> ServeConfig:
+        config = dict(user_config or {})
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown user_config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**config)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_batch=self.max_batch, max_text_length=self.max_text_length, max_body_bytes=self.max_body_bytes
+        )
+
+    def model_key(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, k) for k in self.MODEL_KEYS)
+
+
+# --- MLflow -----------------------------------------------------------------------------------------------
+
+_MLFLOW_LOCK = threading.Lock()
+
+
+@contextmanager
+def _mlflow_uris(tracking_uri: str | None, registry_uri: str | None) -> Iterator[None]:
+    """Point mlflow's module-level URIs at this config for the duration of a load, then restore them."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    with _MLFLOW_LOCK:
+        old_tracking = tracking_utils._tracking_uri
+        old_registry = registry_utils._registry_uri
+        try:
+            if tracking_uri:
+                mlflow.set_tracking_uri(tracking_uri)
+            if registry_uri or tracking_uri:
+                mlflow.set_registry_uri(registry_uri or tracking_uri)
+            yield
+        finally:
+            mlflow.set_tracking_uri(old_tracking)
+            registry_utils._registry_uri = old_registry
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model URI points: the URI to load (aliases pinned to a version) and its lineage."""
+
+    requested_uri: str
+    load_uri: str
+    run_id: str
+    model_name: str | None
+    model_version: str | None
+    run_tags: dict[str, str]
+    training_time: str | None
+
+
+_MODELS_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))$")
+_RUNS_RE = re.compile(r"^runs:/(?P<run_id>[^/]+)/(?P<path>.+)$")
+
+
+def resolve_model(model_uri: str, client: Any) -> ResolvedModel:
+    """Resolve ``models:/name/<version|stage>``, ``models:/name@alias`` or ``runs:/id/path`` to its run."""
+    from mlflow.exceptions import MlflowException
+
+    name = version = None
+    try:
+        if match := _MODELS_RE.match(model_uri):
+            name = match["name"]
+            if match["alias"]:
+                mv = client.get_model_version_by_alias(name, match["alias"])
+            elif match["version"].isdigit():
+                mv = client.get_model_version(name, match["version"])
+            else:
+                latest = client.get_latest_versions(name, stages=[match["version"]])
+                if not latest:
+                    raise LoadError(f"no version of {name} is in stage {match['version']!r}")
+                mv = latest[0]
+            version = str(mv.version)
+            run_id = mv.run_id
+            load_uri = f"models:/{name}/{version}"
+        elif match := _RUNS_RE.match(model_uri):
+            run_id, load_uri = match["run_id"], model_uri
+        else:
+            raise LoadError(
+                f"unsupported model_uri {model_uri!r}: use models:/<name>/<version>, models:/<name>@<alias> "
+                "or runs:/<run_id>/<path>"
+            )
+        if not run_id:
+            raise LoadError(f"{model_uri} has no MLflow run, so its data version is unknown")
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise LoadError(f"cannot resolve {model_uri} in MLflow: {exc.message}") from exc
+    start = run.info.start_time
+    training_time = datetime.fromtimestamp(start / 1000, tz=UTC).isoformat() if start else None
+    return ResolvedModel(
+        requested_uri=model_uri,
+        load_uri=load_uri,
+        run_id=run_id,
+        model_name=name,
+        model_version=version,
+        run_tags=dict(run.data.tags),
+        training_time=training_time,
+    )
+
+
+# --- DVC registry -------------------------------------------------------------------------------------------
+
+
+def dataset_of_tag(tag: str) -> str:
+    match = TAG_RE.match(tag)
+    if not match:
+        raise LoadError(
+            f"run tag dvc_data_version={tag!r} is not a registry tag <dataset>-v<major>.<minor>.<patch>"
+        )
+    return match["dataset"]
+
+
+def read_dataset_metadata(registry_url: str, tag: str) -> tuple[dict[str, Any], str]:
+    """``<dataset>/metadata.json`` at registry tag ``tag`` and the md5 of its bytes."""
+    import dvc.api
+
+    path = f"{dataset_of_tag(tag)}/metadata.json"
+    try:
+        text = dvc.api.read(path, repo=registry_url, rev=tag, mode="r")
+    except Exception as exc:
+        raise LoadError(f"cannot read {path} at {tag} from the data registry {registry_url}: {exc}") from exc
+    try:
+        metadata = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LoadError(f"{path} at {tag} is not valid JSON: {exc}") from exc
+    if not isinstance(metadata, dict):
+        raise LoadError(f"{path} at {tag} must be a JSON object")
+    return metadata, hashlib.md5(text.encode()).hexdigest()
+
+
+# --- bundles ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model and everything /info reports about it. Immutable once built; swapped whole."""
+
+    kind: str
+    model_uri: str
+    model: Any
+    resolved: ResolvedModel
+    data_version: str
+    metadata: dict[str, Any]
+    metadata_md5: str
+    loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    def describe(self) -> dict[str, Any]:
+        tags = self.resolved.run_tags
+        return {
+            "kind": self.kind,
+            "model_uri": self.model_uri,
+            "resolved_model_uri": self.resolved.load_uri,
+            "model_name": self.resolved.model_name,
+            "model_version": self.resolved.model_version,
+            "run_id": self.resolved.run_id,
+            "data_version": self.data_version,
+            "dataset": dataset_of_tag(self.data_version),
+            "dvc_commit": tags.get("dvc_commit"),
+            "training_time": self.resolved.training_time,
+            "dagster_run_id": tags.get("dagster_run_id"),
+            "metadata_md5": self.metadata_md5,
+            "run_tags": {k: tags[k] for k in LINEAGE_TAGS if k in tags},
+            "loaded_at": self.loaded_at,
+        }
+
+
+@dataclass
+class ImageBundle(ModelBundle):
+    mean: float = 0.0
+    std: float = 1.0
+    classes: tuple[str, ...] = ()
+
+    def predict(self, pixels: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (N, 784) pixels in 0–255 → (class ids, confidences), under ``torch.inference_mode``."""
+        import torch
+
+        from ocm_ml.vision.model import normalize_pixels
+
+        ids, confs = [], []
+        with torch.inference_mode():
+            for start in range(0, len(pixels), chunk):
+                x = normalize_pixels(torch.from_numpy(pixels[start : start + chunk]), self.mean, self.std)
+                probs = torch.softmax(self.model(x), dim=1)
+                conf, idx = probs.max(dim=1)
+                ids.append(idx.numpy())
+                confs.append(conf.numpy())
+        return np.concatenate(ids), np.concatenate(confs)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "normalization_params": {"mean": self.mean, "std": self.std},
+            "output_classes": list(self.classes),
+        }
+
+
+@dataclass
+class TextBundle(ModelBundle):
+    label_map: dict[str, str] = field(default_factory=dict)
+
+    def predict(self, texts: Sequence[str]) -> tuple[list[str], list[float]]:
+        """Texts → (labels, confidences) through the pyfunc's ``predict(DataFrame[text])``."""
+        import pandas as pd
+
+        output = self.model.predict(pd.DataFrame({"text": list(texts)}))
+        return normalize_text_output(output, len(texts), self.label_map)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "label_map": dict(self.label_map)}
+
+
+def _label(value: Any, label_map: dict[str, str]) -> str:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, int | float) and float(value).is_integer():
+        key = str(int(value))
+        return label_map.get(key, key)
+    text = str(value)
+    return label_map.get(text, text)
+
+
+def normalize_text_output(output: Any, n: int, label_map: dict[str, str]) -> tuple[list[str], list[float]]:
+    """Accept the shapes a text pyfunc may return: a DataFrame or records with ``label``/``confidence``
+    (or ``label_id``/``prediction`` and ``score``/``probability``), or an (N, C) probability array."""
+    import pandas as pd
+
+    label_keys = ("label", "label_id", "prediction", "predicted_label")
+    conf_keys = ("confidence", "score", "probability")
+    if isinstance(output, pd.DataFrame):
+        records = output.to_dict("records")
+    elif isinstance(output, list | tuple) and output and isinstance(output[0], dict):
+        records = list(output)
+    else:
+        arr = np.asarray(output)
+        if arr.ndim == 2 and arr.shape[0] == n and np.issubdtype(arr.dtype, np.number):
+            idx = arr.argmax(axis=1)
+            return [_label(i, label_map) for i in idx], [float(arr[k, i]) for k, i in enumerate(idx)]
+        raise LoadError(f"text model returned {type(output).__name__} of shape {arr.shape}; expected labels")
+    if len(records) != n:
+        raise LoadError(f"text model returned {len(records)} rows for {n} texts")
+    labels, confs = [], []
+    for rec in records:
+        label_key = next((k for k in label_keys if k in rec), None)
+        conf_key = next((k for k in conf_keys if k in rec), None)
+        if label_key is None or conf_key is None:
+            raise LoadError(f"text model output lacks a label or confidence column: {sorted(rec)}")
+        labels.append(_label(rec[label_key], label_map))
+        confs.append(float(rec[conf_key]))
+    return labels, confs
+
+
+def _classes(metadata: dict[str, Any], n_outputs: int | None) -> tuple[str, ...]:
+    classes = metadata.get("classes")
+    if classes is None and isinstance(metadata.get("label_map"), dict):
+        label_map = metadata["label_map"]
+        classes = [label_map[k] for k in sorted(label_map, key=int)]
+    if classes is None:
+        if n_outputs is None:
+            raise LoadError("metadata.json has neither 'classes' nor 'label_map' and the model's width is unknown")
+        classes = [str(i) for i in range(n_outputs)]
+    return tuple(str(c) for c in classes)
+
+
+def _image_bundle(model: Any, common: dict[str, Any], metadata: dict[str, Any], warmup: bool) -> ImageBundle:
+    import torch
+
+    norm = metadata.get("normalization")
+    if not isinstance(norm, dict) or "mean" not in norm or "std" not in norm:
+        raise LoadError(
+            f"metadata.json of {common['data_version']} has no normalization {{mean, std}}: "
+            "an image model needs it"
+        )
+    if hasattr(model, "eval"):
+        model.eval()
+    bundle = ImageBundle(
+        model=model, metadata=metadata, mean=float(norm["mean"]), std=float(norm["std"]), **common
+    )
+    n_outputs = None
+    if warmup:
+        # Batch 2 on purpose: a model exported with a batch-1 example fails here, not on the first request.
+        try:
+            with torch.inference_mode():
+                x = torch.zeros(2, 1, 28, 28)
+                n_outputs = int(model(x).shape[1])
+        except Exception as exc:
+            raise LoadError(
+                f"{common['model_uri']} failed a batch-of-2 forward pass ({exc}); models logged with "
+                "torch.export and a batch-1 input example are locked to batch 1: log them with "
+                "serialization_format='pickle' or a batch >= 2 example"
+            ) from exc
+    bundle.classes = _classes(metadata, n_outputs)
+    if n_outputs is not None and n_outputs != len(bundle.classes):
+        raise LoadError(
+            f"the model has {n_outputs} outputs but metadata.json of {common['data_version']} lists "
+            f"{len(bundle.classes)} classes"
+        )
+    return bundle
+
+
+def _text_bundle(model: Any, common: dict[str, Any], metadata: dict[str, Any], warmup: bool) -> TextBundle:
+    label_map = metadata.get("label_map")
+    if not isinstance(label_map, dict) or not label_map:
+        raise LoadError(f"metadata.json of {common['data_version']} has no label_map: a text model needs it")
+    bundle = TextBundle(
+        model=model, metadata=metadata, label_map={str(k): str(v) for k, v in label_map.items()}, **common
+    )
+    if warmup:
+        try:
+            bundle.predict(["warm-up"])
+        except Exception as exc:
+            raise LoadError(f"{common['model_uri']} failed a warm-up prediction: {exc}") from exc
+    return bundle
+
+
+def load_bundle(config: ServeConfig) -> ModelBundle:
+    """Resolve, download and load the model of ``config`` with its data version's preprocessing.
+
+    Raises :class:`LoadError` with the failing step; nothing global changes on failure.
+    """
+    if config.model_uri is None:
+        raise LoadError("no model_uri in the user_config")
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.registry_uri)
+    resolved = resolve_model(config.model_uri, client)
+    tag = resolved.run_tags.get("dvc_data_version")
+    if not tag:
+        raise LoadError(
+            f"run {resolved.run_id} of {config.model_uri} has no 'dvc_data_version' tag, so the data version "
+            "(and its normalization or label map) is unknown"
+        )
+    metadata, md5 = read_dataset_metadata(config.registry_url, tag)
+    try:
+        with _mlflow_uris(config.tracking_uri, config.registry_uri):
+            if config.kind == "image":
+                model = mlflow.pytorch.load_model(resolved.load_uri, map_location="cpu")
+            else:
+                model = mlflow.pyfunc.load_model(resolved.load_uri)
+    except Exception as exc:
+        raise LoadError(f"cannot load {resolved.load_uri} from MLflow: {exc}") from exc
+    common = dict(
+        kind=config.kind, model_uri=config.model_uri, resolved=resolved, data_version=tag, metadata_md5=md5
+    )
+    build = _image_bundle if config.kind == "image" else _text_bundle
+    return build(model, common, metadata, config.warmup)
