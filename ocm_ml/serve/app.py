@@ -128,6 +128,7 @@ def create_app(backend: Backend, *, title: str | None = None) -> FastAPI:
             "model_uri": bundle.model_uri if bundle is not None else None,
             "uptime_seconds": round(time.monotonic() - backend.started_at, 3),
             "last_reload_error": backend.last_reload_error,
+            **(backend.health_details() if hasattr(backend, "health_details") else {}),
         }
         return _json(body, status_code=200 if bundle is not None else 503)
 

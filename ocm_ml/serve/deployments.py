@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +41,7 @@ from ocm_ml.serve.loading import LoadError, ModelBundle, ServeConfig, load_bundl
 logger = logging.getLogger("ray.serve")
 
 DEPLOYMENT_NAMES = {"image": "ImageClassifier", "text": "TextClassifier"}
-DEFAULT_RAY_ACTOR_OPTIONS = {"num_cpus": 1}
+DEFAULT_RAY_ACTOR_OPTIONS = {"num_cpus": 1.0}
 
 
 class ReloadError(RuntimeError):
@@ -189,16 +190,16 @@ class _Classifier:
             **({"batches": batcher} if batcher else {}),
         }
 
-    def status(self) -> dict[str, Any]:
+    def health_details(self) -> dict[str, Any]:
+        """Extra /health fields: which replica answered and which user_config it runs (a hash), so that
+        :func:`reconfigure` can tell when every replica has swapped."""
         bundle = self.bundle
         return {
             "replica_id": _replica_id(),
-            "model_uri": bundle.model_uri if bundle else None,
             "model_version": bundle.resolved.model_version if bundle else None,
             "data_version": bundle.data_version if bundle else None,
-            "applied_hash": self.applied_hash,
-            "failed_hash": self.failed_hash,
-            "last_reload_error": self.last_reload_error,
+            "config_revision": self.applied_hash,
+            "failed_revision": self.failed_hash,
         }
 
 
@@ -240,6 +241,18 @@ def code_version() -> str:
     return "ocm-" + digest.hexdigest()[:16]
 
 
+def _normalized_actor_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Serve reports resource amounts as floats; use floats too, or a redeploy with the options read back
+    from Serve hashes differently and restarts the replicas instead of reconfiguring them."""
+    out = dict(options)
+    for key in ("num_cpus", "num_gpus"):
+        if out.get(key) is not None:
+            out[key] = float(out[key])
+    if isinstance(out.get("resources"), dict):
+        out["resources"] = {k: float(v) for k, v in out["resources"].items()}
+    return out
+
+
 def build_app(
     kind: str,
     user_config: dict[str, Any] | None = None,
@@ -266,7 +279,9 @@ def build_app(
         "user_config": user_config,
         "max_ongoing_requests": max_ongoing_requests,
         "max_queued_requests": max_queued_requests,
-        "ray_actor_options": ray_actor_options or DEFAULT_RAY_ACTOR_OPTIONS,
+        "ray_actor_options": _normalized_actor_options(ray_actor_options or DEFAULT_RAY_ACTOR_OPTIONS),
+        # A code rollout starts the new replicas before stopping the old ones.
+        "max_surge_percent": 100,
     }
     if autoscaling_config:
         options["autoscaling_config"] = autoscaling_config
@@ -299,21 +314,43 @@ def _app_details(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     raise ReloadError(f"application {name!r} has no ocm classifier deployment")
 
 
-def _wait_applied(name: str, deployment_name: str, wanted: str, replicas: int, timeout_s: float) -> dict:
-    handle = serve.get_deployment_handle(deployment_name, app_name=name)
+def _health(url: str) -> dict[str, Any] | None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:  # 503 while no model is loaded still has the body
+        try:
+            return json.loads(exc.read())
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_applied(name: str, wanted: str, replicas: int, timeout_s: float) -> dict[str, Any]:
+    """Poll /health until ``replicas`` distinct replicas report config revision ``wanted``; through each
+    replica's own port under direct ingress, else through the proxy."""
     seen: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = handle.status.remote().result(timeout_s=30)
-        if status["failed_hash"] == wanted:
-            raise ReloadError(f"replica {status['replica_id']} rejected the new config: "
-                              f"{status['last_reload_error']}")
-        if status["applied_hash"] == wanted:
-            seen[status["replica_id"]] = status
-            if len(seen) >= replicas:
-                return status
-        else:
-            time.sleep(0.2)
+        urls = endpoint_urls(name)
+        for url in urls["direct"] or [urls["proxy"]] * 4:
+            status = _health(url)
+            if not status or "config_revision" not in status:
+                continue
+            if status.get("failed_revision") == wanted:
+                raise ReloadError(
+                    f"replica {status.get('replica_id')} of {name!r} rejected the new user_config and still "
+                    f"serves {status.get('model_uri')}: {status.get('last_reload_error')}"
+                )
+            if status["config_revision"] == wanted:
+                seen[status.get("replica_id") or url] = status
+        if len(seen) >= replicas:
+            return next(iter(seen.values()))
+        time.sleep(0.25)
     raise ReloadError(f"{len(seen)} of {replicas} replicas of {name!r} applied the new config within {timeout_s}s")
 
 
@@ -342,7 +379,7 @@ def reconfigure(
     deploy(build_app(kind, new_user_config, **options), name, route_prefix)
     replicas = max(1, int(dep.get("target_num_replicas") or options["num_replicas"]))
     try:
-        return _wait_applied(name, dep["name"], config_hash(new_user_config), replicas, timeout_s)
+        return _wait_applied(name, config_hash(new_user_config), replicas, timeout_s)
     except ReloadError:
         if old_user_config != new_user_config:
             deploy(build_app(kind, old_user_config, **options), name, route_prefix)

@@ -109,7 +109,12 @@ class HealthResponse(BaseModel):
     model_loaded: bool
     model_uri: str | None
     uptime_seconds: float
-    last_reload_error: str | None = None
+    last_reload_error: str | None = Field(None, description="Why the last reload failed (the old model still serves).")
+    replica_id: str | None = None
+    model_version: str | None = None
+    data_version: str | None = None
+    config_revision: str | None = Field(None, description="Hash of the user_config this replica runs.")
+    failed_revision: str | None = Field(None, description="Hash of the last user_config it rejected.")
 
 
 class NormalizationParams(BaseModel):
