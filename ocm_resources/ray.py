@@ -1,0 +1,505 @@
+"""Ray compute for ocm, built on dagster-ray.
+
+Assets annotate dagster-ray's :class:`~dagster_ray.RayResource` (re-exported here); after the resource is
+set up, the step process is connected (``ray.init`` done) whatever the backend:
+
+- :class:`RayHead` (local environment, tests, or any Ray address): connects to a running head (``address``:
+  "auto" finds the local one that ``ray start --head``/``make dev`` recorded; ``host:port`` or
+  ``ray://host:port`` for an explicit one) or starts Ray in-process. It reuses a Ray this process already
+  has and never shuts down a Ray it did not start.
+- :func:`kuberay_resource` (cluster environment): dagster-ray's ``KubeRayInteractiveJob`` or
+  ``KubeRayCluster``, configured from a few arguments.
+
+``ray`` is imported inside methods only; importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, Literal
+
+from dagster_ray import LocalRay, RayResource
+from dagster_ray.configs import RayDataExecutionOptions
+from dagster_ray.types import AnyDagsterContext
+from dagster_ray.utils import _process_dagster_env_vars
+from pydantic import Field, PrivateAttr
+
+if TYPE_CHECKING:
+    from ray._private.worker import BaseContext as RayBaseContext
+
+__all__ = [
+    "RayConnectionError",
+    "RayHead",
+    "RayResource",
+    "cluster_resources",
+    "kuberay_resource",
+    "local_head_address",
+]
+
+MiB = 1024**2
+RAY_CLIENT_PORT = 10001
+_TOKEN_HINT = (
+    "Ray >= 2.52 heads use token authentication by default: this process needs the head's token "
+    "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE=token "
+    "(RayHead sets it when a token is available)."
+)
+_FIX_HINT = "Start the local Ray head with `make dev`, or fix RAY_ADDRESS / the resource's `address`."
+
+# The Ray Client address this process connected to through RayHead (Ray does not report it).
+_process_ray: dict[str, str | None] = {"address": None}
+
+
+class RayConnectionError(ConnectionError):
+    """Ray could not be reached or started; the message names the address and what to do."""
+
+
+def cluster_resources() -> dict[str, float]:
+    """Total resources of the Ray cluster this process is connected to (``{"CPU": 2.0, ...}``).
+
+    Works with every ``RayResource`` once the resource is set up (inside the asset body)."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RayConnectionError(
+            "Ray is not initialised in this process: request a Ray resource in the asset so Dagster sets it up"
+        )
+    return {key: float(value) for key, value in ray.cluster_resources().items()}
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    """(host, port) of ``host:port`` or ``ray://host[:port]`` (Ray Client's default port 10001)."""
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep:
+        if address.startswith("ray://"):
+            return rest, RAY_CLIENT_PORT
+        raise RayConnectionError(f"Ray address {address!r} is not host:port or ray://host:port")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise RayConnectionError(f"Ray address {address!r} has no valid port") from None
+
+
+def _tcp_check(address: str, timeout: float) -> str | None:
+    """None when something listens at ``address``, else the reason."""
+    host, port = _split_address(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return str(exc) or type(exc).__name__
+
+
+def _address_file(temp_dir: str | None) -> str:
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        return get_ray_address_file(temp_dir)
+    except ImportError:  # layout of older/newer Ray
+        base = temp_dir or os.path.join(os.environ.get("RAY_TMPDIR") or "/tmp", "ray")
+        return os.path.join(base, "ray_current_cluster")
+
+
+def local_head_address(temp_dir: str | None = None, timeout: float = 1.0) -> str | None:
+    """The GCS address (``host:port``) of the local head that ``ray start --head`` recorded in
+    ``<temp_dir>/ray_current_cluster``, when that head answers; None otherwise (no file, or a file left
+    behind by a killed head)."""
+    path = _address_file(temp_dir)
+    try:
+        with open(path) as fh:
+            address = fh.read().strip()
+    except OSError:
+        return None
+    if not address:
+        return None
+    try:
+        return address if _tcp_check(address, timeout) is None else None
+    except RayConnectionError:
+        return None
+
+
+def _set_auth_mode(mode: Literal["auto", "token", "disabled"]) -> None:
+    """Ray token authentication for this process before it connects to an existing cluster.
+
+    Ray enables token auth by itself only for a cluster it starts, or finds with address None/"auto"; with an
+    explicit address it never does, and the connection fails. "auto" turns it on when RAY_AUTH_MODE is unset
+    and a token is available; "token"/"disabled" set RAY_AUTH_MODE."""
+    try:
+        from ray._private.authentication import authentication_token_setup as auth
+        from ray._raylet import Config
+    except ImportError:  # another Ray layout: the environment variable is the public interface
+        if mode != "auto":
+            os.environ["RAY_AUTH_MODE"] = mode
+        return
+    if mode == "auto":
+        auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    else:
+        os.environ["RAY_AUTH_MODE"] = mode
+        Config.initialize("")  # Ray caches its config: make this process see the new mode
+
+
+def _current_address() -> str | None:
+    """The address of the Ray this process is connected to: ``ray://…`` in Ray Client mode, else the GCS."""
+    import ray
+    from ray.util.client import ray as ray_client
+
+    if ray_client.is_connected():
+        return _process_ray["address"]
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:
+        return None
+
+
+class RayHead(LocalRay):
+    """Ray for the local environment and tests: a running head, or Ray started in-process.
+
+    ``address``: None starts Ray in-process (``ray.init(address="local")``, which ignores a
+    ``ray_current_cluster`` file left behind by a killed head); "auto" connects to ``RAY_ADDRESS`` or the
+    local head recorded by ``ray start --head`` (``make dev``), falling back to in-process when
+    ``start_local_if_no_head``; ``host:port`` / ``ray://host:port`` connect there. A Ray this process
+    already runs is reused and left running; an explicit address that does not answer fails within
+    ``connect_timeout``.
+
+    Example::
+
+        ray_cluster = RayHead(address="auto", start_local_if_no_head=True, num_cpus=2)
+
+        @dg.asset
+        def model(ray_cluster: RayResource):
+            import ray
+            ...  # ray.get(...), TorchTrainer(...).fit(); cluster_resources() for metadata
+    """
+
+    address: str | None = Field(
+        default=None,
+        description='Ray to use: None = start in-process; "auto" = RAY_ADDRESS or the local head recorded in '
+        '`<temp_dir>/ray_current_cluster`; "host:port" (GCS) or "ray://host:port" (Ray Client).',
+    )
+    start_local_if_no_head: bool = Field(
+        default=False,
+        description='With address="auto": start Ray in-process when no head answers (RAY_ADDRESS unset and no '
+        "live head recorded), instead of failing.",
+    )
+    temp_dir: str | None = Field(
+        default=None,
+        description="Ray temp folder of the local head (`ray start --temp-dir`), where it records its address; "
+        "Ray's default (/tmp/ray) when unset.",
+    )
+    num_cpus: int | None = Field(
+        default=None, description="CPUs of an in-process Ray; all cores when unset. Ignored when connecting."
+    )
+    object_store_memory: int = Field(
+        default=512 * MiB,
+        description="Object store bytes of an in-process Ray (Ray's default reserves ~30% of RAM).",
+    )
+    include_dashboard: bool = Field(
+        default=False, description="Start the dashboard with an in-process Ray (on `dashboard_port`)."
+    )
+    keep_alive: bool = Field(
+        default=False,
+        description="Leave the Ray this resource started or connected running after the step, so later steps "
+        "in the same process reuse it (in-process executor, tests, notebooks).",
+    )
+    connect_timeout: float = Field(
+        default=5.0, description="Seconds to wait for an explicit address to accept a TCP connection."
+    )
+    auth_mode: Literal["auto", "token", "disabled"] = Field(
+        default="auto",
+        description='Ray token authentication for connecting: "auto" = token when RAY_AUTH_MODE is unset and a '
+        'token is available (~/.ray/auth_token, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH); "token" / "disabled" '
+        "set RAY_AUTH_MODE for this process.",
+    )
+
+    _mode: Literal["started", "connected", "reused"] | None = PrivateAttr(default=None)
+    _resolved_address: str | None = PrivateAttr(default=None)
+
+    # -- dagster-ray's RayResource interface -------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return "RayHead"
+
+    @property
+    def display_name(self) -> str:
+        if self._mode == "started" or (self._mode is None and self.address is None):
+            return "in-process Ray"
+        return f"Ray at {self._resolved_address or self.address}"
+
+    @property
+    def host(self) -> str:
+        if self._resolved_address:
+            return _split_address(self._resolved_address)[0]
+        return "127.0.0.1"
+
+    @property
+    def ray_address(self) -> str | None:  # type: ignore[override]
+        """The address connected to (None for an in-process Ray)."""
+        return self._resolved_address
+
+    @property
+    def connected(self) -> bool:
+        return self._mode is not None
+
+    @property
+    def mode(self) -> str | None:
+        """How this resource got its Ray: "started" (in-process), "connected" (to a head) or "reused"."""
+        return self._mode
+
+    def connect(self, context: AnyDagsterContext) -> RayBaseContext | None:  # type: ignore[override]
+        import ray
+
+        log = context.log
+        if ray.is_initialized():
+            current = _current_address()
+            self._check_reusable(current)
+            self._mode = "reused"
+            self._resolved_address = current
+            return None
+
+        address = self._resolve_address(log)
+        init_options = self._init_options()
+        if address is None:
+            self._context = self._start_in_process(init_options)
+            self._mode = "started"
+            _process_ray["address"] = None
+        else:
+            self._context = self._connect_to(address, init_options)
+            self._mode = "connected"
+            self._resolved_address = address
+            _process_ray["address"] = address
+        if self.data_execution_options.model_dump() != RayDataExecutionOptions().model_dump():
+            self.data_execution_options.apply()
+        return self._context
+
+    def on_connect(self, context: AnyDagsterContext) -> None:
+        if context.log is None:
+            return
+        what = {"started": "Started", "connected": "Connected to", "reused": "Reusing"}.get(
+            self._mode or "", ""
+        )
+        try:
+            cpus = cluster_resources().get("CPU", 0.0)
+        except Exception:  # informational only
+            cpus = float("nan")
+        context.log.info(f"{what} {self.display_name} ({cpus:g} CPUs)")
+
+    def cleanup(self, context: AnyDagsterContext, exception: BaseException | None) -> None:
+        mode, name = self._mode, self.display_name
+        self._mode, self._context = None, None
+        if mode in ("started", "connected") and not self.keep_alive:
+            import ray
+
+            ray.shutdown()  # stops an in-process Ray; only disconnects from a head
+            _process_ray["address"] = None
+            if context.log is not None:
+                context.log.info(f"{'Shut down' if mode == 'started' else 'Disconnected from'} {name}")
+
+    # -- accessors --------------------------------------------------------------------------------
+
+    def cluster_resources(self) -> dict[str, float]:
+        """Total resources of the connected cluster, e.g. ``{"CPU": 2.0, "memory": ...}``."""
+        return cluster_resources()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _resolve_address(self, log: Any) -> str | None:
+        address = self.address
+        if address in (None, "local"):
+            return None
+        if address == "auto":
+            env_address = os.environ.get("RAY_ADDRESS", "").strip()
+            if env_address == "local":
+                return None
+            if env_address:
+                self._check_tcp(env_address, source="RAY_ADDRESS")
+                return env_address
+            found = local_head_address(self.temp_dir, timeout=min(self.connect_timeout, 2.0))
+            if found:
+                return found
+            where = _address_file(self.temp_dir)
+            if self.start_local_if_no_head:
+                if log is not None:
+                    log.info(f"No live Ray head recorded in {where}; starting Ray in-process")
+                return None
+            raise RayConnectionError(
+                f"No running Ray head found (RAY_ADDRESS is unset and {where} is missing or names a head that "
+                f"does not answer). {_FIX_HINT}"
+            )
+        self._check_tcp(address, source="address")
+        return address
+
+    def _check_tcp(self, address: str, source: str) -> None:
+        reason = _tcp_check(address, self.connect_timeout)
+        if reason is not None:
+            raise RayConnectionError(
+                f"Ray at {address} (from {source}) is unreachable: {reason} "
+                f"(waited {self.connect_timeout:g}s). {_FIX_HINT}"
+            )
+
+    def _check_reusable(self, current: str | None) -> None:
+        """An explicit address must be the Ray this process is already connected to."""
+        if self.address in (None, "local", "auto") or current is None:
+            return
+        wanted_client = self.address.startswith("ray://")
+        # Ray reports 127.0.0.1 as the node's IP address: compare the kind of address and the port
+        if wanted_client == current.startswith("ray://") and (
+            _split_address(current)[1] == _split_address(self.address)[1]
+        ):
+            return
+        raise RayConnectionError(
+            f"This process is already connected to Ray at {current}, not to {self.address}: "
+            "call ray.shutdown() first, or configure the same address"
+        )
+
+    def _init_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = _process_dagster_env_vars(dict(self.ray_init_options))
+        env_vars = {k: v for k, v in self.get_env_vars_to_inject().items() if v is not None}
+        runtime_env = dict(options.pop("runtime_env", None) or {})
+        if runtime_env.get("env_vars"):
+            env_vars = {**{k: v for k, v in runtime_env["env_vars"].items() if v is not None}, **env_vars}
+        if env_vars:
+            runtime_env["env_vars"] = env_vars
+        if runtime_env:
+            options["runtime_env"] = runtime_env
+        return options
+
+    def _start_in_process(self, options: dict[str, Any]) -> RayBaseContext:
+        import ray
+
+        kwargs: dict[str, Any] = {
+            "num_cpus": self.num_cpus,
+            "object_store_memory": self.object_store_memory,
+            "include_dashboard": self.include_dashboard,
+        }
+        if self.include_dashboard:
+            kwargs["dashboard_port"] = self.dashboard_port
+        kwargs.update(options)
+        kwargs.pop("address", None)
+        try:
+            return ray.init(address="local", **kwargs)
+        except Exception as exc:
+            hint = ""
+            if "timed out during startup" in str(exc):  # Ray gives its raylet a fixed 30 s to register
+                load = os.getloadavg()[0]
+                hint = f" (load average {load:.1f} on {os.cpu_count()} CPUs: the machine may be overloaded)"
+            raise RayConnectionError(f"Could not start Ray in-process: {exc}{hint}") from exc
+
+    def _connect_to(self, address: str, options: dict[str, Any]) -> RayBaseContext:
+        import ray
+        from ray.exceptions import AuthenticationError
+
+        _set_auth_mode(self.auth_mode)
+        # The Ray Client proxy starts a server process per client; on a busy machine that start
+        # sometimes fails ("Initialization failure from server") and a second attempt succeeds.
+        attempts = 2 if address.startswith("ray://") else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return ray.init(address=address, **options)
+            except AuthenticationError as exc:
+                raise RayConnectionError(
+                    f"Ray at {address} refused the connection: {exc}. {_TOKEN_HINT}"
+                ) from exc
+            except ConnectionAbortedError as exc:
+                if attempt < attempts:
+                    continue
+                raise RayConnectionError(
+                    f"The Ray Client server at {address} failed to start a session for this process: {exc}. "
+                    "See ray_client_server_*.err in the head's session logs."
+                ) from exc
+            except (ConnectionError, TimeoutError, RuntimeError) as exc:
+                raise RayConnectionError(
+                    f"Could not connect to Ray at {address}: {exc}. {_TOKEN_HINT} {_FIX_HINT}"
+                ) from exc
+        raise AssertionError("unreachable")
+
+
+def kuberay_resource(
+    *,
+    kind: Literal["interactive_job", "cluster"] = "interactive_job",
+    namespace: str = "ray",
+    image: str | None = None,
+    ray_version: str | None = None,
+    head_cpu: str = "1",
+    head_memory: str = "4Gi",
+    worker_cpu: str = "2",
+    worker_memory: str = "8Gi",
+    min_workers: int = 0,
+    max_workers: int = 2,
+    token_auth: bool = True,
+    auth_secret_name: str | None = None,
+    env_vars: Mapping[str, str] | None = None,
+    ray_init_options: Mapping[str, Any] | None = None,
+    timeout: float = 600.0,
+    kube_context: str | None = None,
+    kube_config: str | None = None,
+) -> RayResource:
+    """dagster-ray's KubeRay resource for the cluster environment: a ``KubeRayInteractiveJob`` (default;
+    KubeRay >= 1.3: a RayJob in interactive mode, its cluster removed by KubeRay when the step ends) or a
+    ``KubeRayCluster`` (a RayCluster per step, or shared with ``cluster_sharing``).
+
+    ``image`` defaults to the run's ``dagster/image`` tag; it must contain ocm and ``ray[train,tune,serve]``.
+    With ``token_auth`` (Ray >= 2.52) KubeRay guards the cluster with a token (from Secret
+    ``auth_secret_name``, key ``auth_token``, or one it generates): the step pod then needs
+    ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` from that Secret.
+    """
+    import copy
+
+    from dagster_ray.kuberay import KubeRayCluster, KubeRayInteractiveJob
+    from dagster_ray.kuberay.configs import (
+        DEFAULT_HEAD_GROUP_SPEC,
+        DEFAULT_WORKER_GROUP_SPECS,
+        AuthOptions,
+        RayClusterConfig,
+        RayClusterSpec,
+    )
+    from dagster_ray.kuberay.resources.raycluster import KubeRayClusterClientResource
+    from dagster_ray.kuberay.resources.rayjob import (
+        InteractiveRayJobConfig,
+        InteractiveRayJobSpec,
+        KubeRayJobClientResource,
+    )
+
+    if min_workers < 0 or max_workers < min_workers:
+        raise ValueError(f"need 0 <= min_workers <= max_workers, got {min_workers} and {max_workers}")
+    version = ray_version or metadata.version("ray")
+
+    def resources(cpu: str, memory: str) -> dict[str, Any]:
+        return {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}}
+
+    head = copy.deepcopy(DEFAULT_HEAD_GROUP_SPEC)
+    head["template"]["spec"]["containers"][0]["resources"] = resources(head_cpu, head_memory)
+    worker = copy.deepcopy(DEFAULT_WORKER_GROUP_SPECS[0])
+    worker.update(replicas=min_workers, minReplicas=min_workers, maxReplicas=max_workers)
+    worker["template"]["spec"]["containers"][0]["resources"] = resources(worker_cpu, worker_memory)
+    spec = RayClusterSpec(
+        ray_version=version,
+        head_group_spec=head,
+        worker_group_specs=[worker],
+        enable_in_tree_autoscaling=max_workers > min_workers,
+        auth_options=AuthOptions(mode="token", secret_name=auth_secret_name) if token_auth else None,
+    )
+    common: dict[str, Any] = {
+        "image": image,
+        "timeout": timeout,
+        "env_vars": dict(env_vars or {}),
+        "ray_init_options": dict(ray_init_options or {}),
+    }
+    if kind == "interactive_job":
+        return KubeRayInteractiveJob(
+            ray_job=InteractiveRayJobConfig(
+                metadata={"namespace": namespace}, spec=InteractiveRayJobSpec(ray_cluster_spec=spec)
+            ),
+            client=KubeRayJobClientResource(kube_context=kube_context, kube_config=kube_config),
+            **common,
+        )
+    if kind == "cluster":
+        return KubeRayCluster(
+            ray_cluster=RayClusterConfig(metadata={"namespace": namespace}, spec=spec),
+            client=KubeRayClusterClientResource(kube_context=kube_context, kube_config=kube_config),
+            **common,
+        )
+    raise ValueError(f"kind must be 'interactive_job' or 'cluster', got {kind!r}")
