@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import dagster as dg
 
-from ocm_assets import data
+from ocm_assets import data, serving, text, training
 from ocm_assets.families import FAMILIES, Family
-from ocm_assets.sensors import build_registry_sensor
+from ocm_assets.sensors import build_registry_sensor, build_rollout_sensor
 
 
 def family_assets(fam: Family) -> list[dg.AssetsDefinition]:
-    return [data.build_dataset_asset(fam), data.build_preprocessing_asset(fam)]
+    assets = [data.build_dataset_asset(fam), data.build_preprocessing_asset(fam)]
+    if fam.kind == "image":
+        assets.append(training.build_vision_model_asset(fam))
+    else:
+        assets += [text.build_hpo_asset(fam), text.build_text_model_asset(fam)]
+    return assets
 
 
 def retrain_job(fam: Family, assets: list[dg.AssetsDefinition]) :
@@ -30,9 +35,10 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
     for fam in FAMILIES:
         fam_assets = family_assets(fam)
         job = retrain_job(fam, fam_assets)
-        assets += fam_assets
-        jobs.append(job)
-        sensors.append(build_registry_sensor(fam, job))
+        rollout = serving.rollout_job(fam)
+        assets += fam_assets + serving.build_serving_assets(fam)
+        jobs += [job, rollout]
+        sensors += [build_registry_sensor(fam, job), build_rollout_sensor(fam, job, rollout)]
     return dg.Definitions(
         assets=assets,
         jobs=jobs,

@@ -91,3 +91,25 @@ def build_registry_sensor(fam: Family, job) -> dg.SensorDefinition:
         )
 
     return registry_sensor
+
+
+def build_rollout_sensor(fam: Family, retrain_job, rollout_job) -> dg.RunStatusSensorDefinition:
+    """When a retrain run of the family succeeds, ask for the rollout (champion gate, then endpoint)."""
+
+    @dg.run_status_sensor(
+        name=f"{fam.name}_rollout_sensor",
+        run_status=dg.DagsterRunStatus.SUCCESS,
+        monitored_jobs=[retrain_job],
+        request_job=rollout_job,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"After a successful {retrain_job.name} run: run {rollout_job.name} (promotion gate, then "
+        "the endpoint rolls over to the new champion).",
+    )
+    def rollout_sensor(context: dg.RunStatusSensorContext):
+        run = context.dagster_run
+        return dg.RunRequest(
+            run_key=f"rollout-after-{run.run_id}",
+            tags={"ocm/after_run": run.run_id, "ocm/registry_tag": run.tags.get("dagster/partition", "")},
+        )
+
+    return rollout_sensor

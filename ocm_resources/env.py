@@ -56,6 +56,11 @@ class LocalPaths:
         return self.home / "mlflow"
 
     @property
+    def ray_temp(self) -> Path:
+        """Temp folder of the local Ray head (`make dev`), where it records its address."""
+        return self.home / "ray"
+
+    @property
     def ray_storage(self) -> Path:
         return self.home / "ray-results"
 
@@ -82,21 +87,64 @@ def registry_url() -> str:
 
 
 def build_resources(env: str | None = None) -> dict[str, Any]:
-    """The resources of the code location for one environment."""
+    """The resources of the code location for one environment (the only place that decides this)."""
     import dagster as dg
 
+    from ocm_resources.mlflow import LocalMlflow, RemoteMlflow
+    from ocm_resources.ray import RayHead, kuberay_resource
     from ocm_resources.registry import DvcRegistry
+    from ocm_resources.serve_control import ServeControl
+    from ocm_resources.storage import CheckpointStorage
 
     env = env or ocm_env()
     if env == "local":
-        return {"registry": DvcRegistry(repo_url=registry_url())}
+        paths = local_paths()
+        return {
+            "registry": DvcRegistry(repo_url=registry_url()),
+            # the local head when `make dev`/`make demo` runs one, else Ray in-process
+            "ray_cluster": RayHead(
+                address="auto", temp_dir=str(paths.ray_temp), start_local_if_no_head=True, keep_alive=True
+            ),
+            "mlflow": LocalMlflow(home=str(paths.home), env_name="local", ui_url="http://127.0.0.1:5000"),
+            "checkpoints": CheckpointStorage(base_path=str(paths.ray_storage)),
+            "serve": ServeControl(address="auto", temp_dir=str(paths.ray_temp)),
+        }
     if env == "cluster":
-        if not os.environ.get("OCM_REGISTRY_URL"):
-            raise ConfigurationError("OCM_ENV=cluster needs OCM_REGISTRY_URL (the team's registry git URL)")
+        missing = [v for v in ("OCM_REGISTRY_URL", "MLFLOW_TRACKING_URI", "OCM_CHECKPOINT_PATH") if not os.environ.get(v)]
+        if missing:
+            raise ConfigurationError(
+                f"OCM_ENV=cluster needs {', '.join(missing)} (see README, 'The cluster path')"
+            )
+        ray_address = os.environ.get("RAY_ADDRESS")
         return {
             "registry": DvcRegistry(
-                repo_url=dg.EnvVar("OCM_REGISTRY_URL"),
-                remote=os.environ.get("OCM_DVC_REMOTE") or None,
-            )
+                repo_url=dg.EnvVar("OCM_REGISTRY_URL"), remote=os.environ.get("OCM_DVC_REMOTE") or None
+            ),
+            "ray_cluster": (
+                RayHead(address=dg.EnvVar("RAY_ADDRESS"), keep_alive=True)
+                if ray_address
+                else kuberay_resource(image=os.environ.get("OCM_IMAGE") or None)
+            ),
+            "mlflow": RemoteMlflow(
+                tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"),
+                env_name=os.environ.get("OCM_MLFLOW_ENV", "prod"),
+                ui_url=os.environ.get("MLFLOW_UI_URL") or None,
+                tracking_token=dg.EnvVar("MLFLOW_TRACKING_TOKEN") if os.environ.get("MLFLOW_TRACKING_TOKEN") else None,
+                docker_image_tag=os.environ.get("OCM_IMAGE_TAG") or None,
+            ),
+            "checkpoints": CheckpointStorage(
+                base_path=dg.EnvVar("OCM_CHECKPOINT_PATH"),
+                endpoint_override=os.environ.get("OCM_S3_ENDPOINT") or None,
+                access_key_id=dg.EnvVar("AWS_ACCESS_KEY_ID") if os.environ.get("AWS_ACCESS_KEY_ID") else None,
+                secret_access_key=(
+                    dg.EnvVar("AWS_SECRET_ACCESS_KEY") if os.environ.get("AWS_SECRET_ACCESS_KEY") else None
+                ),
+            ),
+            # Serve on the long-lived cluster (a RayService's head, or the RAY_ADDRESS cluster)
+            "serve": ServeControl(
+                address=os.environ.get("OCM_SERVE_RAY_ADDRESS") or ray_address or "auto",
+                http_host=os.environ.get("OCM_SERVE_HOST", "0.0.0.0"),
+                http_port=int(os.environ.get("OCM_SERVE_PORT", "8000")),
+            ),
         }
     raise ConfigurationError(f"OCM_ENV={env!r} is not one of {', '.join(ENVIRONMENTS)}")

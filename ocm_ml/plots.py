@@ -1,0 +1,35 @@
+"""Training-curve plots as PNG bytes (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+
+def training_curve_png(history: Sequence[dict], title: str) -> bytes:
+    """Loss and accuracy per epoch (train and val) side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(h.get("epoch", i)) + (0 if "epoch" in h and min(x.get("epoch", 1) for x in history) >= 1 else 1)
+              for i, h in enumerate(history)]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=90)
+    for key, ax, label in (("train_loss", ax_loss, "train"), ("val_loss", ax_loss, "val"),
+                           ("train_accuracy", ax_acc, "train"), ("val_accuracy", ax_acc, "val")):
+        values = [h.get(key) for h in history]
+        if any(v is not None for v in values):
+            ax.plot(epochs, [v if v is not None else float("nan") for v in values], marker="o", label=label)
+    ax_loss.set_title("loss")
+    ax_acc.set_title("accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,107 @@
+"""champion + endpoint assets against a real local Serve over HTTP: the first model is promoted and deployed,
+a better one hot-reloads the endpoint, a worse one is refused and the endpoint keeps serving the champion.
+
+The family is declared here (`fashion_mnist_e2e`, an image family): the asset factories are configuration."""
+
+import json
+import urllib.request
+
+import dagster as dg
+import pytest
+
+from ocm_assets.families import Family
+from ocm_assets.serving import build_serving_assets, champion_key, endpoint_key
+from ocm_assets.training import model_key
+from ocm_resources.mlflow import LocalMlflow
+from ocm_resources.serve_control import ServeControl
+from tests.registry_helpers import image_version, new_registry
+
+FAM = Family("fashion_mnist_e2e", "fashion-mnist", "image", "test family")
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, serve_http):
+    root = tmp_path_factory.mktemp("serving-assets")
+    pub, reg = new_registry(root)
+    tags = [pub.publish("fashion-mnist", v, *image_version(n_train=40, n_val=20, seed=i)).tag
+            for i, v in enumerate(["1.0.0", "1.1.0", "1.2.0"])]
+    port = int(serve_http.rsplit(":", 1)[1])
+    mlflow = LocalMlflow(home=str(root), env_name="e2e")
+    resources = {"mlflow": mlflow, "registry": reg, "serve": ServeControl(address=None, http_port=port)}
+    return tags, mlflow, resources, f"{serve_http}/{FAM.name}"
+
+
+def register(mlflow, tag: str, accuracy: float, seed: int) -> str:
+    import mlflow as ml
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval()
+    with mlflow.start_run("e2e.fashion-mnist", run_name=f"fake train {tag}",
+                          tags=mlflow.lineage_tags(tag, "c0ffee", "dagster-run", tag)):
+        ml.log_metric("val_accuracy", accuracy)
+        info = ml.pytorch.log_model(net, name="model", serialization_format="pickle")
+    return mlflow.register(info.model_uri, "fashion-mnist", tags={"data_version": tag}).version
+
+
+def rollout(resources):
+    assets = [
+        dg.SourceAsset(model_key(FAM)),
+        *build_serving_assets(FAM),
+    ]
+    return dg.materialize(assets, resources=resources, raise_on_error=False,
+                          selection=[champion_key(FAM), endpoint_key(FAM)])
+
+
+def checks(result):
+    return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+
+
+def test_promote_deploy_reload_and_refuse(stack):
+    tags, mlflow, resources, url = stack
+    v1 = register(mlflow, tags[0], 0.80, seed=1)
+    result = rollout(resources)
+    assert result.success, checks(result)
+    assert checks(result) == {"promoted": True, "health": True, "known_answer": True}
+    info = _get(f"{url}/info")
+    assert info["model_uri"].endswith(f"/{v1}") and info["data_version"] == tags[0]
+    assert _get(f"{url}/health")["status"] == "healthy"
+    endpoint = next(e.materialization for e in result.get_asset_materialization_events()
+                    if e.asset_key == endpoint_key(FAM))
+    assert endpoint.metadata["action"].value == "deployed"
+
+    v2 = register(mlflow, tags[1], 0.85, seed=2)
+    result = rollout(resources)
+    assert result.success and checks(result)["known_answer"]
+    endpoint = next(e.materialization for e in result.get_asset_materialization_events()
+                    if e.asset_key == endpoint_key(FAM))
+    assert endpoint.metadata["action"].value == "reconfigured"
+    info = _get(f"{url}/info")
+    assert info["model_uri"].endswith(f"/{v2}") and info["data_version"] == tags[1]
+    assert mlflow.get_alias("fashion-mnist", "champion").version == v2
+
+    # worse by less than the margin: refused, the blocking check stops the endpoint from changing
+    register(mlflow, tags[2], 0.855, seed=3)
+    result = rollout(resources)
+    assert not result.success and checks(result) == {"promoted": False}
+    assert endpoint_key(FAM) not in {e.asset_key for e in result.get_asset_materialization_events()}
+    champion = next(e.materialization for e in result.get_asset_materialization_events()
+                    if e.asset_key == champion_key(FAM))
+    assert champion.metadata["decision"].value == "kept"
+    assert "does not beat" in champion.metadata["reasons"].value
+    assert mlflow.get_alias("fashion-mnist", "champion").version == v2
+    assert _get(f"{url}/info")["model_uri"].endswith(f"/{v2}")
+
+
+def test_endpoint_without_long_lived_cluster_says_what_to_do(tmp_path):
+    from ocm_resources.serve_control import ServeError
+
+    control = ServeControl(address="auto", temp_dir=str(tmp_path / "no-head"))
+    with pytest.raises(ServeError, match="make dev"):
+        control.connect()
