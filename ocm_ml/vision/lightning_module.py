@@ -1,0 +1,92 @@
+"""A plain LightningModule around the 1-channel ResNet18: Adam, cross-entropy, loss and accuracy.
+
+Batches are ``(x, y)``: ``x`` float (N, 1, 28, 28) already normalized (see ``model.normalize_pixels``), ``y``
+int64 (N,). Nothing here knows about Ray: ``train.py`` wraps it in Ray's DDP strategy.
+
+Logged metrics (epoch level, averaged over every worker): ``train_loss``, ``train_accuracy``, ``val_loss``,
+``val_accuracy``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ocm_ml.vision.model import build_resnet18
+
+LIGHTNING_CHECKPOINT_NAME = "checkpoint.ckpt"  # what ray.train.lightning.RayTrainReportCallback writes
+
+
+def _accuracy_metric(num_classes: int):
+    try:
+        from torchmetrics.classification import MulticlassAccuracy
+    except ImportError:  # torchmetrics is optional: fall back to counting by hand
+        return None
+    return MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+
+class ImageClassifier(lightning.LightningModule):
+    """ResNet18 classifier for 28x28 grey images.
+
+    >>> module = ImageClassifier(num_classes=10, learning_rate=1e-3)
+    >>> logits = module(torch.zeros(2, 1, 28, 28))  # (2, 10)
+    """
+
+    def __init__(self, num_classes: int = 10, learning_rate: float = 1e-3):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_resnet18(num_classes)
+        self.train_acc = _accuracy_metric(num_classes)
+        self.val_acc = _accuracy_metric(num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _step(self, batch, stage: str, metric) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        # Epoch-level only: one all-reduce per epoch instead of one per step.
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y))
+        preds = logits.argmax(dim=1)
+        if metric is not None:
+            metric.update(preds, y)  # a torchmetrics Metric syncs across processes when computed
+            self.log(f"{stage}_accuracy", metric, on_step=False, on_epoch=True)
+        else:
+            acc = (preds == y).float().mean()
+            self.log(
+                f"{stage}_accuracy", acc, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y)
+            )
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val", self.val_acc)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
+
+
+def load_network(checkpoint: str | Path) -> nn.Module:
+    """The bare ``nn.Module`` (ResNet18) from a Lightning checkpoint file or a folder holding ``checkpoint.ckpt``.
+
+    Returned on the CPU, in eval mode.
+    """
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / LIGHTNING_CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no Lightning checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    hparams = state.get("hyper_parameters", {})
+    network = build_resnet18(int(hparams.get("num_classes", 10)))
+    prefix = "model."
+    weights = {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    network.load_state_dict(weights)
+    return network.eval()

@@ -1,0 +1,273 @@
+"""Ray Train DDP training of the Fashion-MNIST ResNet18, on a real local Ray with 2 CPUs and tiny synthetic data.
+
+The images are learnable by construction (``ocm_ml.vision.synthetic``: class k lights up one 7x7 block over
+noise), so an epoch on a few hundred images is far above chance.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from ocm_ml.vision.model import build_resnet18, normalize_pixels
+from ocm_ml.vision.predictor import ImagePredictor
+from ocm_ml.vision.synthetic import images_table, synthetic_images, write_synthetic_parquet
+from ocm_ml.vision.train import (
+    EPOCH_KEYS,
+    ImageBatchCollate,
+    TrainSettings,
+    checkpoint_file,
+    pixels_from_arrow,
+    train_fashion_mnist,
+    validate_settings,
+)
+
+MEAN, STD = 0.2, 0.3
+CLASS_NAMES = [f"class-{i}" for i in range(10)]
+TWO_CPUS = {"CPU": 2.0, "memory": 1e9}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fashion")
+    train = write_synthetic_parquet(folder / "train.parquet", 320, seed=0)
+    val = write_synthetic_parquet(folder / "val.parquet", 160, seed=1)
+    val_images, val_labels = synthetic_images(160, seed=1)
+    return {"train": train, "val": val, "val_images": val_images, "val_labels": val_labels}
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of this test's Ray Train worker processes (descendants of this process; the machine is shared)."""
+    import psutil
+
+    pids = []
+    for child in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                pids.append(child.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return pids
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Settings: fail fast, with a message that says what to change
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "cluster", "expected"),
+    [
+        (TrainSettings(num_workers=0), TWO_CPUS, "num_workers=0"),
+        (TrainSettings(num_workers=-1), TWO_CPUS, "num_workers=-1"),
+        (TrainSettings(batch_size=0), TWO_CPUS, "batch_size=0"),
+        (TrainSettings(epochs=0), TWO_CPUS, "epochs=0"),
+        (TrainSettings(learning_rate=0.0), TWO_CPUS, "learning_rate"),
+        (TrainSettings(row_limit=0), TWO_CPUS, "row_limit=0"),
+        (
+            TrainSettings(num_workers=3),
+            TWO_CPUS,
+            "asks for 3 CPUs (3 workers x 1 CPU each) but the Ray cluster has 2",
+        ),
+        (TrainSettings(num_workers=2, cpus_per_worker=2), TWO_CPUS, "Lower num_workers to 1"),
+        (TrainSettings(num_workers=1, gpus_per_worker=1), TWO_CPUS, "asks for 1 GPUs"),
+    ],
+)
+def test_validate_settings_rejects(settings, cluster, expected):
+    with pytest.raises(ValueError) as info:
+        validate_settings(settings, cluster)
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "cluster"),
+    [
+        (TrainSettings(num_workers=2, cpus_per_worker=1), TWO_CPUS),
+        (TrainSettings(num_workers=1, cpus_per_worker=2), TWO_CPUS),
+        (TrainSettings(num_workers=2, gpus_per_worker=1), {"CPU": 8.0, "GPU": 2.0}),
+    ],
+)
+def test_validate_settings_accepts(settings, cluster):
+    validate_settings(settings, cluster)
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [(TrainSettings(num_workers=0), "num_workers=0"), (TrainSettings(num_workers=5), "asks for 5 CPUs")],
+)
+def test_training_with_bad_settings_fails_before_scheduling(ray_local, data, tmp_path, settings, expected):
+    started = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        train_fashion_mnist(data["train"], data["val"], MEAN, STD, settings, str(tmp_path), "bad")
+    assert expected in str(info.value)
+    assert time.perf_counter() - started < 5
+    assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pure pieces: collate and predictor
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_collate_matches_normalize_pixels_on_sliced_arrow_data():
+    images, labels = synthetic_images(12, seed=3)
+    table = images_table(images, labels)
+    sliced = table.slice(5, 4)  # a batch that starts inside an arrow buffer
+    np.testing.assert_array_equal(pixels_from_arrow(sliced.column("image")), images[5:9])
+    x, y = ImageBatchCollate(MEAN, STD)(sliced)
+    assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32
+    torch.testing.assert_close(x, normalize_pixels(torch.from_numpy(images[5:9]), MEAN, STD))
+    assert y.tolist() == labels[5:9].tolist()
+
+
+def test_pixels_from_arrow_rejects_wrong_row_length():
+    column = pa.chunked_array([pa.array([[1, 2, 3]], type=pa.list_(pa.uint8()))])
+    with pytest.raises(ValueError, match="784"):
+        pixels_from_arrow(column)
+
+
+def test_predictor_shapes_and_validation():
+    torch.manual_seed(0)
+    predictor = ImagePredictor(build_resnet18(10), MEAN, STD, CLASS_NAMES)
+    images, _ = synthetic_images(5, seed=4)
+    for batch in (images, images.reshape(5, 28, 28), torch.from_numpy(images)):
+        class_ids, confidences = predictor.predict(batch)
+        assert class_ids.shape == (5,) and class_ids.dtype == np.int64
+        assert confidences.shape == (5,) and np.all((confidences > 0) & (confidences <= 1))
+        assert np.all((class_ids >= 0) & (class_ids < 10))
+    assert not predictor.model.training
+    for bad in (np.zeros((2, 783)), np.zeros((0, 784)), np.zeros(784)):
+        with pytest.raises(ValueError, match="shape"):
+            predictor.predict(bad)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Real distributed training
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_two_worker_ddp_training_reports_epochs_live_and_checkpoints(ray_local, data, tmp_path):
+    calls: list[tuple[dict, int]] = []
+
+    def on_epoch(record: dict) -> None:
+        calls.append((record, len(train_worker_pids())))
+
+    result = train_fashion_mnist(
+        data["train"],
+        data["val"],
+        MEAN,
+        STD,
+        TrainSettings(num_workers=2, cpus_per_worker=1, batch_size=32, epochs=2, learning_rate=1e-3),
+        storage_path=str(tmp_path),
+        run_name="ddp",
+        on_epoch=on_epoch,
+    )
+
+    # Progress arrived per epoch, while the training workers were still alive.
+    assert [record["epoch"] for record, _ in calls] == [0, 1]
+    assert calls[0][1] == 2, "first on_epoch came after the training workers were gone"
+    assert set(calls[0][0]) == set(EPOCH_KEYS)
+
+    assert [h["epoch"] for h in result.history] == [0, 1]
+    for record in result.history:
+        assert set(record) == set(EPOCH_KEYS)
+        assert all(math.isfinite(record[k]) for k in EPOCH_KEYS)
+        assert record["images_per_second"] > 0
+    assert result.history[1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.val_accuracy > 0.5  # chance is 0.1
+    assert result.val_accuracy == max(h["val_accuracy"] for h in result.history)
+    assert result.num_workers == 2
+    assert result.train_rows == 320
+    assert result.failures == []
+    assert result.images_per_second > 0 and result.elapsed_seconds > 0
+    assert checkpoint_file(result.checkpoint_path).is_file()
+    assert Path(result.checkpoint_path).parent == tmp_path / "ddp"
+
+    # The predictor built from the best checkpoint reproduces the reported validation accuracy.
+    predictor = ImagePredictor.from_checkpoint(result.checkpoint_path, MEAN, STD, CLASS_NAMES)
+    class_ids, confidences = predictor.predict(data["val_images"])
+    assert class_ids.shape == confidences.shape == (160,)
+    accuracy = float((class_ids == data["val_labels"]).mean())
+    assert abs(accuracy - result.val_accuracy) < 0.02
+    network = result.load_model()
+    assert isinstance(network, torch.nn.Module) and not network.training
+    torch.testing.assert_close(
+        network.state_dict()["fc.weight"], predictor.model.state_dict()["fc.weight"], rtol=0, atol=0
+    )
+
+
+@pytest.mark.slow
+def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(ray_local, data, tmp_path):
+    seen: list[int] = []
+    killed: list[int] = []
+
+    def on_epoch(record: dict) -> None:
+        seen.append(record["epoch"])
+        if not killed:
+            pids = train_worker_pids()
+            assert len(pids) == 2, pids
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+    result = train_fashion_mnist(
+        data["train"],
+        data["val"],
+        MEAN,
+        STD,
+        TrainSettings(num_workers=2, batch_size=32, epochs=3, max_failures=2),
+        storage_path=str(tmp_path),
+        run_name="fault",
+        on_epoch=on_epoch,
+    )
+
+    assert killed
+    # Resumed from epoch 0's checkpoint: epoch 0 is not trained (or reported) a second time.
+    assert seen == [0, 1, 2]
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    assert result.failures, "the worker failure was not recorded"
+    assert any("rank" in failure for failure in result.failures)
+    assert killed[0] not in train_worker_pids()
+    assert checkpoint_file(result.checkpoint_path).is_file()
+    assert result.val_accuracy > 0.5
+
+
+@pytest.mark.slow
+def test_training_that_keeps_failing_raises_runtime_error(ray_local, data, tmp_path):
+    def on_epoch(record: dict) -> None:
+        for pid in train_worker_pids():
+            os.kill(pid, signal.SIGKILL)
+
+    with pytest.raises(RuntimeError) as info:
+        train_fashion_mnist(
+            data["train"],
+            data["val"],
+            MEAN,
+            STD,
+            TrainSettings(num_workers=2, batch_size=32, epochs=3, max_failures=0),
+            storage_path=str(tmp_path),
+            run_name="doomed",
+            on_epoch=on_epoch,
+        )
+    message = str(info.value)
+    assert "doomed" in message and "max_failures=0" in message
+    assert "died" in message.lower() or "error" in message.lower()  # Ray's own text is included
