@@ -108,6 +108,9 @@ class EndpointConfig(dg.Config):
     autoscaling_min_replicas: int | None = Field(default=None, description="Enable autoscaling: minimum replicas.")
     autoscaling_max_replicas: int | None = Field(default=None, description="Autoscaling: maximum replicas.")
     max_ongoing_requests: int = Field(default=64, description="Requests a replica holds at once (bounds a batch).")
+    replica_cpus: float = Field(
+        default=0.5, description="Logical CPUs reserved per replica (Ray scheduling; training shares the cluster)."
+    )
     max_batch_size: int = Field(default=32, description="Dynamic batching: largest model batch.")
     batch_wait_timeout_s: float = Field(default=0.0, description="Dynamic batching: wait for more requests.")
     max_batch: int = Field(default=1000, description="Largest batch one request may send (else 4xx).")
@@ -193,6 +196,7 @@ def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
         outcome = serve.deploy_or_reconfigure(
             fam.name, fam.kind, user_config, num_replicas=config.num_replicas,
             max_ongoing_requests=config.max_ongoing_requests, autoscaling_config=autoscaling,
+            ray_actor_options={"num_cpus": config.replica_cpus},
         )
         url = serve.url(fam.name)
         context.log.info(f"{outcome['action']} {url} -> {champion['model_uri']}")

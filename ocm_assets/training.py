@@ -9,7 +9,7 @@ import dagster as dg
 from dagster_ray import RayResource
 from pydantic import Field
 
-from ocm_assets.data import dataset_key, partitions_for, preprocessing_key
+from ocm_assets.data import data_version_of, dataset_key, partitions_for, preprocessing_key
 from ocm_assets.families import Family
 from ocm_resources.mlflow import MlflowTracking
 from ocm_resources.storage import CheckpointStorage
@@ -38,12 +38,16 @@ def markdown_png(png: bytes, alt: str) -> dg.MetadataValue:
 
 
 def lineage(mlflow: MlflowTracking, context: dg.AssetExecutionContext, dataset: dict[str, Any]) -> dict[str, str]:
-    return mlflow.lineage_tags(
-        dvc_data_version=dataset["tag"],
-        dvc_commit=dataset["commit"],
-        dagster_run_id=context.run.run_id,
-        dagster_partition=context.partition_key,
-    )
+    """DESIGN.md's lineage tags, plus the DVC md5s of the data (``dvc_md5``)."""
+    return {
+        **mlflow.lineage_tags(
+            dvc_data_version=dataset["tag"],
+            dvc_commit=dataset["commit"],
+            dagster_run_id=context.run.run_id,
+            dagster_partition=context.partition_key,
+        ),
+        "dvc_md5": data_version_of(dataset),
+    }
 
 
 def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:

@@ -91,6 +91,7 @@ class ServeControl(dg.ConfigurableResource):
     def deploy_or_reconfigure(
         self, name: str, kind: str, user_config: dict[str, Any], *, num_replicas: int = 1,
         max_ongoing_requests: int = 64, autoscaling_config: dict[str, Any] | None = None,
+        ray_actor_options: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """First time: deploy the application; later: hot-reload its replicas through ``reconfigure`` (no
         redeploy). Returns ``{"action", "status", "urls"}``."""
@@ -101,7 +102,8 @@ class ServeControl(dg.ConfigurableResource):
         if current is None or "RUNNING" not in current["status"]:
             app = deployments.build_app(kind, user_config, num_replicas=num_replicas,
                                         max_ongoing_requests=max_ongoing_requests,
-                                        autoscaling_config=autoscaling_config)
+                                        autoscaling_config=autoscaling_config,
+                                        ray_actor_options=ray_actor_options)
             deployments.deploy(app, name, f"/{name}")
             status = deployments._wait_applied(  # noqa: SLF001 - the same readiness probe as reconfigure
                 name, deployments.config_hash(user_config), 1, self.reload_timeout_s)

