@@ -133,6 +133,9 @@ def test_default_space_builds_tune_domains():
     assert space["batch_size"].categories == [16, 32]
     assert build_search_space({"batch_size": 8})["batch_size"] == 8
     validate_settings(SearchSettings())
+    demo = SearchSettings.demo(num_trials=2)
+    validate_settings(demo)
+    assert demo.num_trials == 2 and demo.freeze_layers == 4 and demo.val_row_limit == 500
 
 
 @pytest.mark.parametrize(
