@@ -51,9 +51,9 @@ def demo_config(fam, quick: bool, epochs: int = 1) -> dict:
         if quick:
             train["row_limit"] = 4000
         return {"ops": {f"{fam.name}__model": {"config": train}}, "loggers": QUIET_LOGS}
-    search = {"num_trials": 4, "max_epochs": 2, "row_limit": 2000, "val_row_limit": 500, "freeze_layers": 4,
+    search = {"num_trials": 4, "max_epochs": 2, "row_limit": 1500, "val_row_limit": 500, "freeze_layers": 4,
               "max_length": 64}
-    model = {"eval_rows": None}
+    model = {"eval_rows": 2000}
     if quick:
         search.update(num_trials=2, max_epochs=1, row_limit=300, val_row_limit=200)
         model["eval_rows"] = 500
