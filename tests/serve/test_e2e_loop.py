@@ -1,0 +1,138 @@
+"""The loop, end to end on the real definitions: a new tag -> one sensor tick -> the retrain run it requests
+(executed in-process) -> the rollout sensor's run -> a new champion served, checked over HTTP. A bad
+version fails its blocking check and the endpoint keeps serving the old champion."""
+
+import json
+import urllib.request
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ocm_assets.build import build_definitions
+from ocm_assets.families import family
+from ocm_ml import sources
+from ocm_resources.mlflow import LocalMlflow
+from ocm_resources.ray import RayHead
+from ocm_resources.serve_control import ServeControl
+from ocm_resources.storage import CheckpointStorage
+from tests.registry_helpers import image_version, new_registry
+
+FASHION = family("fashion_mnist")
+TRAIN = {"num_workers": 2, "batch_size": 32, "epochs": 2, "learning_rate": 3e-3, "seed": 0}
+GATE = {"floor": 0.0, "margin": 0.01}
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def noisy_version():
+    """Learnable train split but a validation split with shuffled labels: a weak first champion."""
+    tables, metadata = image_version(n_train=320, n_val=80, seed=0)
+    val = tables["val"]
+    labels = np.random.default_rng(0).permutation(val.column("label").to_numpy())
+    tables["val"] = val.set_column(1, "label", pa.array(labels, type=pa.int64()))
+    return tables, metadata
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory, serve_http):
+    from ray import serve
+
+    serve.delete(FASHION.name)  # the route /fashion_mnist belongs to this test from here on
+    root = tmp_path_factory.mktemp("loop")
+    pub, reg = new_registry(root)
+    resources = {
+        "registry": reg,
+        "ray_cluster": RayHead(keep_alive=True),
+        "mlflow": LocalMlflow(home=str(root), env_name="loop"),
+        "checkpoints": CheckpointStorage(base_path=str(root / "ray-results")),
+        "serve": ServeControl(address=None, http_port=int(serve_http.rsplit(":", 1)[1])),
+    }
+    defs = build_definitions(resources=resources)
+    with dg.instance_for_test() as instance:
+        yield pub, defs, instance, f"{serve_http}/{FASHION.name}"
+
+
+def tick(defs, instance, cursor):
+    repo = defs.get_repository_def()
+    with dg.build_sensor_context(instance=instance, instance_ref=instance.get_ref(), cursor=cursor,
+                                 repository_def=repo, resources=dict(defs.resources)) as ctx:
+        result = repo.get_sensor_def(FASHION.sensor_name).evaluate_tick(ctx)
+    for req in result.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+    return result
+
+
+def run_requested(defs, instance, request):
+    job = defs.resolve_job_def(request.job_name or FASHION.retrain_job_name)
+    return job.execute_in_process(
+        instance=instance, partition_key=request.partition_key, tags=request.tags, raise_on_error=False,
+        run_config={"ops": {"fashion_mnist__model": {"config": TRAIN}}},
+    )
+
+
+def rollout_after(defs, instance, retrain):
+    """What the daemon does: evaluate the run-status sensor on the finished retrain run, then run its request."""
+    repo = defs.get_repository_def()
+    sensor = repo.get_sensor_def(f"{FASHION.name}_rollout_sensor")
+    run = instance.get_run_by_id(retrain.run_id)
+    event = next(e for e in retrain.all_events if e.event_type_value == "PIPELINE_SUCCESS")
+    ctx = dg.build_run_status_sensor_context(
+        sensor_name=sensor.name, dagster_event=event, dagster_instance=instance, dagster_run=run,
+        repository_def=repo)
+    request = sensor(ctx)
+    assert isinstance(request, dg.RunRequest)
+    job = defs.resolve_job_def(f"{FASHION.name}_rollout")
+    return job.execute_in_process(
+        instance=instance, tags=request.tags, raise_on_error=False,
+        run_config={"ops": {"fashion_mnist__champion": {"config": GATE}}},
+    )
+
+
+def test_new_tag_retrains_promotes_and_serves_then_bad_tag_is_stopped(loop):
+    pub, defs, instance, url = loop
+    sensor_def = defs.get_repository_def().get_sensor_def(f"{FASHION.name}_rollout_sensor")
+    assert [j.name for j in sensor_def.monitored_jobs] == [FASHION.retrain_job_name]
+
+    v1 = pub.publish("fashion-mnist", "1.0.0", *noisy_version())
+    first = tick(defs, instance, None)
+    (request,) = first.run_requests
+    retrain = run_requested(defs, instance, request)
+    assert retrain.success
+    assert rollout_after(defs, instance, retrain).success
+    info = _get(f"{url}/info")
+    assert info["data_version"] == v1.tag and info["dvc_commit"] == v1.commit
+    assert info["dagster_run_id"] == retrain.run_id
+
+    v2 = pub.publish("fashion-mnist", "1.1.0", *image_version(n_train=320, n_val=80, seed=3))
+    second = tick(defs, instance, first.cursor)
+    assert [r.partition_key for r in second.run_requests] == [v2.tag]
+    retrain = run_requested(defs, instance, second.run_requests[0])
+    assert retrain.success
+    rollout = rollout_after(defs, instance, retrain)
+    assert rollout.success, [(e.check_name, e.passed) for e in rollout.get_asset_check_evaluations()]
+    info = _get(f"{url}/info")
+    assert info["data_version"] == v2.tag and info["model_version"] in ("2", 2)
+    pred = urllib.request.Request(f"{url}/predict", data=json.dumps({"images": [[0] * 784]}).encode(),
+                                  headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(pred, timeout=30) as resp:
+        assert json.loads(resp.read())["data_version"] == v2.tag
+
+    bad_tables, metadata = image_version(n_train=320, n_val=80, seed=4)
+    hot = bad_tables["train"].column("image").to_pylist()
+    hot[0][0] = 300
+    bad_tables["train"] = bad_tables["train"].set_column(
+        0, "image", pa.array(hot, type=pa.list_(pa.int64())))
+    v3 = pub.publish("fashion-mnist", "1.2.0", bad_tables, metadata)
+    third = tick(defs, instance, second.cursor)
+    retrain = run_requested(defs, instance, third.run_requests[0])
+    assert not retrain.success
+    checks = {e.check_name: e.passed for e in retrain.get_asset_check_evaluations()}
+    assert checks == {"schema": False}
+    # the rollout sensor only answers successful retrain runs, and the endpoint still serves v1.1.0
+    assert _get(f"{url}/info")["data_version"] == v2.tag
+    assert v3.tag not in json.dumps(_get(f"{url}/info"))
