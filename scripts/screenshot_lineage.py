@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,10 +126,12 @@ def wait_until_loaded(server: Webserver, timeout: float = 150) -> None:
                 return
             else:
                 last = f"location {LOCATION!r} is {entry['loadStatus']}"
-        except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, json.JSONDecodeError) as exc:
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError) as exc:
             last = f"{type(exc).__name__}: {exc}"
         time.sleep(1)
-    raise TimeoutError(f"webserver at {server.url} not ready after {timeout:.0f}s ({last}):\n{server.log_tail()}")
+    raise TimeoutError(
+        f"webserver at {server.url} not ready after {timeout:.0f}s ({last}):\n{server.log_tail()}"
+    )
 
 
 def start_webserver(tmp: Path | None = None, port: int | None = None, timeout: float = 150) -> Webserver:
@@ -157,11 +160,18 @@ def start_webserver(tmp: Path | None = None, port: int | None = None, timeout: f
     log = open(log_path, "wb")
     cmd = [str(VENV_BIN / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
     proc = subprocess.Popen(
-        cmd, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        cmd,
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
     log.close()
-    server = Webserver(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, tmp=tmp, owns_tmp=owns_tmp)
+    server = Webserver(
+        url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, tmp=tmp, owns_tmp=owns_tmp
+    )
     try:
         wait_until_loaded(server, timeout=timeout)
     except BaseException:
@@ -209,7 +219,7 @@ def find_chromium() -> str:
 class DevTools:
     """A headless Chromium and one page, driven over the DevTools protocol (websocket-client)."""
 
-    def __init__(self, width: int, height: int, timeout: float = 60):
+    def __init__(self, width: int, height: int, scale: float = 1.0, timeout: float = 60):
         import websocket  # websocket-client, in requirements.lock
 
         self.profile = Path(tempfile.mkdtemp(prefix="ocm-chromium-"))
@@ -248,7 +258,7 @@ class DevTools:
                     pages = [t for t in json.loads(resp.read()) if t.get("type") == "page"]
                 if pages:
                     ws_url = pages[0]["webSocketDebuggerUrl"]
-            except (urllib.error.URLError, ConnectionError, socket.timeout):
+            except (TimeoutError, urllib.error.URLError, ConnectionError):
                 pass
             if ws_url is None:
                 time.sleep(0.5)
@@ -259,9 +269,19 @@ class DevTools:
         self._id = 0
         self.send("Page.enable")
         self.send("Runtime.enable")
+        # Before any page script runs: dismiss the UI's "Join the Dagster community" dialog (shown on
+        # localhost until dismissed in this browser profile) and collapse the left navigation to icons, so
+        # the graph gets the width.
+        self.send(
+            "Page.addScriptToEvaluateOnNewDocument",
+            {
+                "source": "try { localStorage.setItem('communityNux', 'true');"
+                " localStorage.setItem('dagster-nav-collapsed', 'true'); } catch (e) {}"
+            },
+        )
         self.send(
             "Emulation.setDeviceMetricsOverride",
-            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+            {"width": width, "height": height, "deviceScaleFactor": scale, "mobile": False},
         )
 
     def send(self, method: str, params: dict | None = None) -> dict:
@@ -317,13 +337,14 @@ def capture(
     expect: list[str],
     width: int = 1600,
     height: int = 1000,
+    scale: float = 1.0,
     timeout: float = 120,
     settle: float = 3.0,
 ) -> dict:
     """Open ``page_url``, wait until every label in ``expect`` is on the page, no spinner shows and the node
     layout is stable for ``settle`` seconds, then write a PNG to ``out``. Returns the last probe."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    browser = DevTools(width, height)
+    browser = DevTools(width, height, scale)
     try:
         browser.send("Page.navigate", {"url": page_url})
         deadline = time.monotonic() + timeout
@@ -331,7 +352,11 @@ def capture(
         while time.monotonic() < deadline:
             time.sleep(1)
             probe = browser.eval(PROBE_JS % json.dumps(expect)) or {}
-            ready = set(probe.get("found", [])) == set(expect) and probe.get("nodes", 0) > 0 and not probe.get("spinners")
+            ready = (
+                set(probe.get("found", [])) == set(expect)
+                and probe.get("nodes", 0) > 0
+                and not probe.get("spinners")
+            )
             if not ready:
                 stable_since, last_fp = None, None
                 continue
@@ -355,10 +380,19 @@ def group_route(group: str) -> str:
     return f"/locations/{REPOSITORY}@{LOCATION}/asset-groups/{group}"
 
 
+def global_route(groups: list[str]) -> str:
+    """``/asset-groups`` with every group box expanded (``?expanded=`` takes the UI's group ids: ``global@global:<group>``,
+    or ``<repo>@<location>:<group>`` behind the per-location feature flag; unknown ids are ignored)."""
+    ids = [f"global@global:{g}" for g in groups] + [f"{REPOSITORY}@{LOCATION}:{g}" for g in groups]
+    return "/asset-groups?expanded=" + urllib.parse.quote(",".join(ids), safe="@:,")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", help="a running Dagster UI (e.g. http://127.0.0.1:3000); default: start one")
-    ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "lineage.png", help="global lineage PNG")
+    ap.add_argument(
+        "--out", type=Path, default=PROJECT_ROOT / "docs" / "lineage.png", help="global lineage PNG"
+    )
     ap.add_argument(
         "--group",
         action="append",
@@ -368,7 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-groups", action="store_true", help="only the global lineage page")
     ap.add_argument("--width", type=int, default=1600)
     ap.add_argument("--height", type=int, default=1000)
-    ap.add_argument("--timeout", type=float, default=150, help="seconds to wait for the webserver and each page")
+    ap.add_argument("--group-height", type=int, default=700, help="window height for the group pages")
+    ap.add_argument(
+        "--scale", type=float, default=2.0, help="device pixel ratio (2: PNG twice the window size)"
+    )
+    ap.add_argument(
+        "--timeout", type=float, default=150, help="seconds to wait for the webserver and each page"
+    )
     args = ap.parse_args(argv)
 
     server = Webserver(url=args.url.rstrip("/")) if args.url else None
@@ -376,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         if server is None:
             print("starting dagster-webserver -w workspace.yaml ...", flush=True)
             server = start_webserver(timeout=args.timeout)
-            print(f"webserver ready at {server.url} ({time.monotonic() - server.started_at:.0f}s)", flush=True)
+            print(
+                f"webserver ready at {server.url} ({time.monotonic() - server.started_at:.0f}s)", flush=True
+            )
         else:
             wait_until_loaded(server, timeout=args.timeout)
 
@@ -386,15 +428,19 @@ def main(argv: list[str] | None = None) -> int:
             by_group.setdefault(n["groupName"], []).append(n["assetKey"]["path"][-1])
         names = sorted({name for names in by_group.values() for name in names})
 
-        probe = capture(f"{server.url}/asset-groups", args.out, names, args.width, args.height, args.timeout)
-        print(f"wrote {args.out} ({server.url}/asset-groups, {probe.get('nodes')} nodes)")
+        route = global_route(sorted(by_group))
+        probe = capture(
+            f"{server.url}{route}", args.out, names, args.width, args.height, args.scale, args.timeout
+        )
+        print(f"wrote {args.out} ({server.url}{route}, {probe.get('nodes')} nodes)")
 
         groups = [] if args.no_groups else (args.groups or sorted(g for g in by_group if g != "default"))
         for group in groups:
             out = args.out.with_name(f"{args.out.stem}_{group}.png")
             route = group_route(group)
+            expect = sorted(set(by_group.get(group, [])))
             probe = capture(
-                f"{server.url}{route}", out, sorted(set(by_group.get(group, []))), args.width, args.height, args.timeout
+                f"{server.url}{route}", out, expect, args.width, args.group_height, args.scale, args.timeout
             )
             print(f"wrote {out} ({server.url}{route}, {probe.get('nodes')} nodes)")
     finally:
