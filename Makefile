@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-slow dev stop lint bench lock clean-state
+.PHONY: install demo test test-slow dev stop lint bench lock clean-state lineage-screenshots
 
 install:
 	@scripts/install.sh
@@ -36,6 +36,11 @@ lint: install
 bench: install
 	@$(PY) benchmarks/load_time.py
 	@$(PY) benchmarks/sensor_tick.py
+
+# Headless Chromium screenshots of the asset lineage into docs/ (installs Debian's chromium).
+lineage-screenshots:
+	@OCM_INSTALL_CHROMIUM=1 scripts/install.sh
+	@$(PY) scripts/screenshot_lineage.py
 
 # Regenerate requirements.lock from requirements.txt (needs the package registry).
 lock:
