@@ -28,8 +28,13 @@ def retrain_job(fam: Family, assets: list[dg.AssetsDefinition]) :
     )
 
 
+def is_training_step(asset: dg.AssetsDefinition) -> bool:
+    """Steps that train (torch): they get the training pod size (and GPUs) under the k8s executor."""
+    return any("pytorch" in spec.kinds for spec in asset.specs)
+
+
 def build_definitions(resources: dict | None = None) -> dg.Definitions:
-    from ocm_resources.env import build_resources
+    from ocm_resources.env import build_executor, build_resources
 
     assets, jobs, sensors = [], [], []
     for fam in FAMILIES:
@@ -44,4 +49,8 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
         jobs=jobs,
         sensors=sensors,
         resources=resources if resources is not None else build_resources(),
+        executor=build_executor(
+            train_ops=[a.op.name for a in assets if is_training_step(a)],
+            other_ops=[a.op.name for a in assets if not is_training_step(a)],
+        ),
     )

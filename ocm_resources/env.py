@@ -86,6 +86,26 @@ def registry_url() -> str:
     return os.environ.get("OCM_REGISTRY_URL") or str(local_paths().registry)
 
 
+#: What ``OCM_ENV=cluster`` cannot run without.
+CLUSTER_REQUIRED = ("OCM_REGISTRY_URL", "MLFLOW_TRACKING_URI", "OCM_CHECKPOINT_PATH")
+#: Variables that hold secrets: resources get them only as ``dg.EnvVar`` (resolved when a step starts, never
+#: stored in the definitions, the run config or the UI). ``MLFLOW_TRACKING_USERNAME`` is passed the same way
+#: but is an identity, not a secret: MLflow records it as each run's ``mlflow.user`` tag.
+SECRET_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+)
+
+
+def _secrets(**fields: str) -> dict[str, Any]:
+    """``{field: dg.EnvVar(var)}`` for each variable that is set; unset ones are left to the default."""
+    import dagster as dg
+
+    return {field: dg.EnvVar(var) for field, var in fields.items() if os.environ.get(var)}
+
+
 def build_resources(env: str | None = None) -> dict[str, Any]:
     """The resources of the code location for one environment (the only place that decides this)."""
     import dagster as dg
@@ -110,7 +130,7 @@ def build_resources(env: str | None = None) -> dict[str, Any]:
             "serve": ServeControl(address="auto", temp_dir=str(paths.ray_temp)),
         }
     if env == "cluster":
-        missing = [v for v in ("OCM_REGISTRY_URL", "MLFLOW_TRACKING_URI", "OCM_CHECKPOINT_PATH") if not os.environ.get(v)]
+        missing = [v for v in CLUSTER_REQUIRED if not os.environ.get(v)]
         if missing:
             raise ConfigurationError(
                 f"OCM_ENV=cluster needs {', '.join(missing)} (see README, 'The cluster path')"
@@ -123,22 +143,32 @@ def build_resources(env: str | None = None) -> dict[str, Any]:
             "ray_cluster": (
                 RayHead(address=dg.EnvVar("RAY_ADDRESS"), keep_alive=True)
                 if ray_address
-                else kuberay_resource(image=os.environ.get("OCM_IMAGE") or None)
+                else kuberay_resource(
+                    kind="cluster" if os.environ.get("OCM_KUBERAY_KIND") == "cluster" else "interactive_job",
+                    namespace=os.environ.get("OCM_RAY_NAMESPACE", "ocm"),
+                    image=os.environ.get("OCM_IMAGE") or None,
+                    auth_secret_name=os.environ.get("OCM_RAY_AUTH_SECRET") or None,
+                    max_workers=int(os.environ.get("OCM_RAY_MAX_WORKERS", "2")),
+                )
             ),
             "mlflow": RemoteMlflow(
                 tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"),
+                registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or None,
+                artifact_location=os.environ.get("OCM_MLFLOW_ARTIFACT_ROOT") or None,
                 env_name=os.environ.get("OCM_MLFLOW_ENV", "prod"),
                 ui_url=os.environ.get("MLFLOW_UI_URL") or None,
-                tracking_token=dg.EnvVar("MLFLOW_TRACKING_TOKEN") if os.environ.get("MLFLOW_TRACKING_TOKEN") else None,
                 docker_image_tag=os.environ.get("OCM_IMAGE_TAG") or None,
+                **_secrets(
+                    tracking_token="MLFLOW_TRACKING_TOKEN",
+                    tracking_username="MLFLOW_TRACKING_USERNAME",
+                    tracking_password="MLFLOW_TRACKING_PASSWORD",
+                ),
             ),
             "checkpoints": CheckpointStorage(
                 base_path=dg.EnvVar("OCM_CHECKPOINT_PATH"),
                 endpoint_override=os.environ.get("OCM_S3_ENDPOINT") or None,
-                access_key_id=dg.EnvVar("AWS_ACCESS_KEY_ID") if os.environ.get("AWS_ACCESS_KEY_ID") else None,
-                secret_access_key=(
-                    dg.EnvVar("AWS_SECRET_ACCESS_KEY") if os.environ.get("AWS_SECRET_ACCESS_KEY") else None
-                ),
+                region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
+                **_secrets(access_key_id="AWS_ACCESS_KEY_ID", secret_access_key="AWS_SECRET_ACCESS_KEY"),
             ),
             # Serve on the long-lived cluster (a RayService's head, or the RAY_ADDRESS cluster)
             "serve": ServeControl(
@@ -148,3 +178,70 @@ def build_resources(env: str | None = None) -> dict[str, Any]:
             ),
         }
     raise ConfigurationError(f"OCM_ENV={env!r} is not one of {', '.join(ENVIRONMENTS)}")
+
+
+EXECUTORS = ("k8s", "multiprocess", "in_process")
+
+
+def _step_requests(cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
+    """A ``dagster-k8s/config``-shaped step pod config: requests = limits for CPU and memory, and GPUs
+    (``nvidia.com/gpu`` limits plus the usual GPU-node toleration) when asked."""
+    requests: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    config: dict[str, Any] = {"container_config": {"resources": {"requests": requests, "limits": limits}}}
+    if gpus > 0:
+        limits["nvidia.com/gpu"] = str(gpus)
+        requests["nvidia.com/gpu"] = str(gpus)
+        config["pod_spec_config"] = {
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        }
+    return config
+
+
+def k8s_executor_config(train_ops: list[str], other_ops: list[str]) -> dict[str, Any]:
+    """Config of dagster-k8s's ``k8s_job_executor`` for the cluster: a pod per step, with requests per
+    step kind from the environment. Training steps (``train_ops``): ``OCM_TRAIN_CPU`` (default 2),
+    ``OCM_TRAIN_MEMORY`` (8Gi), ``OCM_TRAIN_GPUS`` (0; set it when training runs in the step pod, i.e.
+    ``RAY_ADDRESS=local`` — with KubeRay the GPUs belong to the Ray worker group). Other steps:
+    ``OCM_STEP_CPU`` (500m), ``OCM_STEP_MEMORY`` (2Gi). ``OCM_MAX_CONCURRENT_STEPS`` bounds pods per run."""
+    try:
+        gpus = int(os.environ.get("OCM_TRAIN_GPUS", "0") or 0)
+    except ValueError:
+        raise ConfigurationError(
+            f"OCM_TRAIN_GPUS={os.environ['OCM_TRAIN_GPUS']!r} is not a whole number of GPUs"
+        ) from None
+    train = _step_requests(
+        os.environ.get("OCM_TRAIN_CPU", "2"), os.environ.get("OCM_TRAIN_MEMORY", "8Gi"), gpus
+    )
+    light = _step_requests(os.environ.get("OCM_STEP_CPU", "500m"), os.environ.get("OCM_STEP_MEMORY", "2Gi"))
+    config: dict[str, Any] = {
+        "step_k8s_config": light,
+        "per_step_k8s_config": {op: train for op in sorted(train_ops)}
+        | {op: light for op in sorted(other_ops)},
+    }
+    if os.environ.get("OCM_MAX_CONCURRENT_STEPS"):
+        config["max_concurrent"] = int(os.environ["OCM_MAX_CONCURRENT_STEPS"])
+    return config
+
+
+def build_executor(
+    env: str | None = None, train_ops: list[str] | None = None, other_ops: list[str] | None = None
+) -> Any | None:
+    """The executor of the code location: None (Dagster's default, a process per step) for ``local``; for
+    ``cluster`` dagster-k8s's ``k8s_job_executor`` (a Kubernetes Job per step, requests per step kind, see
+    :func:`k8s_executor_config`), unless ``OCM_EXECUTOR`` says ``multiprocess`` or ``in_process``."""
+    env = env or ocm_env()
+    if env == "local":
+        return None
+    choice = os.environ.get("OCM_EXECUTOR", "k8s").strip() or "k8s"
+    if choice not in EXECUTORS:
+        raise ConfigurationError(f"OCM_EXECUTOR={choice!r} is not one of {', '.join(EXECUTORS)}")
+    import dagster as dg
+
+    if choice == "multiprocess":
+        return dg.multiprocess_executor
+    if choice == "in_process":
+        return dg.in_process_executor
+    from dagster_k8s import k8s_job_executor
+
+    return k8s_job_executor.configured(k8s_executor_config(list(train_ops or []), list(other_ops or [])))

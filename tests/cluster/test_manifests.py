@@ -1,0 +1,253 @@
+"""deploy/, dagster_cloud.yaml and workspace.yaml: they parse, and they agree with each other and with the
+code on the image, the module, the ports, the Ray version, the Serve applications and the settings."""
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ocm_assets.families import FAMILIES
+from tests.cluster.helpers import (
+    DEPLOY,
+    IMAGE_REPOSITORY,
+    MODULE,
+    ROOT,
+    SECRETS,
+    load_docs,
+    lock_versions,
+    manifests,
+    set_env,
+    walk,
+)
+
+HELM_VALUES = DEPLOY / "helm" / "dagster-values.yaml"
+PORTS = {"dagster": 3000, "grpc": 3030, "serve": 8000, "dashboard": 8265, "gcs": 6379, "client": 10001,
+         "mlflow": 5000, "minio": 9000}
+
+
+@pytest.fixture(scope="module")
+def objects():
+    return manifests()
+
+
+@pytest.fixture(scope="module")
+def values():
+    (doc,) = load_docs(HELM_VALUES)
+    return doc
+
+
+@pytest.fixture(scope="module")
+def config(objects):
+    return objects[("ConfigMap", "ocm-config")]["data"]
+
+
+def containers(obj):
+    return [c for group in walk(obj, "containers") for c in group]
+
+
+def ports_of(container):
+    return {p["containerPort"]: p.get("name") for p in container.get("ports", [])}
+
+
+def ocm_image_tag(values):
+    return values["dagster-user-deployments"]["deployments"][0]["image"]["tag"]
+
+
+def test_every_file_parses_into_kubernetes_objects(objects):
+    files = sorted(p.relative_to(DEPLOY).as_posix() for p in DEPLOY.rglob("*.yaml"))
+    assert {"helm/dagster-values.yaml", "kuberay/raycluster-training.yaml",
+            "kuberay/rayservice-endpoints.yaml", "minio.yaml", "mlflow.yaml", "ocm-config.yaml"} <= set(files)
+    kinds = {kind for kind, _ in objects}
+    assert {"RayCluster", "RayService", "ConfigMap", "Deployment", "Service", "Namespace"} <= kinds
+    for (kind, name), obj in objects.items():
+        assert obj["apiVersion"] and re.fullmatch(r"[a-z0-9-]+", name), (kind, name)
+        if kind != "Namespace":
+            assert obj["metadata"]["namespace"] == "ocm", (kind, name)
+
+
+def test_images_are_ours_and_pinned(objects, values, config):
+    tag = ocm_image_tag(values)
+    ours = f"{IMAGE_REPOSITORY}:{tag}"
+    assert config["OCM_IMAGE"] == ours and config["OCM_IMAGE_TAG"] == tag
+    images = {c["image"] for obj in objects.values() for c in containers(obj)}
+    for image in images:
+        repository, _, version = image.rpartition(":")
+        assert repository and version and version != "latest", f"{image}: pin the image's version"
+        if "ocm" in repository:
+            assert image == ours, f"{image}: every ocm pod runs the code-location image {ours}"
+    ray_pods = containers(objects[("RayCluster", "ocm-training")]) + containers(
+        objects[("RayService", "ocm-endpoints")])
+    assert ray_pods and {c["image"] for c in ray_pods} == {ours}
+    assert {c["image"] for c in containers(objects[("Deployment", "mlflow")])} == {ours}
+
+
+def test_dagster_helm_values(values):
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    assert values["dagster-user-deployments"]["enabled"] is True
+    assert deployment["name"] == "ocm"
+    assert deployment["image"]["repository"] == IMAGE_REPOSITORY
+    assert deployment["dagsterApiGrpcArgs"] == ["-m", MODULE]
+    assert importlib.util.find_spec(MODULE) is not None
+    assert deployment["port"] == PORTS["grpc"]
+    assert deployment["includeConfigInLaunchedRuns"] == {"enabled": True}
+    assert {"name": "OCM_ENV", "value": "cluster"} in deployment["env"]
+    assert deployment["envConfigMaps"] == [{"name": "ocm-config"}]
+    assert {s["name"] for s in deployment["envSecrets"]} == {"ocm-s3", "ocm-mlflow"}
+    launcher = values["runLauncher"]
+    assert launcher["type"] == "K8sRunLauncher"
+    assert launcher["config"]["k8sRunLauncher"]["envConfigMaps"] == deployment["envConfigMaps"]
+    assert launcher["config"]["k8sRunLauncher"]["envSecrets"] == deployment["envSecrets"]
+    assert values["postgresql"]["enabled"] is True and values["postgresql"]["service"]["port"] == 5432
+    assert "postgresqlPassword" not in values["postgresql"]  # set with --set at install, never committed
+    assert values["dagsterWebserver"]["service"]["port"] == PORTS["dagster"]
+    assert values["dagsterDaemon"]["enabled"] is True
+
+
+def test_image_tag_matches_the_package_version(values):
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert ocm_image_tag(values) == version
+
+
+def test_raycluster_for_training(objects, config):
+    cluster = objects[("RayCluster", "ocm-training")]
+    spec = cluster["spec"]
+    assert spec["rayVersion"] == lock_versions()["ray"]
+    (head,) = spec["headGroupSpec"]["template"]["spec"]["containers"]
+    assert ports_of(head) == {PORTS["gcs"]: "gcs-server", PORTS["dashboard"]: "dashboard",
+                              PORTS["client"]: "client"}
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "gpu"}
+    for group in groups.values():
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    (gpu,) = groups["gpu"]["template"]["spec"]["containers"]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # the code location trains on this cluster: RAY_ADDRESS names its head service and GCS port
+    assert config["RAY_ADDRESS"] == f"ocm-training-head-svc.ocm.svc.cluster.local:{PORTS['gcs']}"
+    for container in containers(cluster):
+        assert {"secretRef": {"name": "ocm-s3"}} in container["envFrom"]
+
+
+def test_rayservice_serves_both_families_with_importable_builders(objects, config):
+    from ray import serve
+
+    service = objects[("RayService", "ocm-endpoints")]
+    assert service["spec"]["rayClusterConfig"]["rayVersion"] == lock_versions()["ray"]
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve_config["http_options"]["port"] == PORTS["serve"]
+    apps = {app["name"]: app for app in serve_config["applications"]}
+    assert set(apps) == {fam.name for fam in FAMILIES} == {"fashion_mnist", "tweet_sentiment"}
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert ports_of(head) == {PORTS["gcs"]: "gcs-server", PORTS["dashboard"]: "dashboard",
+                              PORTS["client"]: "client", PORTS["serve"]: "serve"}
+    assert config["OCM_SERVE_RAY_ADDRESS"] == f"ocm-endpoints-head-svc.ocm.svc.cluster.local:{PORTS['gcs']}"
+    assert config["OCM_SERVE_PORT"] == str(PORTS["serve"])
+
+    for fam in FAMILIES:
+        app = apps[fam.name]
+        assert app["route_prefix"] == f"/{fam.name}"
+        args = app["args"]
+        assert args["kind"] == fam.kind
+        assert args["model_uri"] == f"models:/{config['OCM_MLFLOW_ENV']}.{fam.dataset}-classifier@champion"
+        assert args["tracking_uri"] == config["MLFLOW_TRACKING_URI"]
+        assert args["registry_url"] == config["OCM_REGISTRY_URL"]
+        module, _, attr = app["import_path"].partition(":")
+        builder = getattr(importlib.import_module(module), attr)
+        application = builder(dict(args))  # what Serve does with import_path + args
+        assert isinstance(application, serve.Application)
+        deployment = application._bound_deployment
+        assert deployment.name == {"image": "ImageClassifier", "text": "TextClassifier"}[fam.kind]
+        user_config = deployment.user_config
+        assert user_config["model_uri"] == args["model_uri"] and "num_replicas" not in user_config
+        assert deployment.num_replicas == args["num_replicas"]
+        assert deployment.max_ongoing_requests == args["max_ongoing_requests"]
+
+
+def test_entrypoint_refuses_the_wrong_kind():
+    from ocm_ml.serve.entrypoints import image_app
+
+    with pytest.raises(ValueError, match="kind='image'"):
+        image_app({"kind": "text"})
+
+
+def test_mlflow_and_minio_services(objects, config):
+    mlflow_service = objects[("Service", "mlflow")]
+    assert [p["port"] for p in mlflow_service["spec"]["ports"]] == [PORTS["mlflow"]]
+    assert config["MLFLOW_TRACKING_URI"] == f"http://mlflow.ocm.svc.cluster.local:{PORTS['mlflow']}"
+    (server,) = containers(objects[("Deployment", "mlflow")])
+    args = server["command"] + server["args"]
+    assert args[:2] == ["mlflow", "server"] and f"--port={PORTS['mlflow']}" in args
+    assert "--artifacts-destination=s3://ocm-mlflow/artifacts" in args
+    assert any(a.startswith("--backend-store-uri=postgresql://") and "$(POSTGRES_PASSWORD)" in a for a in args)
+    assert ports_of(server) == {PORTS["mlflow"]: "http"}
+
+    minio = objects[("Service", "minio")]
+    assert PORTS["minio"] in [p["port"] for p in minio["spec"]["ports"]]
+    assert config["OCM_S3_ENDPOINT"] == f"http://minio.ocm.svc.cluster.local:{PORTS['minio']}"
+    buckets = " ".join(containers(objects[("Job", "minio-buckets")])[0]["args"])
+    for bucket in ("ocm-checkpoints", "ocm-dvc", "ocm-mlflow"):
+        assert f"ocm/{bucket}" in buckets
+    assert config["OCM_CHECKPOINT_PATH"].startswith("s3://ocm-checkpoints/")
+
+
+def test_config_map_builds_the_cluster_resources(monkeypatch, config):
+    from ocm_resources.env import CLUSTER_REQUIRED, SECRET_VARS, build_resources
+
+    assert config["OCM_ENV"] == "cluster"
+    assert set(CLUSTER_REQUIRED) <= set(config)
+    assert not set(SECRET_VARS) & set(config), "secrets belong in Secrets, not in the ConfigMap"
+    set_env(monkeypatch, dict(config))
+    resources = build_resources()  # OCM_ENV from the ConfigMap
+    assert type(resources["ray_cluster"]).__name__ == "RayHead"
+    assert type(resources["mlflow"]).__name__ == "RemoteMlflow"
+    assert resources["registry"].remote == config["OCM_DVC_REMOTE"] == "s3remote"
+
+
+def test_no_secret_values_are_committed():
+    texts = [p.read_text() for p in DEPLOY.rglob("*.yaml")]
+    texts += [(ROOT / name).read_text() for name in ("dagster_cloud.yaml", "workspace.yaml", "Dockerfile")]
+    for text in texts:
+        for value in SECRETS.values():
+            assert value not in text
+        assert not re.search(r"(?i)(password|secret_access_key|token)\s*[:=]\s*[\"']?[A-Za-z0-9/+]{8,}", text)
+        assert "kind: Secret" not in text  # Secrets are created with kubectl (README), not committed
+
+
+def test_dagster_cloud_yaml_is_valid_and_points_at_the_module():
+    from dagster_cloud_cli.commands.ci.checks import check_dagster_cloud_yaml
+    from dagster_cloud_cli.config.models import load_dagster_cloud_yaml
+    from dagster_k8s.container_context import K8sContainerContext
+
+    path = ROOT / "dagster_cloud.yaml"
+    result = check_dagster_cloud_yaml(path)
+    assert result.errors == []
+    (location,) = load_dagster_cloud_yaml(path.read_text()).locations
+    assert location.location_name == "ocm"
+    assert location.code_source.module_name == MODULE
+    assert location.build.registry == IMAGE_REPOSITORY
+    assert (ROOT / location.build.directory / "Dockerfile").is_file()
+    context = K8sContainerContext.create_from_config(location.container_context)  # raises when invalid
+    run_container = context.run_k8s_config.container_config  # what run and step pods get
+    assert run_container["env_from"] == [
+        {"config_map_ref": {"name": "ocm-config"}},
+        {"secret_ref": {"name": "ocm-s3"}},
+        {"secret_ref": {"name": "ocm-mlflow"}},
+    ]
+    assert {"name": "OCM_ENV", "value": "cluster"} in run_container["env"]
+    assert context.namespace == "ocm"
+
+
+def test_workspace_yaml_is_valid_and_points_at_the_module():
+    from dagster._core.workspace.config_schema import ensure_workspace_config
+
+    path = ROOT / "workspace.yaml"
+    workspace = yaml.safe_load(path.read_text())
+    ensure_workspace_config(workspace, str(path))  # raises on an invalid workspace
+    (entry,) = workspace["load_from"]
+    assert entry["python_module"]["module_name"] == MODULE
+    assert entry["python_module"]["location_name"] == "ocm"
+    assert Path(ROOT / entry["python_module"]["working_directory"]).resolve() == ROOT
