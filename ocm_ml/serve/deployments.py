@@ -262,12 +262,14 @@ def build_app(
     autoscaling_config: dict[str, Any] | None = None,
     ray_actor_options: dict[str, Any] | None = None,
     max_queued_requests: int = -1,
+    version: str | None = None,
 ) -> serve.Application:
     """The Serve application of one family kind ("image" or "text").
 
     ``user_config`` is validated here (so a typo fails on the driver) and again on each replica.
     ``max_ongoing_requests`` bounds a replica's batch: keep it >= ``max_batch_size``.
-    With ``autoscaling_config``, ``num_replicas`` is ignored.
+    With ``autoscaling_config``, ``num_replicas`` is ignored. ``version`` pins the code version (default:
+    :func:`code_version`); :func:`reconfigure` passes the running one so that it never restarts replicas.
     """
     if kind not in DEPLOYMENTS:
         raise ValueError(f"kind must be one of {sorted(DEPLOYMENTS)}, got {kind!r}")
@@ -291,7 +293,7 @@ def build_app(
     # Serve gives every `serve.run` a random code version, which replaces the replicas even when only the
     # user_config changed. A version derived from the code lets a user_config change reach the live
     # replicas through `reconfigure` (the hot reload); `Deployment.options(version=...)` was removed.
-    deployment._version = code_version()
+    deployment._version = version or code_version()
     return deployment.bind()
 
 
@@ -375,6 +377,10 @@ def reconfigure(
         ray_actor_options=dep_config.get("ray_actor_options"),
         max_queued_requests=dep_config.get("max_queued_requests", -1),
     )
+    from ray.serve.context import _get_global_client
+
+    # The running code version, not the one on disk: a reconfigure changes the config, never the code.
+    options["version"] = _get_global_client().get_deployment_info(dep["name"], name)[0].version
     route_prefix = app.get("route_prefix") or f"/{name}"
     deploy(build_app(kind, new_user_config, **options), name, route_prefix)
     replicas = max(1, int(dep.get("target_num_replicas") or options["num_replicas"]))

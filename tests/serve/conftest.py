@@ -39,6 +39,11 @@ CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 LABEL_MAP = {"0": "negative", "1": "neutral", "2": "positive"}
 
 
+# The test apps reserve a sliver of a CPU each, so that other tests can deploy their own apps on the same
+# 2-CPU Ray (a replica that cannot be scheduled waits forever).
+TEST_ACTOR_OPTIONS = {"num_cpus": 0.1}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -170,7 +175,7 @@ def image_url(serve_http, serve_env):
     from ocm_ml.serve.deployments import build_app, deploy
 
     deploy(build_app("image", serve_env.user_config("image", f"models:/{IMAGE_MODEL}/1"),
-                     max_ongoing_requests=64), "fashion_mnist")
+                     max_ongoing_requests=64, ray_actor_options=TEST_ACTOR_OPTIONS), "fashion_mnist")
     url = f"{serve_http}/fashion_mnist"
     wait_healthy(url)
     return url
@@ -181,7 +186,8 @@ def text_url(serve_http, serve_env):
     from ocm_ml.serve.deployments import build_app, deploy
 
     deploy(build_app("text", serve_env.user_config("text", f"models:/{TEXT_MODEL}/1", max_batch=16,
-                                                   max_text_length=50)), "tweet_sentiment")
+                                                   max_text_length=50), ray_actor_options=TEST_ACTOR_OPTIONS),
+           "tweet_sentiment")
     url = f"{serve_http}/tweet_sentiment"
     wait_healthy(url)
     return url

@@ -10,7 +10,6 @@ import pytest
 from tests.serve.conftest import CLASSES, IMAGE_MODEL
 
 
-
 def image(first_pixel: float = 100.0, square: bool = False) -> list:
     flat = [first_pixel] + [0.0] * 783
     return [flat[r * 28 : (r + 1) * 28] for r in range(28)] if square else flat

@@ -15,26 +15,26 @@ from schemathesis.generation import GenerationMode
 MAX_EXAMPLES = 25
 
 
-def fuzz(url: str) -> tuple[int, list[str]]:
+def _fuzzer(operation, mode: GenerationMode, url: str, record: list):
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    def call(case):
+        response = case.call(base_url=url, timeout=30)
+        record.append((f"{operation.label} [{mode.value}]", response.status_code,
+                       f"{response.text[:200]} for {case.body!r:.200}"))
+
+    return call
+
+
+def fuzz(url: str) -> list[tuple[str, int, str]]:
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
-    calls, failures = 0, []
+    record: list[tuple[str, int, str]] = []
     for result in schema.get_all_operations():
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-
-            @given(case=operation.as_strategy(generation_mode=mode))
-            @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
-                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-            def call(case):
-                nonlocal calls
-                response = case.call(base_url=url, timeout=30)
-                calls += 1
-                if response.status_code >= 500:
-                    failures.append(f"{operation.label} [{mode.value}] -> {response.status_code}: "
-                                    f"{response.text[:200]} for {case.body!r:.200}")
-
             try:
-                call()
+                _fuzzer(operation, mode, url, record)()
             except schemathesis.errors.InvalidSchema:
                 raise
             except Exception as exc:  # e.g. no way to make a negative example for a parameterless GET
@@ -42,12 +42,16 @@ def fuzz(url: str) -> tuple[int, list[str]]:
                     raise
                 if "Unsatisfiable" not in type(exc).__name__ and "negative" not in str(exc).lower():
                     raise
-    return calls, failures
+    return record
 
 
 @pytest.mark.parametrize("family", ["image", "text"])
 def test_no_server_errors(family, request):
     url = request.getfixturevalue(f"{family}_url")
-    calls, failures = fuzz(url)
-    assert calls >= 2 * MAX_EXAMPLES
+    record = fuzz(url)
+    assert len(record) >= 2 * MAX_EXAMPLES
+    predict = [status for label, status, _ in record if label.startswith("POST /predict")]
+    assert 200 in predict, "no valid /predict request was generated"
+    assert any(400 <= status < 500 for status in predict), "no invalid /predict request was generated"
+    failures = [f"{label} -> {status}: {detail}" for label, status, detail in record if status >= 500]
     assert not failures, "\n".join(failures[:10])

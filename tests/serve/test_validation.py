@@ -13,9 +13,9 @@ FLAT = [0.0] * 784
 SQUARE = [[0] * 28 for _ in range(28)]
 
 
-def images_error(payload, limits=Limits(), raw=None) -> InputError:
+def images_error(payload, limits=None, raw=None) -> InputError:
     with pytest.raises(InputError) as info:
-        validate_images(payload, limits, raw=raw)
+        validate_images(payload, limits or Limits(), raw=raw)
     assert 400 <= info.value.status_code < 500
     return info.value
 

@@ -1,0 +1,119 @@
+"""The adaptive batcher: no wait at low load, batches grow while the model is busy, errors reach every caller."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ocm_ml.serve.batching import AdaptiveBatcher
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_single_request_runs_alone_and_at_once():
+    calls = []
+
+    async def fn(items):
+        calls.append(list(items))
+        return [x * 2 for x in items]
+
+    async def main():
+        batcher = AdaptiveBatcher(fn, max_batch_size=8)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert await batcher.submit(21) == 42
+        return loop.time() - t0
+
+    assert run(main()) < 0.05
+    assert calls == [[21]]
+
+
+def test_batches_form_while_the_model_is_busy():
+    calls = []
+
+    async def fn(items):
+        calls.append(list(items))
+        await asyncio.sleep(0.05)  # the "forward pass"
+        return [x + 1 for x in items]
+
+    async def main():
+        batcher = AdaptiveBatcher(fn, max_batch_size=4)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.01)  # the model is now busy with [0]
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 7)]
+        return await asyncio.gather(first, *rest), batcher.stats()
+
+    results, stats = run(main())
+    assert results == list(range(1, 8))
+    assert calls == [[0], [1, 2, 3, 4], [5, 6]]  # capped at max_batch_size, in arrival order
+    assert stats["batches"] == 3 and stats["items"] == 7
+
+
+def test_wait_timeout_fills_a_batch():
+    calls = []
+
+    async def fn(items):
+        calls.append(list(items))
+        return items
+
+    async def main():
+        batcher = AdaptiveBatcher(fn, max_batch_size=3, batch_wait_timeout_s=0.2)
+        futures = []
+        for i in range(3):
+            futures.append(asyncio.ensure_future(batcher.submit(i)))
+            await asyncio.sleep(0.01)
+        return await asyncio.gather(*futures)
+
+    assert run(main()) == [0, 1, 2]
+    assert calls == [[0, 1, 2]]
+
+
+def test_errors_reach_every_caller_and_the_batcher_recovers():
+    async def fn(items):
+        if "boom" in items:
+            raise RuntimeError("model failed")
+        return items
+
+    async def main():
+        batcher = AdaptiveBatcher(fn, max_batch_size=4, batch_wait_timeout_s=0.05)
+        bad = await asyncio.gather(batcher.submit("a"), batcher.submit("boom"), return_exceptions=True)
+        good = await batcher.submit("b")
+        return bad, good
+
+    bad, good = run(main())
+    assert all(isinstance(e, RuntimeError) for e in bad)
+    assert good == "b"
+
+
+def test_cancelled_requests_are_dropped():
+    calls = []
+
+    async def fn(items):
+        calls.append(list(items))
+        await asyncio.sleep(0.02)
+        return items
+
+    async def main():
+        batcher = AdaptiveBatcher(fn, max_batch_size=8)
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.005)
+        gone = asyncio.ensure_future(batcher.submit(2))
+        kept = asyncio.ensure_future(batcher.submit(3))
+        await asyncio.sleep(0)
+        gone.cancel()
+        return await first, await kept
+
+    assert run(main()) == (1, 3)
+    assert calls == [[1], [3]]
+
+
+def test_settings_can_change_live():
+    batcher = AdaptiveBatcher(lambda items: items, max_batch_size=2)
+    batcher.set_max_batch_size(16)
+    batcher.set_batch_wait_timeout_s(0.01)
+    assert (batcher.max_batch_size, batcher.batch_wait_timeout_s) == (16, 0.01)
+    with pytest.raises(TypeError):
+        batcher.set_max_batch_size(None)
