@@ -3,7 +3,6 @@
 
 import json
 import time
-from typing import Any
 
 import dagster as dg
 from dagster_ray import RayResource

@@ -1,9 +1,9 @@
 """Dataset and preprocessing assets materialized in-process against a real temporary registry."""
 
+import dagster as dg
 import numpy as np
 import pyarrow as pa
 import pytest
-import dagster as dg
 
 from ocm_assets.build import family_assets
 from ocm_assets.data import dataset_key, preprocessing_key

@@ -12,7 +12,6 @@ import pytest
 
 from ocm_assets.build import build_definitions
 from ocm_assets.families import family
-from ocm_ml import sources
 from ocm_resources.mlflow import LocalMlflow
 from ocm_resources.ray import RayHead
 from ocm_resources.serve_control import ServeControl

@@ -1,0 +1,111 @@
+"""fashion_mnist/model: 2-worker DDP on Ray Train, in-process, against a temporary registry and MLflow."""
+
+import re
+
+import dagster as dg
+import pytest
+
+from ocm_assets.build import family_assets
+from ocm_assets.families import family
+from ocm_assets.training import model_key
+from ocm_resources.mlflow import LocalMlflow
+from ocm_resources.ray import RayHead
+from ocm_resources.storage import CheckpointStorage
+from tests.registry_helpers import image_split, image_version, new_registry
+
+FASHION = family("fashion_mnist")
+QUICK = {"num_workers": 2, "cpus_per_worker": 1, "batch_size": 32, "epochs": 2, "learning_rate": 2e-3}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("train")
+    pub, reg = new_registry(root)
+    tables, metadata = image_version(n_train=320, n_val=80)
+    v1 = pub.publish("fashion-mnist", "1.0.0", tables, metadata)
+    resources = {
+        "registry": reg,
+        "ray_cluster": RayHead(keep_alive=True),
+        "mlflow": LocalMlflow(home=str(root), env_name="test"),
+        "checkpoints": CheckpointStorage(base_path=str(root / "ray-results")),
+    }
+    return pub, reg, v1, resources
+
+
+def materialize(resources, tag, config, instance=None):
+    instance = instance or dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(FASHION.partitions_name, [tag])
+    return dg.materialize(
+        family_assets(FASHION), partition_key=tag, resources=resources, instance=instance,
+        run_config={"ops": {"fashion_mnist__model": {"config": config}}}, raise_on_error=False,
+    )
+
+
+def test_ddp_materialization_logs_registers_and_predicts(stack):
+    import mlflow
+
+    pub, reg, v1, resources = stack
+    instance = dg.DagsterInstance.ephemeral()
+    result = materialize(resources, v1.tag, QUICK, instance)
+    assert result.success
+    mat = next(e.materialization for e in result.get_asset_materialization_events()
+               if e.asset_key == model_key(FASHION))
+    md = {k: v.value for k, v in mat.metadata.items()}
+    assert md["workers"] == 2 and md["val_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    assert md["registered_model"] == "test.fashion-mnist-classifier" and md["registered_version"] == 1
+    assert md["images_per_second"] > 0 and md["checkpoint_path"]
+    assert "data:image/png;base64," in md["training_curve"]
+    assert len(md["history"]) == 2
+
+    # per-epoch progress reached the Dagster run log while training ran
+    logs = [e.user_message for e in instance.all_logs(result.run_id)]
+    epoch_lines = [m for m in logs if re.match(r"epoch \d+: .*val_accuracy=", m)]
+    assert len(epoch_lines) == 2, logs
+
+    client = resources["mlflow"].configure()
+    run = client.get_run(md["mlflow_run_id"])
+    for key in ("dvc_data_version", "dvc_commit", "dagster_run_id", "dagster_partition", "docker_image_tag",
+                "code_version"):
+        assert run.data.tags[key], key
+    assert run.data.tags["dvc_data_version"] == v1.tag and run.data.tags["dvc_commit"] == v1.commit
+    assert run.data.tags["dagster_run_id"] == result.run_id
+    assert run.data.params["num_workers"] == "2"
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert len(history) >= 2
+    assert "training_curve.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    version = client.get_model_version("test.fashion-mnist-classifier", "1")
+    assert version.tags["data_version"] == v1.tag
+
+    loaded = mlflow.pytorch.load_model("models:/test.fashion-mnist-classifier/1")
+    import torch
+
+    images = image_split(5, 42).images
+    from ocm_ml.vision.model import normalize_pixels
+
+    meta = reg.read_metadata(v1)["normalization"]
+    with torch.inference_mode():
+        logits = loaded(normalize_pixels(torch.from_numpy(images), meta["mean"], meta["std"]))
+    assert tuple(logits.shape) == (5, 10)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"num_workers": 0}, "num_workers"),
+    ({"num_workers": 2, "cpus_per_worker": 4}, "CPU"),
+])
+def test_bad_configuration_fails_fast(stack, config, message):
+    _, _, v1, resources = stack
+    result = materialize(resources, v1.tag, config)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    text = failure.step_failure_data.error.to_string()
+    assert message in text and "ValueError" in text
+
+
+def test_unknown_partition_is_refused(stack):
+    _, _, _, resources = stack
+    from ocm_resources.registry import RegistryError
+
+    instance = dg.DagsterInstance.ephemeral()
+    with pytest.raises((dg.DagsterUnknownPartitionError, RegistryError, Exception), match="fashion-mnist-v7.0.0"):
+        dg.materialize(family_assets(FASHION), partition_key="fashion-mnist-v7.0.0", resources=resources,
+                       instance=instance)
