@@ -28,19 +28,26 @@ def _isolated_ocm_home(tmp_path_factory):
         os.environ["OCM_HOME"] = old
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One in-process Ray for the whole session (2 CPUs, small object store, no dashboard), shared by every
-    test that needs Ray. `address="local"` ignores a head left behind by a killed `ray start`."""
+def init_local_ray():
+    """The session's in-process Ray: 4 logical CPUs on the 2 cores (2 training workers and Serve replicas
+    must fit at once, as on the `make dev` head), a small object store, no dashboard. `address="local"`
+    ignores a head left behind by a killed `ray start`."""
     import ray
 
     if not ray.is_initialized():
         ray.init(
             address="local",
-            num_cpus=2,
+            num_cpus=4,
             include_dashboard=False,
             object_store_memory=512 * 1024**2,
             log_to_driver=False,
         )
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One in-process Ray shared by every test that needs Ray (see init_local_ray)."""
+    ray = init_local_ray()
     yield ray
     ray.shutdown()

@@ -36,12 +36,17 @@ def closed_port() -> int:
 
 @pytest.fixture
 def no_ray():
-    """Each test starts from (and leaves) a process without Ray."""
+    """Each test starts from a process without Ray; the session's shared Ray (if it ran) comes back after."""
     import ray
 
+    from tests.conftest import init_local_ray
+
+    had_ray = ray.is_initialized()
     ray.shutdown()
     yield
     ray.shutdown()
+    if had_ray:
+        init_local_ray()
 
 
 @dg.asset
