@@ -49,17 +49,25 @@ def main() -> int:
     stages["sensor tick"] = time.perf_counter() - t
     (request,) = tick.run_requests
     t = time.perf_counter()
-    retrain, _, _ = run_job(defs, instance, fam.retrain_job_name, partition=request.partition_key,
+    retrain, trained, _ = run_job(defs, instance, fam.retrain_job_name, partition=request.partition_key,
                             tags=request.tags, run_config=demo_config(fam, False, args.epochs))
     stages["retrain (validate, preprocess, DDP train, register)"] = time.perf_counter() - t
+    model = trained.get(f"{fam.name}/model")
+    if model is not None:
+        print(f"  val accuracy {model.metadata['val_accuracy'].value:.4f} on {model.metadata['train_rows'].value} "
+              f"training rows, {model.metadata['images_per_second'].value:.0f} images/s")
     if not retrain.success:
         print("retrain failed")
         return 1
     t = time.perf_counter()
-    run_job(defs, instance, f"{fam.name}_rollout")
+    _, rollout, _ = run_job(defs, instance, f"{fam.name}_rollout")
     tag = f"{fam.dataset}-v{args.version}"
-    while http(f"{url}/info").get("data_version") != tag and time.perf_counter() - t < 600:
-        time.sleep(1)
+    champion = rollout.get(f"{fam.name}/champion")
+    if champion is not None and champion.metadata["decision"].value != "promoted":
+        print("  the gate kept the current champion:", champion.metadata["reasons"].value)
+    else:
+        while http(f"{url}/info").get("data_version") != tag and time.perf_counter() - t < 600:
+            time.sleep(1)
     stages["rollout (gate, reconfigure, checks) until /info shows it"] = time.perf_counter() - t
     cursors[fam.name] = tick.cursor
     cursors_file.write_text(json.dumps(cursors))
