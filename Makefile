@@ -9,6 +9,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export RAY_DATA_DISABLE_PROGRESS_BARS := 1
 
 .PHONY: install demo test test-slow dev stop lint bench lock clean-state lineage-screenshots
 

@@ -179,10 +179,15 @@ def log_vision_model(network):
 
     with torch.inference_mode():
         out = network(torch.from_numpy(example)).numpy()
+    import torchvision
+
     return mlflow.pytorch.log_model(
         network,
         name="model",
         signature=infer_signature(example, out),
         input_example=example,
         serialization_format="pickle",
+        # explicit: MLflow's requirement inference spawns a process that imports the whole model stack
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                          f"torchvision=={torchvision.__version__.split('+')[0]}"],
     )
