@@ -50,7 +50,9 @@ def main() -> int:
     (request,) = tick.run_requests
     t = time.perf_counter()
     retrain, trained, _ = run_job(defs, instance, fam.retrain_job_name, partition=request.partition_key,
-                            tags=request.tags, run_config=demo_config(fam, False, args.epochs))
+                            tags={**request.tags, "dagster/run_key": request.run_key,
+                                  "dagster/sensor_name": fam.sensor_name},
+                            run_config=demo_config(fam, False, args.epochs))
     stages["retrain (validate, preprocess, DDP train, register)"] = time.perf_counter() - t
     model = trained.get(f"{fam.name}/model")
     if model is not None:

@@ -161,8 +161,11 @@ def main() -> int:
             print(f"  {fam.sensor_name}: {tick.skip_message}")
         for req in tick.run_requests:
             print(f"  {fam.sensor_name} requested run_key {req.run_key}")
+            # The run carries the sensor's run key and name, as a daemon-launched run would: when `make dev`
+            # starts the daemon later, its sensor sees this request as already done.
+            tags = {**req.tags, "dagster/run_key": req.run_key, "dagster/sensor_name": fam.sensor_name}
             result, mats, took = run_job(defs, instance, fam.retrain_job_name, partition=req.partition_key,
-                                         tags=req.tags, run_config=demo_config(fam, args.quick, epochs))
+                                         tags=tags, run_config=demo_config(fam, args.quick, epochs))
             timings[f"{req.partition_key} retrain"] = took
             model = mats.get(f"{fam.name}/model")
             if result.success:
