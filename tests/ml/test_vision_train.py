@@ -24,6 +24,7 @@ from ocm_ml.vision.train import (
     EPOCH_KEYS,
     ImageBatchCollate,
     TrainSettings,
+    aggregate_worker_metrics,
     checkpoint_file,
     pixels_from_arrow,
     train_fashion_mnist,
@@ -161,6 +162,19 @@ def test_predictor_shapes_and_validation():
             predictor.predict(bad)
 
 
+def test_aggregate_worker_metrics_averages_every_worker():
+    base = {"epoch": 3, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 2.0, "val_accuracy": 0.25}
+    record = aggregate_worker_metrics(
+        [
+            {**base, "images_per_second": 300.0, "train_images": 160.0, "step": 5},
+            {**base, "val_accuracy": 0.75, "images_per_second": 100.0, "train_images": 160.0, "step": 5},
+        ]
+    )
+    assert record["epoch"] == 3 and isinstance(record["epoch"], int)
+    assert record["val_accuracy"] == 0.5 and record["images_per_second"] == 200.0
+    assert set(record) == {*EPOCH_KEYS, "train_images"}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Real distributed training
 # ------------------------------------------------------------------------------------------------------------
@@ -271,3 +285,57 @@ def test_training_that_keeps_failing_raises_runtime_error(ray_local, data, tmp_p
     message = str(info.value)
     assert "doomed" in message and "max_failures=0" in message
     assert "died" in message.lower() or "error" in message.lower()  # Ray's own text is included
+
+
+@pytest.fixture
+def s3_bucket():
+    """A real S3 endpoint (moto's server on a free local port) with one bucket; yields a pyarrow S3FileSystem."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+    from pyarrow import fs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        s3 = fs.S3FileSystem(
+            access_key="testing",
+            secret_key="testing",
+            region="us-east-1",
+            endpoint_override=f"http://127.0.0.1:{port}",
+            scheme="http",
+            allow_bucket_creation=True,
+        )
+        s3.create_dir("ocm")
+        yield s3
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_training_reads_and_checkpoints_on_s3(ray_local, data, s3_bucket):
+    from pyarrow.fs import copy_files
+
+    for split in ("train", "val"):
+        copy_files(data[split], f"ocm/data/{split}.parquet", destination_filesystem=s3_bucket)
+
+    result = train_fashion_mnist(
+        "s3://ocm/data/train.parquet",
+        "s3://ocm/data/val.parquet",
+        MEAN,
+        STD,
+        TrainSettings(num_workers=2, batch_size=32, epochs=1),
+        storage_path="ocm/results",
+        run_name="on-s3",
+        storage_filesystem=s3_bucket,
+    )
+
+    assert result.checkpoint_path.startswith("ocm/results/on-s3/")
+    info = s3_bucket.get_file_info(f"{result.checkpoint_path}/checkpoint.ckpt")
+    assert info.size > 10_000_000  # the ResNet18 weights and optimizer state
+    predictor = ImagePredictor(result.load_model(), MEAN, STD, CLASS_NAMES)
+    class_ids, _ = predictor.predict(data["val_images"])
+    assert abs(float((class_ids == data["val_labels"]).mean()) - result.val_accuracy) < 0.02

@@ -1,0 +1,230 @@
+"""Training throughput: Ray Train DDP (N workers) vs a bare single-process PyTorch loop, same model and data.
+
+    .venv/bin/python benchmarks/ddp_vs_single.py                 # defaults: 4,096 rows, batch 128, 2 epochs
+    .venv/bin/python benchmarks/ddp_vs_single.py --rows 12000 --epochs 3 --batch-size 256
+
+Both sides train the 1-channel ResNet18 (``ocm_ml.vision.model``) with Adam on the same synthetic 28x28
+images, normalized the same way, with the same per-step batch size (DDP: per worker, so its global batch is
+N times larger). Images/s counts training only (data loading included, validation excluded), from an epoch's
+start to its last batch; the first epoch is a warm-up and is reported but left out of the comparison when
+there are two or more.
+
+- "single": one process, a plain loop over in-memory numpy batches, once per thread count in
+  ``--single-threads`` (default 1 and every core); the comparison uses the faster one.
+- "ray ddp": ``ocm_ml.vision.train.train_fashion_mnist`` itself (Ray Data streaming + Lightning + RayDDPStrategy),
+  ``--workers`` workers x 1 CPU, on a local Ray with as many CPUs as the machine has.
+
+The machine's load average is printed beside each figure: on a shared machine, compare runs only at similar load
+(``--wait-load 1.5`` waits for a quiet moment). Under oversubscription torch's multi-threaded kernels collapse
+(OpenMP threads spin waiting for descheduled peers), which flatters DDP's single-threaded workers; the CPU
+ms/img column is the load-robust view of each side's cost per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MEAN, STD = 0.2, 0.3
+
+
+def single_process(
+    train_path: str, batch_size: int, epochs: int, lr: float, threads: int, seed: int
+) -> list[float]:
+    import pyarrow.parquet as pq
+    import torch
+    from torch.nn import functional as F
+
+    from ocm_ml.vision.model import build_resnet18, normalize_pixels
+    from ocm_ml.vision.train import pixels_from_arrow
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    table = pq.read_table(train_path)
+    pixels = pixels_from_arrow(table.column("image"))
+    labels = table.column("label").to_numpy()
+    model = build_resnet18(10).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    rates, cpu_ms = [], []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        cpu_start = time.process_time()
+        images = 0
+        for i in range(0, len(labels), batch_size):
+            x = normalize_pixels(torch.from_numpy(pixels[i : i + batch_size].astype("float32")), MEAN, STD)
+            y = torch.from_numpy(labels[i : i + batch_size].astype("int64"))
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            images += len(y)
+        rates.append(images / (time.perf_counter() - start))
+        cpu_ms.append(1000 * (time.process_time() - cpu_start) / images)
+    return rates, cpu_ms[-1]
+
+
+def ray_ddp(train_path: str, val_path: str, batch_size: int, epochs: int, lr: float, workers: int, seed: int):
+    import ray
+
+    from ocm_ml.vision.train import TrainSettings, train_fashion_mnist
+
+    cpu_at_epoch: list[float] = []
+
+    def on_epoch(record: dict) -> None:
+        cpu_at_epoch.append(worker_cpu_seconds())
+
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        object_store_memory=512 * 1024**2,
+        log_to_driver=False,
+    )
+    try:
+        with tempfile.TemporaryDirectory() as storage:
+            result = train_fashion_mnist(
+                train_path,
+                val_path,
+                MEAN,
+                STD,
+                TrainSettings(
+                    num_workers=workers,
+                    cpus_per_worker=1,
+                    batch_size=batch_size,
+                    epochs=epochs,
+                    learning_rate=lr,
+                    seed=seed,
+                    max_failures=0,
+                ),
+                storage_path=storage,
+                run_name="bench-ddp",
+                on_epoch=on_epoch,
+            )
+    finally:
+        ray.shutdown()
+    rows = result.train_rows
+    cpu_ms = (
+        1000 * (cpu_at_epoch[-1] - cpu_at_epoch[0]) / (rows * (len(cpu_at_epoch) - 1))
+        if len(cpu_at_epoch) > 1 and rows
+        else float("nan")
+    )
+    return [h["images_per_second"] for h in result.history], cpu_ms, result
+
+
+def worker_cpu_seconds() -> float:
+    """User+system CPU of this process's Ray Train workers, every thread included."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                times = child.cpu_times()
+                total += times.user + times.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def wait_for_load(threshold: float | None, timeout: float) -> float:
+    """Wait until the 1-minute load average drops below ``threshold`` (or ``timeout`` s pass); returns it."""
+    deadline = time.monotonic() + timeout
+    while threshold is not None and os.getloadavg()[0] >= threshold and time.monotonic() < deadline:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
+def steady(rates: list[float]) -> float:
+    return statistics.mean(rates[1:] if len(rates) > 1 else rates)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=4096, help="training images (default 4096)")
+    parser.add_argument("--val-rows", type=int, default=256)
+    parser.add_argument(
+        "--batch-size", type=int, default=128, help="per step; per worker for DDP (default 128)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=2, help="epochs per side; the first is a warm-up (default 2)"
+    )
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--single-threads",
+        default=f"1,{os.cpu_count()}",
+        help="comma-separated torch thread counts for the single-process side (default 1,<cores>)",
+    )
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-single", action="store_true", help="only run the Ray DDP side")
+    parser.add_argument(
+        "--wait-load",
+        type=float,
+        default=None,
+        help="before each side, wait until the 1-minute load average is below this (shared machines)",
+    )
+    parser.add_argument(
+        "--wait-timeout", type=float, default=600, help="longest wait for --wait-load, seconds"
+    )
+    args = parser.parse_args(argv)
+
+    from ocm_ml.vision.synthetic import write_synthetic_parquet
+
+    sides = []  # (name, global batch, per-epoch img/s, CPU ms per image, load before, load after)
+    with tempfile.TemporaryDirectory() as folder:
+        train_path = write_synthetic_parquet(Path(folder) / "train.parquet", args.rows, seed=args.seed)
+        val_path = write_synthetic_parquet(Path(folder) / "val.parquet", args.val_rows, seed=args.seed + 1)
+        threads = [] if args.skip_single else [int(t) for t in args.single_threads.split(",") if t]
+        for n in threads:
+            load = wait_for_load(args.wait_load, args.wait_timeout)
+            rates, cpu_ms = single_process(train_path, args.batch_size, args.epochs, args.lr, n, args.seed)
+            name = f"single process, {n} torch thread{'s' if n > 1 else ''}"
+            sides.append((name, args.batch_size, rates, cpu_ms, load, os.getloadavg()[0]))
+            print(f"done: {name}: img/s per epoch {[round(r) for r in rates]}, load {load:.1f}", flush=True)
+        load = wait_for_load(args.wait_load, args.wait_timeout)
+        rates, cpu_ms, result = ray_ddp(
+            train_path, val_path, args.batch_size, args.epochs, args.lr, args.workers, args.seed
+        )
+        name = f"ray train ddp, {args.workers} workers x 1 CPU"
+        sides.append((name, args.batch_size * args.workers, rates, cpu_ms, load, os.getloadavg()[0]))
+
+    print()
+    print(
+        f"ResNet18 (1-channel), {args.rows} train images 28x28, {args.epochs} epoch(s), batch {args.batch_size} "
+        f"per process, {os.cpu_count()} cores"
+    )
+    header = (
+        f"{'side':<36} {'global batch':>12} {'img/s per epoch':>16} {'img/s steady':>12} "
+        f"{'CPU ms/img':>10} {'load 1m':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, global_batch, rates, cpu_ms, before, after in sides:
+        per_epoch = " ".join(f"{r:.0f}" for r in rates)
+        print(
+            f"{name:<36} {global_batch:>12} {per_epoch:>16} {steady(rates):>12.0f} {cpu_ms:>10.2f} "
+            f"{before:>5.1f}->{after:<5.1f}"
+        )
+    if len(sides) > 1:
+        ddp = steady(sides[-1][2])
+        best = max(sides[:-1], key=lambda side: steady(side[2]))
+        print(f"\nDDP / best single-process ({best[0]}): {ddp / steady(best[2]):.2f}x")
+    print(
+        "CPU ms/img: single = process CPU in the last epoch; ddp = all worker threads between the first and last "
+        "epoch reports (validation and checkpointing included)."
+    )
+    print(
+        f"DDP run: val_accuracy {result.val_accuracy:.3f}, elapsed {result.elapsed_seconds:.1f} s "
+        "(worker start-up and validation included)"
+    )
+
+
+if __name__ == "__main__":
+    main()
