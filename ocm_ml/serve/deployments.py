@@ -2,7 +2,8 @@
 
 Each replica loads its model bundle once (in ``reconfigure``, from the ``user_config``; see
 :class:`~ocm_ml.serve.loading.ServeConfig` for the keys), serves the FastAPI app of
-:mod:`ocm_ml.serve.app` as its ingress, batches requests dynamically and runs inference under
+:mod:`ocm_ml.serve.app` as its ingress, batches requests dynamically (``batcher="adaptive"``, the
+default, or Ray's ``@serve.batch`` with ``batcher="serve"``) and runs inference under
 ``torch.inference_mode`` in one inference thread, so the event loop keeps parsing requests meanwhile.
 
 Hot reload: a new ``user_config`` reaches the live replicas through ``reconfigure``; the new bundle is
@@ -10,6 +11,14 @@ loaded completely in a loader thread while the old one keeps answering, then swa
 assignment. A batch uses the bundle it started with, so every answer names the model that produced it.
 A failed reload keeps the old model and is reported by ``/health`` (``last_reload_error``) and by
 :func:`reconfigure`, which rolls the user_config back.
+
+Canary / shadow: ``challenger_uri`` loads a second bundle into the same replicas. ``challenger_mode=
+"canary"`` answers ``challenger_share`` of the requests with it (the response's ``model_uri`` says so);
+``"shadow"`` mirrors every batch to it off the request path and reports its agreement with the champion
+in ``/info`` (``serving.challenger``). Same hop, same batching, same hot reload as the champion.
+
+Throughput: start the cluster with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (direct ingress): each replica
+then also answers on its own port, without Serve's Python proxy; :func:`endpoint_urls` lists both.
 
 Usage (on a long-lived cluster, e.g. ``ray start --head``)::
 
@@ -25,6 +34,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -71,6 +81,13 @@ class _Classifier:
             self._run_batch, self.config.max_batch_size, self.config.batch_wait_timeout_s
         )
         self._reload_lock: asyncio.Lock | None = None
+        # Canary / shadow: a second bundle in the same replica (one hop, same batching, same hot reload).
+        self.challenger: ModelBundle | None = None
+        self._challenger_key: tuple[Any, ...] | None = None
+        self._shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ocm-shadow")
+        self._shadow_tasks: set[asyncio.Future] = set()
+        self._rng = random.Random()
+        self.challenger_stats = _new_challenger_stats()
 
     def __serve_build_asgi_app__(self):
         return create_app(self)
@@ -78,30 +95,70 @@ class _Classifier:
     # --- inference ------------------------------------------------------------------------------------
 
     async def infer(self, inputs: Any) -> tuple[ModelBundle, Any, Any]:
-        if self.config.batcher == "serve":
-            return await self._serve_batched(inputs)
-        return await self._adaptive.submit(inputs)
+        role = "champion"
+        config = self.config
+        if (self.challenger is not None and config.challenger_mode == "canary"
+                and self._rng.random() < config.challenger_share):
+            role = "challenger"
+            self.challenger_stats["canary_requests"] += 1
+        if config.batcher == "serve":
+            return await self._serve_batched((role, inputs))
+        return await self._adaptive.submit((role, inputs))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _serve_batched(self, items: list[Any]) -> list[tuple[ModelBundle, Any, Any]]:
         return await self._run_batch(items)
 
-    async def _run_batch(self, items: list[Any]) -> list[tuple[ModelBundle, Any, Any]]:
-        bundle = self.bundle  # one model for the whole batch, even if a reload swaps it meanwhile
-        if bundle is None:
-            raise LoadError("no model is loaded")
-        sizes = [len(x) for x in items]
-        if self.kind == "image":
-            merged = items[0] if len(items) == 1 else np.concatenate(items)
-        else:
-            merged = [t for texts in items for t in texts]
-        loop = asyncio.get_running_loop()
-        first, second = await loop.run_in_executor(self._infer_pool, bundle.predict, merged)
-        out, start = [], 0
-        for n in sizes:
-            out.append((bundle, first[start : start + n], second[start : start + n]))
-            start += n
+    async def _run_batch(self, items: list[tuple[str, Any]]) -> list[tuple[ModelBundle, Any, Any]]:
+        """One forward pass per model role in the batch; each request gets the bundle that answered it."""
+        # Snapshot the bundles: a reload may swap them while this batch computes.
+        bundles = {"champion": self.bundle, "challenger": self.challenger}
+        shadow = bundles["challenger"] if self.config.challenger_mode == "shadow" else None
+        out: list[Any] = [None] * len(items)
+        for role in ("champion", "challenger"):
+            idx = [i for i, (r, _) in enumerate(items) if r == role]
+            if not idx:
+                continue
+            bundle = bundles[role] or bundles["champion"]
+            if bundle is None:
+                raise LoadError("no model is loaded")
+            parts = [items[i][1] for i in idx]
+            merged = self._merge(parts)
+            loop = asyncio.get_running_loop()
+            first, second = await loop.run_in_executor(self._infer_pool, bundle.predict, merged)
+            start = 0
+            for i, part in zip(idx, parts, strict=True):
+                out[i] = (bundle, first[start : start + len(part)], second[start : start + len(part)])
+                start += len(part)
+            if role == "champion" and shadow is not None:
+                self._shadow(shadow, merged, first)
         return out
+
+    def _merge(self, parts: list[Any]) -> Any:
+        if self.kind == "image":
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return [t for texts in parts for t in texts]
+
+    def _shadow(self, challenger: ModelBundle, merged: Any, champion_answers: Any) -> None:
+        """Mirror a batch to the challenger off the request path; record agreement, never answer with it."""
+        stats = self.challenger_stats
+        if len(self._shadow_tasks) >= 4:  # the challenger lags: drop mirrored work, not requests
+            stats["shadow_skipped"] += len(champion_answers)
+            return
+
+        def run() -> None:
+            try:
+                answers, _ = challenger.predict(merged)
+                same = sum(1 for a, b in zip(list(answers), list(champion_answers), strict=True) if a == b)
+                stats["shadow_items"] += len(answers)
+                stats["shadow_agreements"] += same
+            except Exception as exc:
+                stats["shadow_errors"] += 1
+                stats["shadow_last_error"] = f"{type(exc).__name__}: {exc}"
+
+        future = asyncio.get_running_loop().run_in_executor(self._shadow_pool, run)
+        self._shadow_tasks.add(future)
+        future.add_done_callback(self._shadow_tasks.discard)
 
     # --- configuration --------------------------------------------------------------------------------
 
@@ -116,10 +173,11 @@ class _Classifier:
 
             torch.set_num_threads(config.torch_threads)
 
-    async def _needs_load(self, config: ServeConfig) -> bool:
+    async def _needs_load(self, config: ServeConfig, current: ModelBundle | None,
+                          current_key: tuple[Any, ...] | None) -> bool:
         if config.model_uri is None:
             return False
-        if self.bundle is None or config.model_key() != self.config.model_key():
+        if current is None or config.model_key() != current_key:
             return True
         if "@" not in config.model_uri:
             return False
@@ -131,7 +189,13 @@ class _Classifier:
             return resolve_model(config.model_uri, client).model_version
 
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._load_pool, _version) != self.bundle.resolved.model_version
+        return await loop.run_in_executor(self._load_pool, _version) != current.resolved.model_version
+
+    async def _load(self, config: ServeConfig) -> ModelBundle:
+        t0 = time.perf_counter()
+        bundle = await asyncio.get_running_loop().run_in_executor(self._load_pool, load_bundle, config)
+        logger.info("loaded %s (%s) in %.1fs", config.model_uri, bundle.data_version, time.perf_counter() - t0)
+        return bundle
 
     def _reject(self, user_config: Any, reason: str) -> None:
         self.last_reload_error = reason
@@ -155,19 +219,24 @@ class _Classifier:
                 return
             self._apply_serving(config)
             bundle = self.bundle if config.model_uri is not None else None
+            challenger_config = config.challenger_config()
+            challenger = self.challenger if challenger_config is not None else None
             try:
-                if await self._needs_load(config):
-                    loop = asyncio.get_running_loop()
-                    t0 = time.perf_counter()
-                    bundle = await loop.run_in_executor(self._load_pool, load_bundle, config)
-                    logger.info("loaded %s (%s) in %.1fs", config.model_uri, bundle.data_version,
-                                time.perf_counter() - t0)
+                if await self._needs_load(config, self.bundle, self.config.model_key()):
+                    bundle = await self._load(config)
+                if challenger_config is not None and await self._needs_load(
+                        challenger_config, self.challenger, self._challenger_key):
+                    challenger = await self._load(challenger_config)
             except Exception as exc:
                 if self.bundle is None:
                     raise
                 self._reject(user_config, f"{type(exc).__name__}: {exc}")
                 return
-            self.bundle = bundle  # the swap: one reference assignment
+            if challenger is not self.challenger:
+                self.challenger_stats = _new_challenger_stats()
+            # The swap: reference assignments, no await in between.
+            self.bundle, self.challenger = bundle, challenger
+            self._challenger_key = challenger_config.model_key() if challenger_config else None
             self.config = config
             self.last_reload_error = None
             self.applied_hash = config_hash(user_config)
@@ -188,6 +257,20 @@ class _Classifier:
             "torch_threads": torch.get_num_threads(),
             "replica_id": _replica_id(),
             **({"batches": batcher} if batcher else {}),
+            **({"challenger": self.challenger_info()} if self.challenger is not None else {}),
+        }
+
+    def challenger_info(self) -> dict[str, Any]:
+        challenger, stats = self.challenger, dict(self.challenger_stats)
+        items = stats["shadow_items"]
+        return {
+            "mode": self.config.challenger_mode,
+            "share": self.config.challenger_share if self.config.challenger_mode == "canary" else 0.0,
+            "model_uri": challenger.model_uri if challenger else None,
+            "model_version": challenger.resolved.model_version if challenger else None,
+            "data_version": challenger.data_version if challenger else None,
+            **stats,
+            "shadow_agreement": round(stats["shadow_agreements"] / items, 4) if items else None,
         }
 
     def health_details(self) -> dict[str, Any]:
@@ -201,6 +284,11 @@ class _Classifier:
             "config_revision": self.applied_hash,
             "failed_revision": self.failed_hash,
         }
+
+
+def _new_challenger_stats() -> dict[str, Any]:
+    return {"canary_requests": 0, "shadow_items": 0, "shadow_agreements": 0, "shadow_skipped": 0,
+            "shadow_errors": 0, "shadow_last_error": None}
 
 
 def _replica_id() -> str | None:

@@ -22,7 +22,7 @@ import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,6 +37,7 @@ from ocm_ml.serve.validation import (
 
 KINDS = ("image", "text")
 BATCHERS = ("adaptive", "serve")
+CHALLENGER_MODES = ("canary", "shadow")
 TAG_RE = re.compile(r"^(?P<dataset>[a-z0-9][a-z0-9._-]*?)-v(?P<version>\d+\.\d+\.\d+)$")
 LINEAGE_TAGS = ("dvc_data_version", "dvc_commit", "dagster_run_id", "dagster_partition", "docker_image_tag",
                 "code_version")
@@ -57,6 +58,11 @@ class ServeConfig:
     ``"adaptive"`` forms a batch when the model is free, ``"serve"`` is Ray's ``@serve.batch``),
     ``torch_threads`` (intra-op threads of the replica; Ray sets 1 for a ``num_cpus=1`` replica),
     ``warmup`` (run a forward pass at load).
+
+    Challenger keys: ``challenger_uri`` (a second model, same registries), ``challenger_mode``
+    (``"canary"``: a ``challenger_share`` of the requests is answered by it, and the answer names it;
+    ``"shadow"``: every batch is mirrored to it off the request path and only its agreement with the
+    champion is recorded, in /info ``serving.challenger``).
     """
 
     kind: str = "image"
@@ -72,6 +78,9 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.0
     torch_threads: int | None = None
     warmup: bool = True
+    challenger_uri: str | None = None
+    challenger_mode: str = "canary"
+    challenger_share: float = 0.0
 
     MODEL_KEYS = ("kind", "model_uri", "tracking_uri", "registry_uri", "registry_url")
 
@@ -89,6 +98,12 @@ class ServeConfig:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.batch_wait_timeout_s < 0:
             raise ValueError(f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
+        if self.challenger_mode not in CHALLENGER_MODES:
+            raise ValueError(f"challenger_mode must be one of {CHALLENGER_MODES}, got {self.challenger_mode!r}")
+        if not 0.0 <= self.challenger_share <= 1.0:
+            raise ValueError(f"challenger_share must be within 0-1, got {self.challenger_share}")
+        if self.challenger_uri is not None and self.model_uri is None:
+            raise ValueError("challenger_uri needs a model_uri (the champion) too")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
         self.limits  # noqa: B018 - validates the limits
@@ -107,6 +122,12 @@ class ServeConfig:
         return Limits(
             max_batch=self.max_batch, max_text_length=self.max_text_length, max_body_bytes=self.max_body_bytes
         )
+
+    def challenger_config(self) -> ServeConfig | None:
+        """The challenger's own config (same registries and settings), or None."""
+        if self.challenger_uri is None:
+            return None
+        return replace(self, model_uri=self.challenger_uri, challenger_uri=None)
 
     def model_key(self) -> tuple[Any, ...]:
         return tuple(getattr(self, k) for k in self.MODEL_KEYS)

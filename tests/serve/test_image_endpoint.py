@@ -16,17 +16,17 @@ def image(first_pixel: float = 100.0, square: bool = False) -> list:
 
 
 def test_root_health_info(image_url):
-    root = httpx.get(f"{image_url}/").json()
+    root = httpx.get(f"{image_url}/", timeout=30).json()
     assert set(root) == {"service", "version", "status", "docs", "health"}
     assert root["docs"] == "/fashion_mnist/docs" and root["health"] == "/fashion_mnist/health"
-    assert httpx.get(f"{image_url}{root['docs'].removeprefix('/fashion_mnist')}").status_code == 200
+    assert httpx.get(f"{image_url}{root['docs'].removeprefix('/fashion_mnist')}", timeout=30).status_code == 200
 
-    health = httpx.get(f"{image_url}/health").json()
+    health = httpx.get(f"{image_url}/health", timeout=30).json()
     assert health["status"] == "healthy" and health["model_loaded"] is True
     assert health["model_uri"] == f"models:/{IMAGE_MODEL}/1"
     assert health["uptime_seconds"] > 0
 
-    info = httpx.get(f"{image_url}/info").json()
+    info = httpx.get(f"{image_url}/info", timeout=30).json()
     assert info["model_uri"] == f"models:/{IMAGE_MODEL}/1"
     assert info["model_version"] == "1" and info["run_id"]
     assert info["data_version"] == "fashion-mnist-v1.0.0" and info["dataset"] == "fashion-mnist"
@@ -101,12 +101,12 @@ def test_service_still_answers_after_bad_inputs(image_url):
         httpx.post(f"{image_url}/predict", json=payload, timeout=30)
     r = httpx.post(f"{image_url}/predict", json={"images": [image(255.0)]}, timeout=30)
     assert r.status_code == 200 and r.json()["predictions"][0]["class_id"] == 0
-    assert httpx.get(f"{image_url}/health").status_code == 200
+    assert httpx.get(f"{image_url}/health", timeout=30).status_code == 200
 
 
 def test_wrong_method_and_path(image_url):
-    assert httpx.get(f"{image_url}/predict").status_code == 405
-    assert httpx.get(f"{image_url}/nope").status_code == 404
+    assert httpx.get(f"{image_url}/predict", timeout=30).status_code == 405
+    assert httpx.get(f"{image_url}/nope", timeout=30).status_code == 404
 
 
 def test_direct_ingress_serves_the_same_contract(image_url):

@@ -30,7 +30,7 @@ def test_hot_reload_under_load(image_url):
     from ocm_ml.serve.deployments import endpoint_urls, reconfigure
 
     before = endpoint_urls("fashion_mnist")
-    replica_before = httpx.get(f"{image_url}/info").json()["serving"]["replica_id"]
+    replica_before = httpx.get(f"{image_url}/info", timeout=30).json()["serving"]["replica_id"]
     stop, results, direct_results = threading.Event(), [], []
     clients = [threading.Thread(target=_hammer, args=(image_url, stop, results)),
                threading.Thread(target=_hammer, args=(before["direct"][0], stop, direct_results))]
@@ -56,11 +56,11 @@ def test_hot_reload_under_load(image_url):
         assert class_id == (0 if uri.endswith("/1") else 7)
     assert everything[-1][1].endswith("/2")
 
-    info = httpx.get(f"{image_url}/info").json()
+    info = httpx.get(f"{image_url}/info", timeout=30).json()
     assert info["model_uri"] == f"models:/{IMAGE_MODEL}/2" and info["model_version"] == "2"
     assert info["data_version"] == "fashion-mnist-v1.1.0"
     assert info["normalization_params"] == {"mean": 0.25, "std": 0.5}
-    assert httpx.get(f"{image_url}/health").json()["model_uri"] == f"models:/{IMAGE_MODEL}/2"
+    assert httpx.get(f"{image_url}/health", timeout=30).json()["model_uri"] == f"models:/{IMAGE_MODEL}/2"
     # In place: same replica, same direct-ingress port.
     assert info["serving"]["replica_id"] == replica_before
     assert endpoint_urls("fashion_mnist") == before
@@ -71,13 +71,19 @@ def test_hot_reload_under_load(image_url):
     MlflowClient().set_registered_model_alias(IMAGE_MODEL, "champion", "1")
     status = reconfigure("fashion_mnist", {"model_uri": f"models:/{IMAGE_MODEL}@champion"})
     assert status["model_version"] == "1"
-    assert httpx.get(f"{image_url}/info").json()["model_version"] == "1"
+    assert httpx.get(f"{image_url}/info", timeout=30).json()["model_version"] == "1"
+    # The alias moves: the same URI reloads to what it names now.
+    MlflowClient().set_registered_model_alias(IMAGE_MODEL, "champion", "2")
+    assert reconfigure("fashion_mnist", {"model_uri": f"models:/{IMAGE_MODEL}@champion",
+                                         "max_batch": 999})["model_version"] == "2"
+    # Leave the session's app as the other tests expect it.
+    reconfigure("fashion_mnist", {"model_uri": f"models:/{IMAGE_MODEL}/1", "max_batch": 1000})
 
 
 def test_failed_reload_keeps_serving_and_rolls_back(image_url):
     from ocm_ml.serve.deployments import ReloadError, reconfigure
 
-    uri = httpx.get(f"{image_url}/health").json()["model_uri"]
+    uri = httpx.get(f"{image_url}/health", timeout=30).json()["model_uri"]
     with pytest.raises(ReloadError, match="99"):
         reconfigure("fashion_mnist", {"model_uri": f"models:/{IMAGE_MODEL}/99"}, timeout_s=120)
     health = wait_healthy(image_url)

@@ -11,7 +11,7 @@ from tests.serve.conftest import LABEL_MAP, TEXT_MODEL
 
 
 def test_text_contract(text_url):
-    info = httpx.get(f"{text_url}/info").json()
+    info = httpx.get(f"{text_url}/info", timeout=30).json()
     assert info["label_map"] == LABEL_MAP and info["data_version"] == "tweet-sentiment-v1.0.0"
     assert info["model_version"] == "1"
     r = httpx.post(f"{text_url}/predict", json={"texts": ["a good day", "rain again"]}, timeout=30)
