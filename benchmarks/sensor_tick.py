@@ -40,7 +40,9 @@ def main():
             f"create refs/tags/fashion-mnist-v2.{i // 100}.{i % 100} HEAD\n" for i in range(args.tags - 1)
         )
         subprocess.run(["git", "update-ref", "--stdin"], input=refs, text=True, cwd=pub.root, check=True)
-        repo = build_definitions(resources={"registry": reg}).get_repository_def()
+        from ocm_resources.env import build_resources
+
+        repo = build_definitions(resources={**build_resources("local"), "registry": reg}).get_repository_def()
         sensor = repo.get_sensor_def(fam.sensor_name)
 
         def tick(cursor):

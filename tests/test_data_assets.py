@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ocm_assets.build import family_assets
+from ocm_assets.data import build_dataset_asset, build_preprocessing_asset
 from ocm_assets.data import dataset_key, preprocessing_key
 from ocm_assets.families import family
 from ocm_ml import sources
@@ -19,7 +19,7 @@ def run(fam, registry, tag, instance=None):
     instance = instance or dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(fam.partitions_name, [tag])
     result = dg.materialize(
-        family_assets(fam), partition_key=tag, resources={"registry": registry}, instance=instance,
+        [build_dataset_asset(fam), build_preprocessing_asset(fam)], partition_key=tag, resources={"registry": registry}, instance=instance,
         raise_on_error=False,
     )
     mats = {e.asset_key: e.materialization for e in result.get_asset_materialization_events()}

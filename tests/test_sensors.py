@@ -7,6 +7,7 @@ import dagster as dg
 import pytest
 
 from ocm_assets.build import build_definitions
+from ocm_resources.env import build_resources
 from ocm_assets.families import family
 from tests.registry_helpers import image_version, new_registry
 
@@ -21,7 +22,7 @@ def instance():
 
 def tick(registry, instance, cursor=None):
     """One sensor evaluation, then what the daemon does with its partition requests."""
-    repo = build_definitions(resources={"registry": registry}).get_repository_def()
+    repo = build_definitions(resources={**build_resources("local"), "registry": registry}).get_repository_def()
     sensor = repo.get_sensor_def(FASHION.sensor_name)
     with dg.build_sensor_context(
         cursor=cursor, instance=instance, instance_ref=instance.get_ref(), repository_def=repo,

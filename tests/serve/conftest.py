@@ -26,6 +26,12 @@ import pytest
 
 # Read by Ray Serve at import and by the cluster processes at start: set before either happens.
 os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+# Direct-ingress replicas take ports from a range; keep the test cluster's range away from the one a
+# `make dev` head on this machine uses (30000-31000), so `make test` works while `make dev` runs.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "32000")
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "33000")
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "42000")
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT", "43000")
 # Direct-ingress replicas wait 30 s on shutdown for load balancers to drain; tests have none.
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
