@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

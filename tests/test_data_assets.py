@@ -5,8 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ocm_assets.data import build_dataset_asset, build_preprocessing_asset
-from ocm_assets.data import dataset_key, preprocessing_key
+from ocm_assets.data import build_dataset_asset, build_preprocessing_asset, dataset_key, preprocessing_key
 from ocm_assets.families import family
 from ocm_ml import sources
 from tests.registry_helpers import LABEL_MAP, image_split, image_version, new_registry, text_version

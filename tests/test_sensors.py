@@ -7,8 +7,8 @@ import dagster as dg
 import pytest
 
 from ocm_assets.build import build_definitions
-from ocm_resources.env import build_resources
 from ocm_assets.families import family
+from ocm_resources.env import build_resources
 from tests.registry_helpers import image_version, new_registry
 
 FASHION = family("fashion_mnist")
