@@ -33,11 +33,11 @@ def is_training_step(asset: dg.AssetsDefinition) -> bool:
     return any("pytorch" in spec.kinds for spec in asset.specs)
 
 
-def build_definitions(resources: dict | None = None) -> dg.Definitions:
+def build_definitions(resources: dict | None = None, families: tuple[Family, ...] = FAMILIES) -> dg.Definitions:
     from ocm_resources.env import build_executor, build_resources
 
     assets, jobs, sensors = [], [], []
-    for fam in FAMILIES:
+    for fam in families:
         fam_assets = family_assets(fam)
         job = retrain_job(fam, fam_assets)
         rollout = serving.rollout_job(fam)

@@ -11,14 +11,15 @@ import pyarrow as pa
 import pytest
 
 from ocm_assets.build import build_definitions
-from ocm_assets.families import family
+from ocm_assets.families import Family
 from ocm_resources.mlflow import LocalMlflow
 from ocm_resources.ray import RayHead
 from ocm_resources.serve_control import ServeControl
 from ocm_resources.storage import CheckpointStorage
 from tests.registry_helpers import image_version, new_registry
 
-FASHION = family("fashion_mnist")
+# An image family of its own (route /fashion_mnist_loop), so this test never touches other tests' apps.
+FASHION = Family("fashion_mnist_loop", "fashion-mnist", "image", "e2e loop test family")
 TRAIN = {"num_workers": 2, "batch_size": 32, "epochs": 2, "learning_rate": 3e-3, "seed": 0}
 GATE = {"floor": 0.0, "margin": 0.01}
 
@@ -41,7 +42,7 @@ def noisy_version():
 def loop(tmp_path_factory, serve_http):
     from ray import serve
 
-    serve.delete(FASHION.name)  # the route /fashion_mnist belongs to this test from here on
+    serve.delete(FASHION.name)  # a left-over app of an interrupted run
     root = tmp_path_factory.mktemp("loop")
     pub, reg = new_registry(root)
     resources = {
@@ -51,9 +52,15 @@ def loop(tmp_path_factory, serve_http):
         "checkpoints": CheckpointStorage(base_path=str(root / "ray-results")),
         "serve": ServeControl(address=None, http_port=int(serve_http.rsplit(":", 1)[1])),
     }
-    defs = build_definitions(resources=resources)
+    defs = build_definitions(resources=resources, families=(FASHION,))
+    import mlflow
+
+    tracking, registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     with dg.instance_for_test() as instance:
         yield pub, defs, instance, f"{serve_http}/{FASHION.name}"
+    serve.delete(FASHION.name)
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(registry)
 
 
 def tick(defs, instance, cursor):
@@ -70,7 +77,7 @@ def run_requested(defs, instance, request):
     job = defs.resolve_job_def(request.job_name or FASHION.retrain_job_name)
     return job.execute_in_process(
         instance=instance, partition_key=request.partition_key, tags=request.tags, raise_on_error=False,
-        run_config={"ops": {"fashion_mnist__model": {"config": TRAIN}}},
+        run_config={"ops": {f"{FASHION.name}__model": {"config": TRAIN}}},
     )
 
 
@@ -88,7 +95,7 @@ def rollout_after(defs, instance, retrain):
     job = defs.resolve_job_def(f"{FASHION.name}_rollout")
     return job.execute_in_process(
         instance=instance, tags=request.tags, raise_on_error=False,
-        run_config={"ops": {"fashion_mnist__champion": {"config": GATE}}},
+        run_config={"ops": {f"{FASHION.name}__champion": {"config": GATE}}},
     )
 
 

@@ -33,7 +33,14 @@ def stack(tmp_path_factory, serve_http):
     port = int(serve_http.rsplit(":", 1)[1])
     mlflow = LocalMlflow(home=str(root), env_name="e2e")
     resources = {"mlflow": mlflow, "registry": reg, "serve": ServeControl(address=None, http_port=port)}
-    return tags, mlflow, resources, f"{serve_http}/{FAM.name}"
+    import mlflow as ml
+    from ray import serve
+
+    tracking, registry = ml.get_tracking_uri(), ml.get_registry_uri()
+    yield tags, mlflow, resources, f"{serve_http}/{FAM.name}"
+    serve.delete(FAM.name)
+    ml.set_tracking_uri(tracking)
+    ml.set_registry_uri(registry)
 
 
 def register(mlflow, tag: str, accuracy: float, seed: int) -> str:
