@@ -55,12 +55,13 @@ def loop(tmp_path_factory, serve_http):
     defs = build_definitions(resources=resources, families=(FASHION,))
     import mlflow
 
-    tracking, registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    tracking = mlflow.get_tracking_uri()
     with dg.instance_for_test() as instance:
         yield pub, defs, instance, f"{serve_http}/{FASHION.name}"
     serve.delete(FASHION.name)
     mlflow.set_tracking_uri(tracking)
-    mlflow.set_registry_uri(registry)
+    mlflow.set_registry_uri(None)  # unset again: later tests register into their own tracking store
+    __import__('os').environ.pop('MLFLOW_REGISTRY_URI', None)
 
 
 def tick(defs, instance, cursor):

@@ -36,11 +36,12 @@ def stack(tmp_path_factory, serve_http):
     import mlflow as ml
     from ray import serve
 
-    tracking, registry = ml.get_tracking_uri(), ml.get_registry_uri()
+    tracking = ml.get_tracking_uri()
     yield tags, mlflow, resources, f"{serve_http}/{FAM.name}"
     serve.delete(FAM.name)
     ml.set_tracking_uri(tracking)
-    ml.set_registry_uri(registry)
+    ml.set_registry_uri(None)  # unset again: later tests register into their own tracking store
+    __import__('os').environ.pop('MLFLOW_REGISTRY_URI', None)
 
 
 def register(mlflow, tag: str, accuracy: float, seed: int) -> str:
