@@ -185,7 +185,7 @@ class _Classifier:
         from mlflow.tracking import MlflowClient
 
         def _version() -> str | None:
-            client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.registry_uri)
+            client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.registry_uri or config.tracking_uri)
             return resolve_model(config.model_uri, client).model_version
 
         loop = asyncio.get_running_loop()

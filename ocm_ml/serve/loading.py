@@ -447,7 +447,7 @@ def load_bundle(config: ServeConfig) -> ModelBundle:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.registry_uri)
+    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.registry_uri or config.tracking_uri)
     resolved = resolve_model(config.model_uri, client)
     tag = resolved.run_tags.get("dvc_data_version")
     if not tag:

@@ -38,6 +38,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# App names of their own: other tests deploy the real families' apps on the same session Serve.
+IMAGE_APP = "serve_tests_images"
+TEXT_APP = "serve_tests_texts"
 IMAGE_MODEL = "test.fashion-mnist-classifier"
 TEXT_MODEL = "test.tweet-sentiment-classifier"
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -181,8 +184,8 @@ def image_url(serve_http, serve_env):
     from ocm_ml.serve.deployments import build_app, deploy
 
     deploy(build_app("image", serve_env.user_config("image", f"models:/{IMAGE_MODEL}/1"),
-                     max_ongoing_requests=64, ray_actor_options=TEST_ACTOR_OPTIONS), "fashion_mnist")
-    url = f"{serve_http}/fashion_mnist"
+                     max_ongoing_requests=64, ray_actor_options=TEST_ACTOR_OPTIONS), IMAGE_APP)
+    url = f"{serve_http}/{IMAGE_APP}"
     wait_healthy(url)
     return url
 
@@ -193,7 +196,7 @@ def text_url(serve_http, serve_env):
 
     deploy(build_app("text", serve_env.user_config("text", f"models:/{TEXT_MODEL}/1", max_batch=16,
                                                    max_text_length=50), ray_actor_options=TEST_ACTOR_OPTIONS),
-           "tweet_sentiment")
-    url = f"{serve_http}/tweet_sentiment"
+           TEXT_APP)
+    url = f"{serve_http}/{TEXT_APP}"
     wait_healthy(url)
     return url

@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from tests.serve.conftest import IMAGE_MODEL
+from tests.serve.conftest import IMAGE_APP, IMAGE_MODEL
 
 PIXEL_255 = {"images": [[255.0] + [0.0] * 783]}  # v1 answers class 0, v2 always class 7
 V1, V2 = f"models:/{IMAGE_MODEL}/1", f"models:/{IMAGE_MODEL}/2"
@@ -31,24 +31,24 @@ def test_canary_then_shadow_then_off(image_url):
     from ocm_ml.serve.deployments import reconfigure
 
     try:
-        reconfigure("fashion_mnist", {"model_uri": V1, "challenger_uri": V2, "challenger_mode": "canary",
+        reconfigure(IMAGE_APP, {"model_uri": V1, "challenger_uri": V2, "challenger_mode": "canary",
                                       "challenger_share": 1.0})
         assert set(answers(image_url, 5)) == {(V2, 7)}  # the answer names the model that gave it
         assert httpx.get(f"{image_url}/health", timeout=30).json()["model_uri"] == V1  # the champion is still v1
         info = challenger_info(image_url)
         assert info["mode"] == "canary" and info["model_version"] == "2" and info["canary_requests"] >= 5
 
-        reconfigure("fashion_mnist", {"challenger_share": 0.5})
+        reconfigure(IMAGE_APP, {"challenger_share": 0.5})
         assert {uri for uri, _ in answers(image_url, 40)} == {V1, V2}
 
-        reconfigure("fashion_mnist", {"challenger_mode": "shadow"})
+        reconfigure(IMAGE_APP, {"challenger_mode": "shadow"})
         assert set(answers(image_url, 10)) == {(V1, 0)}  # shadow answers are never returned
         deadline = time.monotonic() + 30
         while (info := challenger_info(image_url))["shadow_items"] < 10 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert info["shadow_items"] >= 10 and info["shadow_agreement"] == 0.0 and info["shadow_errors"] == 0
     finally:
-        reconfigure("fashion_mnist", {"model_uri": V1, "challenger_uri": None, "challenger_mode": "canary",
+        reconfigure(IMAGE_APP, {"model_uri": V1, "challenger_uri": None, "challenger_mode": "canary",
                                       "challenger_share": 0.0})
     assert challenger_info(image_url) is None
     assert set(answers(image_url, 3)) == {(V1, 0)}

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from tests.serve.conftest import CLASSES, IMAGE_MODEL
+from tests.serve.conftest import CLASSES, IMAGE_APP, IMAGE_MODEL
 
 
 def image(first_pixel: float = 100.0, square: bool = False) -> list:
@@ -18,8 +18,8 @@ def image(first_pixel: float = 100.0, square: bool = False) -> list:
 def test_root_health_info(image_url):
     root = httpx.get(f"{image_url}/", timeout=30).json()
     assert set(root) == {"service", "version", "status", "docs", "health"}
-    assert root["docs"] == "/fashion_mnist/docs" and root["health"] == "/fashion_mnist/health"
-    assert httpx.get(f"{image_url}{root['docs'].removeprefix('/fashion_mnist')}", timeout=30).status_code == 200
+    assert root["docs"] == f"/{IMAGE_APP}/docs" and root["health"] == f"/{IMAGE_APP}/health"
+    assert httpx.get(f"{image_url}/docs", timeout=30).status_code == 200
 
     health = httpx.get(f"{image_url}/health", timeout=30).json()
     assert health["status"] == "healthy" and health["model_loaded"] is True
@@ -112,7 +112,7 @@ def test_wrong_method_and_path(image_url):
 def test_direct_ingress_serves_the_same_contract(image_url):
     from ocm_ml.serve.deployments import endpoint_urls
 
-    urls = endpoint_urls("fashion_mnist")
+    urls = endpoint_urls(IMAGE_APP)
     assert urls["proxy"] == image_url
     assert urls["direct"], "the test cluster runs with RAY_SERVE_THROUGHPUT_OPTIMIZED=1"
     r = httpx.post(f"{urls['direct'][0]}/predict", json={"images": [image(255.0)]}, timeout=30)

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.serve.conftest import IMAGE_MODEL, wait_healthy
+from tests.serve.conftest import IMAGE_APP, IMAGE_MODEL, wait_healthy
 
 PIXEL_255 = {"images": [[255.0] + [0.0] * 783]}
 
@@ -26,10 +26,10 @@ def _hammer(url: str, stop: threading.Event, results: list) -> None:
                 results.append((0, repr(exc), None))
 
 
-def test_hot_reload_under_load(image_url):
+def test_hot_reload_under_load(image_url, serve_env):
     from ocm_ml.serve.deployments import endpoint_urls, reconfigure
 
-    before = endpoint_urls("fashion_mnist")
+    before = endpoint_urls(IMAGE_APP)
     replica_before = httpx.get(f"{image_url}/info", timeout=30).json()["serving"]["replica_id"]
     stop, results, direct_results = threading.Event(), [], []
     clients = [threading.Thread(target=_hammer, args=(image_url, stop, results)),
@@ -38,7 +38,7 @@ def test_hot_reload_under_load(image_url):
         c.start()
     try:
         time.sleep(1.0)
-        status = reconfigure("fashion_mnist", {"model_uri": f"models:/{IMAGE_MODEL}/2"})
+        status = reconfigure(IMAGE_APP, {"model_uri": f"models:/{IMAGE_MODEL}/2"})
         time.sleep(1.0)
     finally:
         stop.set()
@@ -63,21 +63,22 @@ def test_hot_reload_under_load(image_url):
     assert httpx.get(f"{image_url}/health", timeout=30).json()["model_uri"] == f"models:/{IMAGE_MODEL}/2"
     # In place: same replica, same direct-ingress port.
     assert info["serving"]["replica_id"] == replica_before
-    assert endpoint_urls("fashion_mnist") == before
+    assert endpoint_urls(IMAGE_APP) == before
 
     # Back to v1 for the other tests, through an alias this time.
     from mlflow import MlflowClient
 
-    MlflowClient().set_registered_model_alias(IMAGE_MODEL, "champion", "1")
-    status = reconfigure("fashion_mnist", {"model_uri": f"models:/{IMAGE_MODEL}@champion"})
+    client = MlflowClient(tracking_uri=serve_env.tracking_uri, registry_uri=serve_env.tracking_uri)
+    client.set_registered_model_alias(IMAGE_MODEL, "champion", "1")
+    status = reconfigure(IMAGE_APP, {"model_uri": f"models:/{IMAGE_MODEL}@champion"})
     assert status["model_version"] == "1"
     assert httpx.get(f"{image_url}/info", timeout=30).json()["model_version"] == "1"
     # The alias moves: the same URI reloads to what it names now.
-    MlflowClient().set_registered_model_alias(IMAGE_MODEL, "champion", "2")
-    assert reconfigure("fashion_mnist", {"model_uri": f"models:/{IMAGE_MODEL}@champion",
+    client.set_registered_model_alias(IMAGE_MODEL, "champion", "2")
+    assert reconfigure(IMAGE_APP, {"model_uri": f"models:/{IMAGE_MODEL}@champion",
                                          "max_batch": 999})["model_version"] == "2"
     # Leave the session's app as the other tests expect it.
-    reconfigure("fashion_mnist", {"model_uri": f"models:/{IMAGE_MODEL}/1", "max_batch": 1000})
+    reconfigure(IMAGE_APP, {"model_uri": f"models:/{IMAGE_MODEL}/1", "max_batch": 1000})
 
 
 def test_failed_reload_keeps_serving_and_rolls_back(image_url):
@@ -85,10 +86,10 @@ def test_failed_reload_keeps_serving_and_rolls_back(image_url):
 
     uri = httpx.get(f"{image_url}/health", timeout=30).json()["model_uri"]
     with pytest.raises(ReloadError, match="99"):
-        reconfigure("fashion_mnist", {"model_uri": f"models:/{IMAGE_MODEL}/99"}, timeout_s=120)
+        reconfigure(IMAGE_APP, {"model_uri": f"models:/{IMAGE_MODEL}/99"}, timeout_s=120)
     health = wait_healthy(image_url)
     assert health["model_uri"] == uri
     r = httpx.post(f"{image_url}/predict", json=PIXEL_255, timeout=30)
     assert r.status_code == 200 and r.json()["model_uri"] == uri
     with pytest.raises(ValueError, match="unknown user_config key"):
-        reconfigure("fashion_mnist", {"modle_uri": "typo"})
+        reconfigure(IMAGE_APP, {"modle_uri": "typo"})
