@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -143,6 +144,7 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=2, help="torch threads of both servers")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (registry, MLflow)")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     targets = [t for t in args.targets.split(",") if t]
@@ -219,10 +221,9 @@ def main() -> None:
             import ray
 
             if ray.is_initialized():
-                from ray import serve
-
-                serve.shutdown()
                 ray.shutdown()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
     print()
     header = "| concurrency | " + " | ".join(f"{t} req/s (p50 / p99 ms)" for t in targets)
