@@ -49,7 +49,7 @@ lock:
 	.venv-lock/bin/pip install -q -r requirements.txt
 	.venv-lock/bin/pip install -q --no-deps antlr4-python3-runtime==4.13.2 omegaconf==2.4.0
 	.venv-lock/bin/pip uninstall -y -q hydra-core
-	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^ocm' > requirements.lock
+	.venv-lock/bin/pip freeze --all --exclude pip --exclude-editable | grep -v '^ocm' > requirements.lock
 	rm -rf .venv-lock
 
 clean-state:

@@ -32,6 +32,8 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 echo ">> pip install -r requirements.lock (exact versions, no resolver)"
 # The lock is a full `pip freeze` of a resolved install plus the ANTLR/omegaconf fix-up (README, FACTS):
 # installing it with --no-deps reproduces that environment exactly, with antlr 4.13 and without hydra-core.
+# setuptools comes from the lock too: the venv's bundled one predates built-in bdist_wheel, which the
+# editable install below (no build isolation) needs.
 "${PIP[@]}" --no-deps -r requirements.lock
 echo ">> pip install -e . (ocm itself)"
 "${PIP[@]}" --no-deps --no-build-isolation -e .
