@@ -6,7 +6,7 @@ import dagster as dg
 
 from ocm_assets import data, serving, text, training
 from ocm_assets.families import FAMILIES, Family
-from ocm_assets.sensors import build_registry_sensor, build_rollout_sensor
+from ocm_assets.sensors import build_registry_sensor, build_retrain_schedule, build_rollout_sensor
 
 
 def family_assets(fam: Family) -> list[dg.AssetsDefinition]:
@@ -18,7 +18,7 @@ def family_assets(fam: Family) -> list[dg.AssetsDefinition]:
     return assets
 
 
-def retrain_job(fam: Family, assets: list[dg.AssetsDefinition]) :
+def retrain_job(fam: Family, assets: list[dg.AssetsDefinition]):
     partitioned = [key for a in assets if a.partitions_def is not None for key in a.keys]
     return dg.define_asset_job(
         fam.retrain_job_name,
@@ -36,7 +36,7 @@ def is_training_step(asset: dg.AssetsDefinition) -> bool:
 def build_definitions(resources: dict | None = None, families: tuple[Family, ...] = FAMILIES) -> dg.Definitions:
     from ocm_resources.env import build_executor, build_resources
 
-    assets, jobs, sensors = [], [], []
+    assets, jobs, sensors, schedules = [], [], [], []
     for fam in families:
         fam_assets = family_assets(fam)
         job = retrain_job(fam, fam_assets)
@@ -44,10 +44,12 @@ def build_definitions(resources: dict | None = None, families: tuple[Family, ...
         assets += fam_assets + serving.build_serving_assets(fam)
         jobs += [job, rollout]
         sensors += [build_registry_sensor(fam, job), build_rollout_sensor(fam, job, rollout)]
+        schedules.append(build_retrain_schedule(fam, job))
     return dg.Definitions(
         assets=assets,
         jobs=jobs,
         sensors=sensors,
+        schedules=schedules,
         resources=resources if resources is not None else build_resources(),
         executor=build_executor(
             train_ops=[a.op.name for a in assets if is_training_step(a)],

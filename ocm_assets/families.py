@@ -19,6 +19,8 @@ class Family:
     dataset: str
     kind: Kind
     description: str
+    # Optional scheduled retraining of the newest version (the schedule is STOPPED until turned on in the UI).
+    retrain_cron: str = "0 3 * * 1"
 
     @property
     def partitions_name(self) -> str:
@@ -31,6 +33,10 @@ class Family:
     @property
     def sensor_name(self) -> str:
         return f"{self.name}_registry_sensor"
+
+    @property
+    def schedule_name(self) -> str:
+        return f"{self.name}_scheduled_retrain"
 
 
 FAMILIES: tuple[Family, ...] = (

@@ -1,4 +1,5 @@
-"""Per-family sensors on the data registry: a new tag becomes a partition and a retraining run.
+"""Per-family sensors on the data registry: a new tag becomes a partition and a retraining run; and an
+optional cron schedule that retrains the newest version (off until someone turns it on).
 
 The cursor is ``{"tags": {tag: commit}, "malformed": [...]}``. A run request's ``run_key`` is
 ``<tag>@<commit>``, so a moved tag (same name, new commit) asks for a new run and a re-tick asks for none.
@@ -113,3 +114,41 @@ def build_rollout_sensor(fam: Family, retrain_job, rollout_job) -> dg.RunStatusS
         )
 
     return rollout_sensor
+
+
+def build_retrain_schedule(fam: Family, job) -> dg.ScheduleDefinition:
+    """Scheduled retraining (``fam.retrain_cron``) of the family's newest registry version.
+
+    STOPPED by default: turn it on in the UI (Automation) or with ``dagster schedule start``. Each tick asks
+    for one run of the retrain job on the newest tag; the rollout sensor then runs the gate and the endpoint
+    as after a sensor-triggered run, so a retrain that is no better than the champion changes nothing.
+    """
+
+    @dg.schedule(
+        name=fam.schedule_name,
+        job=job,
+        cron_schedule=fam.retrain_cron,
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+        description=f"Retrains the newest {fam.dataset} version on `{fam.retrain_cron}` (off by default).",
+    )
+    def retrain_schedule(context: dg.ScheduleEvaluationContext, registry: DataRegistry):
+        versions = registry.list_versions(fam.dataset)
+        if not versions:
+            return dg.SkipReason(f"no {fam.dataset}-v<semver> tags in the registry yet: nothing to retrain")
+        newest = max(versions, key=lambda v: v.semver)
+        at = context.scheduled_execution_time
+        stamp = at.isoformat() if at is not None else "now"
+        if context.instance is not None:
+            # The registry sensor normally adds the partition; a schedule turned on first must not fail.
+            try:
+                if not context.instance.has_dynamic_partition(fam.partitions_name, newest.tag):
+                    context.instance.add_dynamic_partitions(fam.partitions_name, [newest.tag])
+            except dg.DagsterInvariantViolationError:
+                pass
+        return dg.RunRequest(
+            run_key=f"{newest.tag}@{newest.commit}@{stamp}",
+            partition_key=newest.tag,
+            tags={"ocm/registry_tag": newest.tag, "ocm/registry_commit": newest.commit, "ocm/trigger": "schedule"},
+        )
+
+    return retrain_schedule

@@ -115,6 +115,35 @@ class EndpointConfig(dg.Config):
     batch_wait_timeout_s: float = Field(default=0.0, description="Dynamic batching: wait for more requests.")
     max_batch: int = Field(default=1000, description="Largest batch one request may send (else 4xx).")
     known_answer_rows: int = Field(default=8, description="Validation rows the known-answer check sends.")
+    rollout: str = Field(
+        default="replace",
+        description="How a new champion reaches a live endpoint: replace (hot reload at once), canary (traffic "
+        "share steps up while error rate and p99 hold, automatic rollback otherwise) or shadow (copies of the "
+        "traffic go to it for a while, answers recorded, never returned; then the switch or a rollback).",
+    )
+    canary_steps: list[float] = Field(default=[0.05, 0.25, 0.5, 1.0], description="Canary traffic shares, rising to 1.0.")
+    canary_step_seconds: float = Field(default=10.0, description="Least time per canary step.")
+    canary_min_requests: int = Field(default=20, description="Challenger requests a step needs before it is judged.")
+    canary_max_error_rate: float = Field(default=0.01, description="Challenger error rate above which it rolls back.")
+    canary_max_p99_ms: float = Field(default=250.0, description="Challenger p99 latency (ms) above which it rolls back.")
+    shadow_seconds: float = Field(default=10.0, description="Shadow window length.")
+    shadow_min_agreement: float = Field(default=0.0, description="Least agreement with the champion in shadow (0 = record only).")
+    rollout_timeout_seconds: float = Field(default=120.0, description="Longest a step waits for enough traffic.")
+    rollout_probe: bool = Field(
+        default=True, description="Send validation rows as probe traffic during canary/shadow, so a rollout "
+        "is judged even when no client calls the endpoint.")
+
+    def rollout_policy(self):
+        from ocm_ml.serve.rollout import RolloutPolicy
+
+        return RolloutPolicy(
+            strategy=self.rollout, steps=tuple(self.canary_steps), step_seconds=self.canary_step_seconds,
+            step_timeout_seconds=max(self.rollout_timeout_seconds, self.canary_step_seconds,
+                                     self.shadow_seconds),
+            min_requests=self.canary_min_requests, max_error_rate=self.canary_max_error_rate,
+            max_p99_ms=self.canary_max_p99_ms, shadow_seconds=self.shadow_seconds,
+            min_shadow_items=self.canary_min_requests, min_shadow_agreement=self.shadow_min_agreement,
+        )
 
 
 def _http_json(url: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
@@ -155,6 +184,94 @@ def _known_answer(fam: Family, registry: DataRegistry, user_config: dict, url: s
     return status, offline, served, tag
 
 
+def _served_model_uri(serve: ServeControl, name: str) -> str | None:
+    """The model URI the running application answers with, or None when it is not deployed/answering."""
+    app = serve.application(name)
+    if app is None or "RUNNING" not in app["status"]:
+        return None
+    status, health = _http_json(f"{serve.url(name)}/health")
+    return health.get("model_uri") if status == 200 and isinstance(health, dict) else None
+
+
+def _validation_rows(fam: Family, registry: DataRegistry, tag: str | None, rows: int) -> dict:
+    """A /predict body of ``rows`` validation rows of data version ``tag`` (probe traffic)."""
+    import pyarrow.parquet as pq
+
+    version = registry.resolve(tag)
+    with registry.open(version, f"{version.dataset}/val.parquet") as fh:
+        table = pq.ParquetFile(fh).read_row_group(0).slice(0, rows)
+    if fam.kind == "image":
+        return {"images": [list(map(int, row)) for row in table.column("image").to_pylist()]}
+    return {"texts": table.column("text").to_pylist()}
+
+
+def _progressive_rollout(context, fam: Family, config: EndpointConfig, serve: ServeControl, mlflow: MlflowTracking,
+                         registry: DataRegistry, user_config: dict, served_uri: str, deploy) -> dict:
+    """Canary or shadow of the new champion next to the served one; switch on success, else roll back the
+    endpoint and the MLflow alias and fail the step (the endpoint keeps serving ``served_uri``)."""
+    from ocm_ml.serve.rollout import run_canary, run_shadow, sum_replica_stats
+
+    policy = config.rollout_policy()
+    new_uri = user_config["model_uri"]
+    staged = {**user_config, "model_uri": served_uri, "challenger_uri": new_uri,
+              "challenger_mode": "shadow" if policy.strategy == "shadow" else "canary", "challenger_share": 0.0}
+    outcome = deploy(staged)
+    replica_urls = outcome["urls"].get("direct") or [serve.url(fam.name)]
+
+    def read_stats() -> dict:
+        per_replica = []
+        for url in replica_urls:
+            status, info = _http_json(f"{url}/info")
+            if status == 200 and isinstance(info, dict):
+                per_replica.append((info.get("serving") or {}).get("challenger") or {})
+        return sum_replica_stats(per_replica)
+
+    send_probe = None
+    if config.rollout_probe:
+        from ocm_ml.serve.loading import resolve_model
+
+        tag = resolve_model(new_uri, mlflow.configure()).run_tags.get("dvc_data_version")
+        body = _validation_rows(fam, registry, tag, 1)
+        proxy = serve.url(fam.name)
+
+        def send_probe() -> None:
+            _http_json(f"{proxy}/predict", body, timeout=10.0)
+
+    log = context.log.info
+    if policy.strategy == "canary":
+        result = run_canary(policy, lambda share: deploy({**staged, "challenger_share": share}), read_stats,
+                            send_probe, log)
+    else:
+        result = run_shadow(policy, read_stats, send_probe, log)
+    record = {"strategy": policy.strategy, "from": served_uri, "to": new_uri, "passed": result.passed,
+              "reasons": result.reasons, "steps": result.steps}
+    if result.passed:
+        for reason in result.reasons:
+            log(reason)
+        return {**deploy(user_config), "rollout": record}
+
+    # Roll back: the served model stays (no challenger), and the alias points at it again.
+    deploy({**user_config, "model_uri": served_uri})
+    restored = _restore_alias(mlflow, fam, served_uri)
+    reasons = "; ".join(result.reasons)
+    context.log.error(f"{policy.strategy} of {new_uri} failed, rolled back to {served_uri}: {reasons}")
+    raise dg.Failure(
+        description=f"{policy.strategy} rollout of {new_uri} rolled back; {fam.name} still serves {served_uri}"
+        f"{f' (alias {ALIAS} -> v{restored})' if restored else ''}: {reasons}",
+        metadata={"rollout": dg.MetadataValue.json(record), "served_model_uri": served_uri},
+    )
+
+
+def _restore_alias(mlflow: MlflowTracking, fam: Family, served_uri: str) -> str | None:
+    """Point the champion alias back at the served version (``models:/<name>/<version>``)."""
+    prefix = f"models:/{mlflow.model_name(fam.dataset)}/"
+    if not served_uri.startswith(prefix) or not served_uri[len(prefix):].isdigit():
+        return None
+    version = served_uri[len(prefix):]
+    mlflow.set_alias(fam.dataset, ALIAS, version)
+    return version
+
+
 def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
     key = endpoint_key(fam)
 
@@ -178,6 +295,7 @@ def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
     ):
         if not champion.get("model_uri"):
             raise dg.Failure(f"{fam.name} has no champion yet: materialize {champion_key(fam).to_user_string()}")
+        config.rollout_policy()  # a bad rollout setting fails here, before anything changes
         registry_url = getattr(registry, "repo_url", None)
         user_config = {
             "kind": fam.kind,
@@ -188,16 +306,29 @@ def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
             "max_batch": config.max_batch,
             "max_batch_size": config.max_batch_size,
             "batch_wait_timeout_s": config.batch_wait_timeout_s,
+            # explicit, so that a hot reload also ends any canary/shadow left in the live config
+            "challenger_uri": None,
+            "challenger_mode": "canary",
+            "challenger_share": 0.0,
         }
         autoscaling = None
         if config.autoscaling_max_replicas:
             autoscaling = {"min_replicas": config.autoscaling_min_replicas or 1,
                            "max_replicas": config.autoscaling_max_replicas}
-        outcome = serve.deploy_or_reconfigure(
-            fam.name, fam.kind, user_config, num_replicas=config.num_replicas,
-            max_ongoing_requests=config.max_ongoing_requests, autoscaling_config=autoscaling,
-            ray_actor_options={"num_cpus": config.replica_cpus},
-        )
+
+        def deploy(cfg: dict) -> dict:
+            return serve.deploy_or_reconfigure(
+                fam.name, fam.kind, cfg, num_replicas=config.num_replicas,
+                max_ongoing_requests=config.max_ongoing_requests, autoscaling_config=autoscaling,
+                ray_actor_options={"num_cpus": config.replica_cpus},
+            )
+
+        served_uri = _served_model_uri(serve, fam.name) if config.rollout != "replace" else None
+        if served_uri is None or served_uri == champion["model_uri"]:
+            outcome = {**deploy(user_config), "rollout": {"strategy": "replace"}}
+        else:
+            outcome = _progressive_rollout(context, fam, config, serve, mlflow, registry, user_config,
+                                           served_uri, deploy)
         url = serve.url(fam.name)
         context.log.info(f"{outcome['action']} {url} -> {champion['model_uri']}")
         health_status, health = _http_json(f"{url}/health")
@@ -213,6 +344,7 @@ def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
                 "data_version": tag or "",
                 "info": dg.MetadataValue.json(info if info_status == 200 else {"status": info_status}),
                 "direct_ingress": dg.MetadataValue.json(outcome["urls"].get("direct", [])),
+                "rollout": dg.MetadataValue.json(outcome["rollout"]),
             },
         )
         yield dg.AssetCheckResult(

@@ -98,3 +98,33 @@ def test_unreachable_registry_fails_the_tick_clearly(tmp_path, instance):
 
     with pytest.raises(RegistryError, match="listing tags of the registry"):
         tick(DvcRegistry(repo_url=str(tmp_path / "gone")), instance)
+
+
+def schedule_tick(registry, instance):
+    import datetime
+
+    repo = build_definitions(resources={**build_resources("local"), "registry": registry}).get_repository_def()
+    schedule = repo.get_schedule_def(FASHION.schedule_name)
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED  # opt-in
+    when = datetime.datetime(2026, 11, 23, 3, 0, tzinfo=datetime.timezone.utc)
+    with dg.build_schedule_context(instance=instance, scheduled_execution_time=when, repository_def=repo,
+                                   resources={"registry": registry}) as context:
+        return schedule.evaluate_tick(context)
+
+
+def test_scheduled_retrain_picks_the_newest_version(registry, instance):
+    pub, reg, v1, (tables, metadata) = registry
+    v2 = pub.publish("fashion-mnist", "1.10.0", tables, metadata)
+    pub.publish("fashion-mnist", "1.9.0", tables, metadata)  # newer tag, older version
+    result = schedule_tick(reg, instance)
+    (request,) = result.run_requests
+    assert request.partition_key == v2.tag and request.tags["ocm/trigger"] == "schedule"
+    assert request.run_key.startswith(f"{v2.tag}@{v2.commit}@2026-11-23")
+    # turned on before the sensor ever ran: the schedule adds the partition itself
+    assert instance.has_dynamic_partition(FASHION.partitions_name, v2.tag)
+
+
+def test_scheduled_retrain_skips_an_empty_registry(tmp_path, instance):
+    _, reg = new_registry(tmp_path)
+    result = schedule_tick(reg, instance)
+    assert result.run_requests == [] and "no fashion-mnist-v<semver> tags" in result.skip_message

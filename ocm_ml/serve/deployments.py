@@ -100,7 +100,23 @@ class _Classifier:
         if (self.challenger is not None and config.challenger_mode == "canary"
                 and self._rng.random() < config.challenger_share):
             role = "challenger"
-            self.challenger_stats["canary_requests"] += 1
+        if self.challenger is None:  # no canary running: no bookkeeping on the hot path
+            return await self._submit(config, role, inputs)
+        # While a challenger is loaded, both roles' requests, errors and latencies are counted: the canary
+        # controller compares them (error rate, p99) before it steps the share up or rolls back.
+        stats = self.challenger_stats
+        prefix = "canary" if role == "challenger" else "champion"
+        started = time.perf_counter()
+        try:
+            return await self._submit(config, role, inputs)
+        except Exception:
+            stats[f"{prefix}_errors"] += 1
+            raise
+        finally:
+            stats[f"{prefix}_requests"] += 1
+            stats[f"{prefix}_latencies_ms"].append((time.perf_counter() - started) * 1000.0)
+
+    async def _submit(self, config: ServeConfig, role: str, inputs: Any):
         if config.batcher == "serve":
             return await self._serve_batched((role, inputs))
         return await self._adaptive.submit((role, inputs))
@@ -263,6 +279,10 @@ class _Classifier:
     def challenger_info(self) -> dict[str, Any]:
         challenger, stats = self.challenger, dict(self.challenger_stats)
         items = stats["shadow_items"]
+        for prefix in ("canary", "champion"):
+            latencies = sorted(stats.pop(f"{prefix}_latencies_ms"))
+            stats[f"{prefix}_p99_ms"] = round(_quantile(latencies, 0.99), 2) if latencies else None
+            stats[f"{prefix}_p50_ms"] = round(_quantile(latencies, 0.50), 2) if latencies else None
         return {
             "mode": self.config.challenger_mode,
             "share": self.config.challenger_share if self.config.challenger_mode == "canary" else 0.0,
@@ -286,9 +306,22 @@ class _Classifier:
         }
 
 
+LATENCY_WINDOW = 2048  # the latest requests per role that p50/p99 are computed over
+
+
 def _new_challenger_stats() -> dict[str, Any]:
-    return {"canary_requests": 0, "shadow_items": 0, "shadow_agreements": 0, "shadow_skipped": 0,
-            "shadow_errors": 0, "shadow_last_error": None}
+    from collections import deque
+
+    return {"canary_requests": 0, "canary_errors": 0, "canary_latencies_ms": deque(maxlen=LATENCY_WINDOW),
+            "champion_requests": 0, "champion_errors": 0, "champion_latencies_ms": deque(maxlen=LATENCY_WINDOW),
+            "shadow_items": 0, "shadow_agreements": 0, "shadow_skipped": 0, "shadow_errors": 0,
+            "shadow_last_error": None}
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank quantile of an already sorted, non-empty list."""
+    index = min(len(sorted_values) - 1, max(0, int(np.ceil(q * len(sorted_values))) - 1))
+    return float(sorted_values[index])
 
 
 def _replica_id() -> str | None:

@@ -356,6 +356,18 @@ def _read_images(url: str, filesystem, row_limit: int | None):
     return dataset.limit(row_limit) if row_limit is not None else dataset
 
 
+def _ordered_ingest(data_config_cls):
+    """Ray Train's default ingest, with blocks kept in file order.
+
+    Streaming execution otherwise hands blocks to the workers' shards in whatever order tasks finish, so the
+    same partition and seed could train on differently ordered (and differently split) batches. With the order
+    preserved, a re-materialization reproduces the same run on CPU (the reproducibility test checks it).
+    """
+    options = data_config_cls.default_ingest_options()
+    options.preserve_order = True
+    return data_config_cls(execution_options=options)
+
+
 def _drain(events, timeout: float) -> list[dict]:
     try:
         first = events.get(block=True, timeout=timeout)
@@ -391,7 +403,7 @@ def train_fashion_mnist(
     """
     import ray
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
@@ -442,6 +454,7 @@ def train_fashion_mnist(
             callbacks=[_ProgressCallback(events)],
         ),
         datasets={"train": train_ds, "val": val_ds},
+        dataset_config=_ordered_ingest(DataConfig),
     )
 
     outcome: dict[str, Any] = {}

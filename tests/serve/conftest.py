@@ -136,6 +136,8 @@ def serve_env(tmp_path_factory) -> Env:
 
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking_uri)
+    # Explicitly: an earlier test's MLflow resource may have pointed the process's registry elsewhere.
+    mlflow.set_registry_uri(tracking_uri)
     experiment = mlflow.create_experiment("serve-tests", artifact_location=(root / "artifacts").as_uri())
     mlflow.set_experiment(experiment_id=experiment)
     for version, data in ((1, "fashion-mnist-v1.0.0"), (2, "fashion-mnist-v1.1.0")):

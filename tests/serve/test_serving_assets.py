@@ -58,12 +58,13 @@ def register(mlflow, tag: str, accuracy: float, seed: int) -> str:
     return mlflow.register(info.model_uri, "fashion-mnist", tags={"data_version": tag}).version
 
 
-def rollout(resources):
+def rollout(resources, endpoint_config=None):
     assets = [
         dg.SourceAsset(model_key(FAM)),
         *build_serving_assets(FAM),
     ]
-    return dg.materialize(assets, resources=resources, raise_on_error=False,
+    run_config = {"ops": {f"{FAM.name}__endpoint": {"config": endpoint_config}}} if endpoint_config else None
+    return dg.materialize(assets, resources=resources, raise_on_error=False, run_config=run_config,
                           selection=[champion_key(FAM), endpoint_key(FAM)])
 
 
@@ -113,3 +114,68 @@ def test_endpoint_without_long_lived_cluster_says_what_to_do(tmp_path):
     control = ServeControl(address="auto", temp_dir=str(tmp_path / "no-head"))
     with pytest.raises(ServeError, match="make dev"):
         control.connect()
+
+
+FAST_CANARY = {"rollout": "canary", "canary_steps": [0.25, 1.0], "canary_step_seconds": 0.5,
+               "canary_min_requests": 5, "canary_max_p99_ms": 5000.0, "rollout_timeout_seconds": 60.0}
+
+
+def endpoint_failure(result) -> str:
+    return next(e for e in result.all_events
+                if e.is_step_failure and e.step_key.endswith("endpoint")).step_failure_data.error.to_string()
+
+
+def test_canary_rolls_back_on_a_broken_threshold_then_steps_through(stack):
+    """Canary of a promoted challenger: a broken threshold rolls the endpoint and the alias back; within the
+    thresholds it steps 25 % -> 100 % (probe traffic, nobody else calling) and switches."""
+    tags, mlflow, resources, url = stack
+    served = _get(f"{url}/info")["model_uri"]
+    served_version = served.rsplit("/", 1)[1]
+
+    bad = register(mlflow, tags[2], 0.90, seed=4)
+    result = rollout(resources, {**FAST_CANARY, "canary_max_p99_ms": 0.001})  # no model answers that fast
+    assert not result.success and checks(result)["promoted"]
+    text = endpoint_failure(result)
+    assert "rolled back at 25%" in text and "p99 latency" in text and served in text
+    assert str(mlflow.get_alias("fashion-mnist", "champion").version) == served_version  # alias restored
+    info = _get(f"{url}/info")
+    assert info["model_uri"] == served and "challenger" not in info.get("serving", {})
+    assert str(bad) != served_version
+
+    good = register(mlflow, tags[2], 0.92, seed=5)
+    result = rollout(resources, FAST_CANARY)
+    assert result.success, endpoint_failure(result)
+    endpoint = next(e.materialization for e in result.get_asset_materialization_events()
+                    if e.asset_key == endpoint_key(FAM))
+    record = endpoint.metadata["rollout"].value
+    assert record["strategy"] == "canary" and record["passed"] and record["from"] == served
+    assert [step["share"] for step in record["steps"]] == [0.25, 1.0]
+    assert all(step["canary_requests"] >= 5 and step["canary_errors"] == 0 for step in record["steps"])
+    info = _get(f"{url}/info")
+    assert info["model_uri"].endswith(f"/{good}") and "challenger" not in info.get("serving", {})
+    assert str(mlflow.get_alias("fashion-mnist", "champion").version) == str(good)
+
+
+def test_shadow_records_the_challenger_without_answering_with_it(stack):
+    tags, mlflow, resources, url = stack
+    served = _get(f"{url}/info")["model_uri"]
+    new = register(mlflow, tags[1], 0.94, seed=6)
+    result = rollout(resources, {"rollout": "shadow", "shadow_seconds": 0.5, "canary_min_requests": 5})
+    assert result.success, endpoint_failure(result)
+    endpoint = next(e.materialization for e in result.get_asset_materialization_events()
+                    if e.asset_key == endpoint_key(FAM))
+    (step,) = endpoint.metadata["rollout"].value["steps"]
+    assert step["mode"] == "shadow" and step["shadow_items"] >= 5 and step["shadow_errors"] == 0
+    assert 0.0 <= step["shadow_agreement"] <= 1.0
+    assert endpoint.metadata["rollout"].value["from"] == served
+    assert _get(f"{url}/info")["model_uri"].endswith(f"/{new}")
+
+
+def test_bad_rollout_setting_fails_before_anything_changes(stack):
+    tags, mlflow, resources, url = stack
+    served = _get(f"{url}/info")["model_uri"]
+    register(mlflow, tags[0], 0.96, seed=7)
+    result = rollout(resources, {"rollout": "canary", "canary_steps": [0.5, 0.25]})
+    assert not result.success
+    assert "must rise and end at 1.0" in endpoint_failure(result)
+    assert _get(f"{url}/info")["model_uri"] == served
