@@ -106,7 +106,7 @@ def schedule_tick(registry, instance):
     repo = build_definitions(resources={**build_resources("local"), "registry": registry}).get_repository_def()
     schedule = repo.get_schedule_def(FASHION.schedule_name)
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED  # opt-in
-    when = datetime.datetime(2026, 11, 23, 3, 0, tzinfo=datetime.timezone.utc)
+    when = datetime.datetime(2026, 11, 23, 3, 0, tzinfo=datetime.UTC)
     with dg.build_schedule_context(instance=instance, scheduled_execution_time=when, repository_def=repo,
                                    resources={"registry": registry}) as context:
         return schedule.evaluate_tick(context)
