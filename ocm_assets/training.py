@@ -31,6 +31,8 @@ class VisionTrainConfig(dg.Config):
     row_limit: int | None = Field(default=None, description="Train on the first N rows only (quick runs).")
     seed: int = Field(default=0, description="Seed for weights, shuffling and sampling.")
     max_failures: int = Field(default=2, description="Worker failures to recover from (from the last checkpoint).")
+    lr_schedule: str = Field(
+        default="onecycle", description="onecycle (warm up to learning_rate, cosine down to 1 %) or constant.")
 
 
 def markdown_png(png: bytes, alt: str) -> dg.MetadataValue:

@@ -50,8 +50,10 @@ def http(url: str, body=None):
 def demo_config(fam, quick: bool, epochs: int = 1) -> dict:
     """Demo-sized run config for the family's retrain job."""
     if fam.kind == "image":
-        # batch 64 per worker (128 across the two): 469 optimizer steps in one epoch over the 60,000 images
-        train = {"num_workers": 2, "epochs": epochs, "batch_size": 64, "learning_rate": 1e-3, "seed": 0}
+        # batch 128 per worker (256 across the two): 235 optimizer steps in one epoch over the 60,000 images,
+        # the one-cycle schedule peaking at 3e-3 and annealing to 1 % by the last step.
+        train = {"num_workers": 2, "epochs": epochs, "batch_size": 128, "learning_rate": 3e-3,
+                 "lr_schedule": "onecycle", "seed": 0}
         if quick:
             train["row_limit"] = 4000
         return {"ops": {f"{fam.name}__model": {"config": train}}, "loggers": QUIET_LOGS}

@@ -62,13 +62,17 @@ EOF
 
 ray_down() {
   # Only the processes of this head: their command lines name our temp dir.
-  local pids
+  # The raylet's agents rename themselves (ray::DashboardAgent, ray::RuntimeEnvAgent) and lose the temp dir
+  # from their command line: take the children of the matched processes too, or they outlive the head.
+  local pids kids
   pids=$(pgrep -f -- "$RAY_TMP" || true)
   if [ -n "$pids" ]; then
-    kill $pids 2>/dev/null || true
+    kids=$(for p in $pids; do pgrep -P "$p" || true; done)
+    kill $pids $kids 2>/dev/null || true
     sleep 2
     pids=$(pgrep -f -- "$RAY_TMP" || true)
-    [ -n "$pids" ] && kill -9 $pids 2>/dev/null || true  # gcs_server and raylet ignore SIGTERM
+    # gcs_server and raylet ignore SIGTERM
+    for p in $pids $kids; do kill -0 "$p" 2>/dev/null && kill -9 "$p" 2>/dev/null; done
     echo "   ray head stopped"
   fi
 }

@@ -1,5 +1,10 @@
 """A plain LightningModule around the 1-channel ResNet18: Adam, cross-entropy, loss and accuracy.
 
+Learning rate: ``lr_schedule="onecycle"`` (default when the number of steps is known) warms up linearly to
+``learning_rate`` over the first quarter of the steps and anneals it with a cosine to 1 % at the last one —
+the weights a short run ends with are then those of a small learning rate, which is worth several points of
+accuracy after one epoch; ``"constant"`` keeps Adam at ``learning_rate``.
+
 Batches are ``(x, y)``: ``x`` float (N, 1, 28, 28) already normalized (see ``model.normalize_pixels``), ``y``
 int64 (N,). Nothing here knows about Ray: ``train.py`` wraps it in Ray's DDP strategy.
 
@@ -36,8 +41,11 @@ class ImageClassifier(lightning.LightningModule):
     >>> logits = module(torch.zeros(2, 1, 28, 28))  # (2, 10)
     """
 
-    def __init__(self, num_classes: int = 10, learning_rate: float = 1e-3):
+    def __init__(self, num_classes: int = 10, learning_rate: float = 1e-3, lr_schedule: str = "constant",
+                 total_steps: int | None = None):
         super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         self.save_hyperparameters()
         self.model = build_resnet18(num_classes)
         self.train_acc = _accuracy_metric(num_classes)
@@ -70,7 +78,31 @@ class ImageClassifier(lightning.LightningModule):
         self._step(batch, "val", self.val_acc)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
+        total = self.hparams.total_steps
+        if self.hparams.lr_schedule != "onecycle" or not total:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle(int(total)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+LR_SCHEDULES = ("onecycle", "constant")
+
+
+def one_cycle(total_steps: int, warmup: float = 0.25, start: float = 0.1, end: float = 0.01):
+    """Multiplier of the peak learning rate at each step: linear ``start`` -> 1 over ``warmup`` of the steps,
+    cosine 1 -> ``end`` over the rest; ``end`` after ``total_steps`` (never fails on an extra step)."""
+    import math
+
+    up = max(1, int(total_steps * warmup))
+
+    def factor(step: int) -> float:
+        if step < up:
+            return start + (1.0 - start) * step / up
+        progress = min(1.0, (step - up) / max(1, total_steps - up))
+        return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def load_network(checkpoint: str | Path) -> nn.Module:

@@ -29,6 +29,7 @@ How it fits together:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue as std_queue
 import threading
@@ -78,6 +79,7 @@ class TrainSettings:
     row_limit: int | None = None
     seed: int = 0
     max_failures: int = 2
+    lr_schedule: str = "onecycle"
 
 
 def validate_settings(settings: TrainSettings, cluster_resources: dict) -> None:
@@ -106,6 +108,8 @@ def validate_settings(settings: TrainSettings, cluster_resources: dict) -> None:
         problems.append(f"learning_rate={settings.learning_rate}: must be > 0.")
     if settings.row_limit is not None and settings.row_limit < 1:
         problems.append(f"row_limit={settings.row_limit}: must be >= 1, or None for every row.")
+    if settings.lr_schedule not in ("onecycle", "constant"):
+        problems.append(f"lr_schedule={settings.lr_schedule!r}: must be 'onecycle' or 'constant'.")
     if settings.max_failures < -1:
         problems.append(f"max_failures={settings.max_failures}: must be >= 0 (or -1 for unlimited retries).")
     if problems:
@@ -211,7 +215,8 @@ def train_loop_per_worker(config: dict) -> None:
     )
 
     module = ImageClassifier(
-        num_classes=int(config.get("num_classes", NUM_CLASSES)), learning_rate=config["learning_rate"]
+        num_classes=int(config.get("num_classes", NUM_CLASSES)), learning_rate=config["learning_rate"],
+        lr_schedule=config.get("lr_schedule", "constant"), total_steps=config.get("total_steps"),
     )
     trainer = lightning.Trainer(
         max_epochs=int(config["epochs"]),
@@ -422,6 +427,13 @@ def train_fashion_mnist(
         val_url, _data_filesystem(val_url, data_filesystem, storage_filesystem), settings.row_limit
     )
 
+    # The schedule needs the steps up front (Ray Data iterators have no length): every worker gets an equal
+    # share of the rows (Train's streaming_split(equal=True)), so steps = ceil(rows / workers / batch).
+    total_steps = None
+    if settings.lr_schedule == "onecycle":
+        rows = train_ds.count()
+        total_steps = settings.epochs * max(1, math.ceil((rows // settings.num_workers) / settings.batch_size))
+
     use_gpu = settings.gpus_per_worker > 0
     resources = {"CPU": settings.cpus_per_worker}
     if use_gpu:
@@ -439,6 +451,8 @@ def train_fashion_mnist(
             "num_classes": NUM_CLASSES,
             "cpus_per_worker": settings.cpus_per_worker,
             "use_gpu": use_gpu,
+            "lr_schedule": settings.lr_schedule,
+            "total_steps": total_steps,
         },
         scaling_config=ScalingConfig(
             num_workers=settings.num_workers, use_gpu=use_gpu, resources_per_worker=resources
