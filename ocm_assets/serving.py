@@ -159,15 +159,12 @@ def _http_json(url: str, body: Any = None, timeout: float = 30.0) -> tuple[int, 
 def _known_answer(fam: Family, registry: DataRegistry, user_config: dict, url: str, rows: int):
     """Predict validation rows of the champion's data version offline (the registered model, loaded
     in this process) and over HTTP; the class/label per row must agree."""
-    import pyarrow.parquet as pq
 
     from ocm_ml.serve.loading import ServeConfig, load_bundle
 
     bundle = load_bundle(ServeConfig.from_user_config({**user_config, "warmup": False}))
     tag = bundle.describe().get("data_version")
-    version = registry.resolve(tag)
-    with registry.open(version, f"{version.dataset}/val.parquet") as fh:
-        table = pq.ParquetFile(fh).read_row_group(0).slice(0, rows)
+    table = _validation_table(registry, tag, rows)
     if fam.kind == "image":
         import numpy as np
 
@@ -193,13 +190,18 @@ def _served_model_uri(serve: ServeControl, name: str) -> str | None:
     return health.get("model_uri") if status == 200 and isinstance(health, dict) else None
 
 
-def _validation_rows(fam: Family, registry: DataRegistry, tag: str | None, rows: int) -> dict:
-    """A /predict body of ``rows`` validation rows of data version ``tag`` (probe traffic)."""
+def _validation_table(registry: DataRegistry, tag: str | None, rows: int):
+    """The first ``rows`` validation rows of data version ``tag`` (a pyarrow table)."""
     import pyarrow.parquet as pq
 
     version = registry.resolve(tag)
     with registry.open(version, f"{version.dataset}/val.parquet") as fh:
-        table = pq.ParquetFile(fh).read_row_group(0).slice(0, rows)
+        return pq.ParquetFile(fh).read_row_group(0).slice(0, rows)
+
+
+def _validation_rows(fam: Family, registry: DataRegistry, tag: str | None, rows: int) -> dict:
+    """A /predict body of ``rows`` validation rows of data version ``tag`` (probe traffic)."""
+    table = _validation_table(registry, tag, rows)
     if fam.kind == "image":
         return {"images": [list(map(int, row)) for row in table.column("image").to_pylist()]}
     return {"texts": table.column("text").to_pylist()}

@@ -112,17 +112,9 @@ def run_canary(
     with Probe(send_probe):
         for share in policy.steps:
             set_share(share)
-            start = read_stats()
-            began = clock()
-            while True:
-                sleep(0.25)
-                now = read_stats()
-                requests = now["canary_requests"] - start["canary_requests"]
-                elapsed = clock() - began
-                if elapsed >= policy.step_seconds and requests >= policy.min_requests:
-                    break
-                if elapsed >= policy.step_timeout_seconds:
-                    break
+            start, now, elapsed = _observe(read_stats, "canary_requests", policy.step_seconds,
+                                           policy.min_requests, policy.step_timeout_seconds, clock, sleep)
+            requests = now["canary_requests"] - start["canary_requests"]
             errors = now["canary_errors"] - start["canary_errors"]
             record = {"share": share, "seconds": round(elapsed, 1), "canary_requests": requests,
                       "canary_errors": errors, "canary_p99_ms": now.get("canary_p99_ms"),
@@ -139,6 +131,22 @@ def run_canary(
         f"canary passed every step ({', '.join(f'{s:.0%}' for s in policy.steps)}): error rate <= "
         f"{policy.max_error_rate:.1%}, p99 <= {policy.max_p99_ms:.0f} ms")
     return outcome
+
+
+def _observe(read_stats, counter: str, min_seconds: float, min_count: int, timeout: float, clock, sleep,
+             poll: float = 0.25) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """Poll the counters until ``min_seconds`` have passed and ``counter`` grew by ``min_count``, or until
+    ``timeout``; returns the counters at the start and at the end, and the seconds waited."""
+    start = read_stats()
+    began = clock()
+    while True:
+        sleep(poll)
+        now = read_stats()
+        elapsed = clock() - began
+        if elapsed >= min_seconds and now[counter] - start[counter] >= min_count:
+            return start, now, elapsed
+        if elapsed >= timeout:
+            return start, now, elapsed
 
 
 def _step_failure(policy: RolloutPolicy, record: dict[str, Any]) -> str | None:
@@ -166,15 +174,9 @@ def run_shadow(
     ``min_shadow_items``, within ``step_timeout_seconds``); judge its errors and agreement."""
     outcome = RolloutOutcome(passed=True)
     with Probe(send_probe):
-        began = clock()
-        while True:
-            sleep(0.25)
-            stats = read_stats()
-            elapsed = clock() - began
-            if elapsed >= policy.shadow_seconds and stats["shadow_items"] >= policy.min_shadow_items:
-                break
-            if elapsed >= policy.step_timeout_seconds:
-                break
+        # The counters start at zero: loading the challenger resets them.
+        _, stats, elapsed = _observe(read_stats, "shadow_items", policy.shadow_seconds, policy.min_shadow_items,
+                                     policy.step_timeout_seconds, clock, sleep)
     items, errors = stats["shadow_items"], stats["shadow_errors"]
     agreement = stats["shadow_agreements"] / items if items else None
     record = {"mode": "shadow", "seconds": round(elapsed, 1), "shadow_items": items, "shadow_errors": errors,
