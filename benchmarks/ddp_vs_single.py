@@ -42,6 +42,7 @@ def single_process(
     import torch
     from torch.nn import functional as F
 
+    from ocm_ml.vision.lightning_module import build_optimizer
     from ocm_ml.vision.model import build_resnet18, normalize_pixels
     from ocm_ml.vision.train import pixels_from_arrow
 
@@ -51,7 +52,7 @@ def single_process(
     pixels = pixels_from_arrow(table.column("image"))
     labels = table.column("label").to_numpy()
     model = build_resnet18(10).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = build_optimizer(model.parameters(), lr)
     rates, cpu_ms = [], []
     for _ in range(epochs):
         start = time.perf_counter()
@@ -70,7 +71,10 @@ def single_process(
     return rates, cpu_ms[-1]
 
 
-def ray_ddp(train_path: str, val_path: str, batch_size: int, epochs: int, lr: float, workers: int, seed: int):
+def ray_ddp(
+    train_path: str, val_path: str, batch_size: int, epochs: int, lr: float, workers: int, seed: int,
+    idle_worker_ms: int, **settings,
+):
     import ray
 
     from ocm_ml.vision.train import TrainSettings, train_fashion_mnist
@@ -80,12 +84,15 @@ def ray_ddp(train_path: str, val_path: str, batch_size: int, epochs: int, lr: fl
     def on_epoch(record: dict) -> None:
         cpu_at_epoch.append(worker_cpu_seconds())
 
+    from ocm_resources.ray import IDLE_WORKER_CONFIG_KEY
+
     ray.init(
         address="local",
         num_cpus=os.cpu_count(),
         include_dashboard=False,
         object_store_memory=512 * 1024**2,
         log_to_driver=False,
+        _system_config={IDLE_WORKER_CONFIG_KEY: idle_worker_ms},
     )
     try:
         with tempfile.TemporaryDirectory() as storage:
@@ -102,6 +109,7 @@ def ray_ddp(train_path: str, val_path: str, batch_size: int, epochs: int, lr: fl
                     learning_rate=lr,
                     seed=seed,
                     max_failures=0,
+                    **settings,
                 ),
                 storage_path=storage,
                 run_name="bench-ddp",
@@ -162,7 +170,15 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated torch thread counts for the single-process side (default 1,<cores>)",
     )
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--prefetch-batches", type=int, default=None,
+        help="Ray Data batches each DDP worker prepares ahead (default: TrainSettings' default)",
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--idle-worker-ms", type=int, default=60_000,
+        help="Ray's idle_worker_killing_time_threshold_ms (default: what ocm's Ray heads use; Ray's own is 1000)",
+    )
     parser.add_argument("--skip-single", action="store_true", help="only run the Ray DDP side")
     parser.add_argument(
         "--wait-load",
@@ -190,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"done: {name}: img/s per epoch {[round(r) for r in rates]}, load {load:.1f}", flush=True)
         load = wait_for_load(args.wait_load, args.wait_timeout)
         rates, cpu_ms, result = ray_ddp(
-            train_path, val_path, args.batch_size, args.epochs, args.lr, args.workers, args.seed
+            train_path, val_path, args.batch_size, args.epochs, args.lr, args.workers, args.seed,
+            args.idle_worker_ms, **({} if args.prefetch_batches is None else {"prefetch_batches": args.prefetch_batches}),
         )
         name = f"ray train ddp, {args.workers} workers x 1 CPU"
         sides.append((name, args.batch_size * args.workers, rates, cpu_ms, load, os.getloadavg()[0]))
@@ -222,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"DDP run: val_accuracy {result.val_accuracy:.3f}, elapsed {result.elapsed_seconds:.1f} s "
-        "(worker start-up and validation included)"
+        "(worker start-up and validation included); share of training time waiting for data per epoch: "
+        + " ".join(f"{h['data_wait_fraction']:.1%}" for h in result.history)
     )
 
 

@@ -33,6 +33,11 @@ class VisionTrainConfig(dg.Config):
     max_failures: int = Field(default=2, description="Worker failures to recover from (from the last checkpoint).")
     lr_schedule: str = Field(
         default="onecycle", description="onecycle (warm up to learning_rate, cosine down to 1 %) or constant.")
+    gradient_compression: str = Field(
+        default="bf16",
+        description="Format DDP all-reduces gradients in: bf16 or fp16 (half the bytes per step, cast back to "
+        "float32 before Adam) or none (float32).")
+    prefetch_batches: int = Field(default=1, description="Batches Ray Data prepares ahead in each worker.")
 
 
 def markdown_png(png: bytes, alt: str) -> dg.MetadataValue:

@@ -41,6 +41,13 @@ __all__ = [
 
 MiB = 1024**2
 RAY_CLIENT_PORT = 10001
+# Ray ends an idle worker process after 1 s by default. Every epoch, Ray Data's read tasks then wait ~1 s for
+# a new Python process (measured: task scheduling 1.1 s vs 0.01 s warm) while the DDP workers idle; between
+# two epochs lie validation and a checkpoint, several seconds. Keeping idle workers for a minute removes that
+# stall (benchmarks/ddp_vs_single.py). Heads that ocm starts get it: in-process here, `make dev`
+# (scripts/dev.sh) and KubeRay (deploy/kuberay) through the environment variable of the same name.
+IDLE_WORKER_KEEP_MS = 60_000
+IDLE_WORKER_CONFIG_KEY = "idle_worker_killing_time_threshold_ms"
 _TOKEN_HINT = (
     "Ray >= 2.52 heads use token authentication by default: this process needs the head's token "
     "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE=token "
@@ -198,6 +205,13 @@ class RayHead(LocalRay):
     )
     include_dashboard: bool = Field(
         default=False, description="Start the dashboard with an in-process Ray (on `dashboard_port`)."
+    )
+    idle_worker_keep_ms: int = Field(
+        default=IDLE_WORKER_KEEP_MS,
+        description="How long an in-process Ray keeps an idle worker process before ending it (Ray's "
+        "`idle_worker_killing_time_threshold_ms`, 1000 by default): long enough that each epoch's data "
+        "read reuses a warm process. Ignored when connecting (set RAY_idle_worker_killing_time_threshold_ms "
+        "on that head).",
     )
     keep_alive: bool = Field(
         default=False,
@@ -374,6 +388,7 @@ class RayHead(LocalRay):
             "num_cpus": self.num_cpus,
             "object_store_memory": self.object_store_memory,
             "include_dashboard": self.include_dashboard,
+            "_system_config": {IDLE_WORKER_CONFIG_KEY: self.idle_worker_keep_ms},
         }
         if self.include_dashboard:
             kwargs["dashboard_port"] = self.dashboard_port
@@ -475,6 +490,10 @@ def kuberay_resource(
     worker = copy.deepcopy(DEFAULT_WORKER_GROUP_SPECS[0])
     worker.update(replicas=min_workers, minReplicas=min_workers, maxReplicas=max_workers)
     worker["template"]["spec"]["containers"][0]["resources"] = resources(worker_cpu, worker_memory)
+    for group in (head, worker):
+        group["template"]["spec"]["containers"][0].setdefault("env", []).append(
+            {"name": f"RAY_{IDLE_WORKER_CONFIG_KEY}", "value": str(IDLE_WORKER_KEEP_MS)}
+        )
     spec = RayClusterSpec(
         ray_version=version,
         head_group_spec=head,

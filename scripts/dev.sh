@@ -47,7 +47,10 @@ EOF
     # Serve's throughput-optimized direct ingress must be in the head's environment before it starts.
     # RAY_ADDRESS in the head's environment pins Ray's own helper processes (e.g. Train's placement-group
     # cleaner) to this cluster when other Ray instances run on the machine.
+    # Idle worker processes are kept a minute (Ray: 1 s), so each training epoch's data read starts warm
+    # (ocm_resources/ray.py, IDLE_WORKER_KEEP_MS).
     RAY_ADDRESS=127.0.0.1:6379 RAY_SERVE_THROUGHPUT_OPTIMIZED=${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1} \
+    RAY_idle_worker_killing_time_threshold_ms=${RAY_idle_worker_killing_time_threshold_ms:-60000} \
     "$VENV/bin/ray" start --head --node-ip-address=127.0.0.1 --port=6379 \
       --dashboard-host=127.0.0.1 --dashboard-port=8265 --include-dashboard=true \
       --num-cpus="${OCM_RAY_CPUS:-4}" --object-store-memory=$((1024 * 1024 * 1024)) \

@@ -34,6 +34,8 @@ def init_local_ray():
     ignores a head left behind by a killed `ray start`."""
     import ray
 
+    from ocm_resources.ray import IDLE_WORKER_CONFIG_KEY, IDLE_WORKER_KEEP_MS
+
     if not ray.is_initialized():
         ray.init(
             address="local",
@@ -41,6 +43,7 @@ def init_local_ray():
             include_dashboard=False,
             object_store_memory=512 * 1024**2,
             log_to_driver=False,
+            _system_config={IDLE_WORKER_CONFIG_KEY: IDLE_WORKER_KEEP_MS},
         )
     return ray
 

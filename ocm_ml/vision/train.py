@@ -54,11 +54,14 @@ logger = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
 IMAGE_PIXELS = 28 * 28
-EPOCH_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_second")
+EPOCH_KEYS = (
+    "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_second", "data_wait_fraction",
+)
 _FAILURE_TEXT_LIMIT = 2000
 DATA_TASK_CPUS = 0  # logical CPUs per Ray Data read task; see _read_images
 # Gradients live in DDP's communication buckets: no copy of the 45 MB of ResNet18 gradients per step.
 DDP_KWARGS = {"gradient_as_bucket_view": True}
+GRADIENT_COMPRESSION = ("bf16", "fp16", "none")
 
 
 @dataclass
@@ -67,7 +70,10 @@ class TrainSettings:
 
     ``batch_size`` is per worker (the global batch is ``num_workers * batch_size``). ``row_limit`` caps the rows
     read from each of the train and val files (for quick runs). ``max_failures`` is how many times Ray Train
-    restarts the worker group after a worker failure before giving up.
+    restarts the worker group after a worker failure before giving up. ``gradient_compression`` is the format
+    DDP all-reduces gradients in (``bf16``/``fp16`` halve the bytes each step sends; the averaged gradient is
+    cast back to float32 before Adam; ``none`` sends float32), see ``comm_hook``. ``prefetch_batches`` is how
+    many batches Ray Data prepares ahead in each worker.
     """
 
     num_workers: int = 2
@@ -80,6 +86,8 @@ class TrainSettings:
     seed: int = 0
     max_failures: int = 2
     lr_schedule: str = "onecycle"
+    prefetch_batches: int = 1
+    gradient_compression: str = "bf16"
 
 
 def validate_settings(settings: TrainSettings, cluster_resources: dict) -> None:
@@ -110,6 +118,12 @@ def validate_settings(settings: TrainSettings, cluster_resources: dict) -> None:
         problems.append(f"row_limit={settings.row_limit}: must be >= 1, or None for every row.")
     if settings.lr_schedule not in ("onecycle", "constant"):
         problems.append(f"lr_schedule={settings.lr_schedule!r}: must be 'onecycle' or 'constant'.")
+    if settings.gradient_compression not in GRADIENT_COMPRESSION:
+        problems.append(
+            f"gradient_compression={settings.gradient_compression!r}: must be one of {', '.join(GRADIENT_COMPRESSION)}."
+        )
+    if settings.prefetch_batches < 0:
+        problems.append(f"prefetch_batches={settings.prefetch_batches}: must be >= 0.")
     if settings.max_failures < -1:
         problems.append(f"max_failures={settings.max_failures}: must be >= 0 (or -1 for unlimited retries).")
     if problems:
@@ -167,12 +181,18 @@ class ImageBatchCollate(ArrowBatchCollateFn):
 
 
 class _EpochThroughput(lightning.Callback):
-    """Logs training images/s for the epoch, summed over workers (data loading included, validation not)."""
+    """Logs training images/s for the epoch, summed over workers (data loading included, validation not), and
+    the share of that time a worker spent waiting for its next batch (``data_wait_fraction``, mean over
+    workers): near 0 when the input pipeline keeps up, large when training is input-bound."""
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._images = 0
         self._start = time.perf_counter()
         self._last = self._start
+        self._waited = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._waited += time.perf_counter() - self._last
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._images += len(batch[1])
@@ -183,18 +203,51 @@ class _EpochThroughput(lightning.Callback):
         rate = self._images / seconds if self._images else 0.0
         pl_module.log("images_per_second", rate, reduce_fx="sum", sync_dist=True)
         pl_module.log("train_images", float(self._images), reduce_fx="sum", sync_dist=True)
+        pl_module.log("data_wait_fraction", self._waited / seconds, reduce_fx="mean", sync_dist=True)
+
+
+def comm_hook(compression: str):
+    """The DDP communication hook for ``compression`` (``GRADIENT_COMPRESSION``), or None for plain float32.
+
+    With one CPU per worker the all-reduce of ResNet18's 45 MB of gradients competes with the backward pass for
+    the same core; sending them as 16-bit halves that work (``benchmarks/ddp_vs_single.py`` measures it).
+    bf16 keeps float32's range, so no gradient overflows; fp16 keeps more mantissa bits but can overflow.
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    hooks = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook, "none": None}
+    if compression not in hooks:
+        raise ValueError(f"gradient_compression must be one of {GRADIENT_COMPRESSION}, got {compression!r}")
+    return hooks[compression]
+
+
+def _ddp_strategy(compression: str, ddp_kwargs: dict):
+    """Ray's DDP strategy with the gradient communication hook registered on any device.
+
+    Lightning's ``DDPStrategy`` registers ``ddp_comm_hook`` only on CUDA; gloo (CPU) runs the same hooks.
+    """
+    from ray.train.lightning import RayDDPStrategy
+
+    class _RayDDPStrategy(RayDDPStrategy):
+        def _register_ddp_hooks(self) -> None:
+            if self._ddp_comm_hook is not None and self.root_device.type != "cuda":
+                self.model.register_comm_hook(self._ddp_comm_state, self._ddp_comm_hook)
+                return
+            super()._register_ddp_hooks()
+
+    return _RayDDPStrategy(ddp_comm_hook=comm_hook(compression), **ddp_kwargs)
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs in every Ray Train worker.
 
     ``config`` keys: mean, std, batch_size (per worker), learning_rate, epochs, seed, num_classes,
-    cpus_per_worker, use_gpu; optional for experiments: prefetch_batches (Ray Data, default 1) and ddp_kwargs
-    (extra ``DistributedDataParallel`` arguments, merged over ``DDP_KWARGS``).
+    cpus_per_worker, use_gpu; optional: prefetch_batches (Ray Data, default 1), gradient_compression
+    (``comm_hook``, default none), lr_schedule, total_steps, and ddp_kwargs (extra ``DistributedDataParallel``
+    arguments, merged over ``DDP_KWARGS``).
     """
     import ray.train
     from ray.train.lightning import (
-        RayDDPStrategy,
         RayLightningEnvironment,
         RayTrainReportCallback,
         prepare_trainer,
@@ -222,7 +275,9 @@ def train_loop_per_worker(config: dict) -> None:
         max_epochs=int(config["epochs"]),
         accelerator="gpu" if config.get("use_gpu") else "cpu",
         devices="auto",
-        strategy=RayDDPStrategy(**{**DDP_KWARGS, **config.get("ddp_kwargs", {})}),
+        strategy=_ddp_strategy(
+            config.get("gradient_compression", "none"), {**DDP_KWARGS, **config.get("ddp_kwargs", {})}
+        ),
         plugins=[RayLightningEnvironment()],
         callbacks=[_EpochThroughput(), RayTrainReportCallback()],
         enable_checkpointing=False,
@@ -453,6 +508,8 @@ def train_fashion_mnist(
             "use_gpu": use_gpu,
             "lr_schedule": settings.lr_schedule,
             "total_steps": total_steps,
+            "prefetch_batches": settings.prefetch_batches,
+            "gradient_compression": settings.gradient_compression,
         },
         scaling_config=ScalingConfig(
             num_workers=settings.num_workers, use_gpu=use_gpu, resources_per_worker=resources

@@ -92,6 +92,8 @@ def train_worker_pids() -> list[int]:
         ),
         (TrainSettings(num_workers=2, cpus_per_worker=2), TWO_CPUS, "Lower num_workers to 1"),
         (TrainSettings(num_workers=1, gpus_per_worker=1), TWO_CPUS, "asks for 1 GPUs"),
+        (TrainSettings(gradient_compression="int8"), TWO_CPUS, "gradient_compression='int8': must be one of"),
+        (TrainSettings(prefetch_batches=-1), TWO_CPUS, "prefetch_batches=-1"),
     ],
 )
 def test_validate_settings_rejects(settings, cluster, expected):
@@ -123,6 +125,54 @@ def test_training_with_bad_settings_fails_before_scheduling(ray_local, data, tmp
     assert expected in str(info.value)
     assert time.perf_counter() - started < 5
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Gradient compression: the hook really runs on CPU (gloo), where Lightning itself registers none
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _is_bf16_exact(t: torch.Tensor) -> bool:
+    return bool(torch.equal(t, t.to(torch.bfloat16).to(torch.float32)))
+
+
+@pytest.mark.parametrize("compression", ["bf16", "fp16", "none"])
+def test_ddp_strategy_all_reduces_gradients_in_the_chosen_format_on_cpu(compression):
+    """One-process gloo group: after backward, DDP has replaced every gradient with its all-reduced value,
+    which with bf16/fp16 compression was rounded to 16 bits."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ocm_ml.vision.train import _ddp_strategy
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+        strategy = _ddp_strategy(compression, {"gradient_as_bucket_view": True})
+        strategy.model = DistributedDataParallel(model)
+        strategy._register_ddp_hooks()  # what Lightning calls after wrapping the module
+        loss = strategy.model(torch.randn(32, 64)).square().mean()
+        loss.backward()
+        grads = [p.grad for p in model.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        if compression == "bf16":
+            assert all(_is_bf16_exact(g) for g in grads)
+        elif compression == "fp16":
+            assert all(torch.equal(g, g.to(torch.float16).to(torch.float32)) for g in grads)
+        else:  # float32 all-reduce: gradients keep their full precision
+            assert not all(_is_bf16_exact(g) for g in grads)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_comm_hook_names_the_choices():
+    from ocm_ml.vision.train import comm_hook
+
+    assert comm_hook("none") is None
+    with pytest.raises(ValueError, match="gradient_compression must be one of"):
+        comm_hook("zstd")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -81,6 +81,31 @@ def test_importing_the_module_does_not_import_ray():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PROJECT_ROOT, timeout=120)
 
 
+@pytest.mark.parametrize(("keep_ms", "all_kept"), [(None, True), (1000, False)])
+def test_in_process_ray_keeps_idle_workers_for_the_next_epoch(no_ray, keep_ms, all_kept):
+    """Ray ends idle worker processes beyond one per CPU after 1 s; the next data read (every training epoch)
+    then waits for a new process. RayHead keeps them for a minute by default; with Ray's 1000 ms they go."""
+    import psutil
+    import ray
+
+    resource = RayHead(num_cpus=1) if keep_ms is None else RayHead(num_cpus=1, idle_worker_keep_ms=keep_ms)
+    resource.connect(dg.build_init_resource_context())
+    try:
+
+        @ray.remote(num_cpus=0)
+        def pid() -> int:
+            time.sleep(1.0)  # concurrent, so each call gets a worker process of its own
+            return os.getpid()
+
+        pids = set(ray.get([pid.remote() for _ in range(4)]))
+        assert len(pids) > 1
+        time.sleep(5)  # idle for 4 s: Ray's default would have ended all but one
+        alive = sum(psutil.pid_exists(p) for p in pids)
+        assert (alive == len(pids)) is all_kept, (alive, len(pids))
+    finally:
+        ray.shutdown()
+
+
 def test_repeated_materializations_start_reuse_and_stop_only_their_own_ray(no_ray):
     """Two Ray starts in all: each costs seconds (tens on a loaded machine)."""
     import ray
@@ -187,7 +212,10 @@ def test_kuberay_factory_builds_dagster_ray_resources(kind):
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["image"] == "ghcr.io/acme/ocm:abc"
     assert {"name": "OCM_ENV", "value": "cluster"} in head["env"]
+    keep = {"name": "RAY_idle_worker_killing_time_threshold_ms", "value": "60000"}
+    assert keep in head["env"]
     worker_group = cluster["workerGroupSpecs"][0]
+    assert keep in worker_group["template"]["spec"]["containers"][0]["env"]
     assert (worker_group["minReplicas"], worker_group["maxReplicas"]) == (0, 3)
     assert worker_group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "4"
 
