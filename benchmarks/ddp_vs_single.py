@@ -1,23 +1,34 @@
 """Training throughput: Ray Train DDP (N workers) vs a bare single-process PyTorch loop, same model and data.
 
-    .venv/bin/python benchmarks/ddp_vs_single.py                 # defaults: 4,096 rows, batch 128, 2 epochs
-    .venv/bin/python benchmarks/ddp_vs_single.py --rows 12000 --epochs 3 --batch-size 256
+    .venv/bin/python benchmarks/ddp_vs_single.py                  # 16,384 rows, batch 128, 2 epochs, 2 rounds
+    .venv/bin/python benchmarks/ddp_vs_single.py --with-defaults  # + DDP with PyTorch's and Ray's defaults
+    .venv/bin/python benchmarks/ddp_vs_single.py --rows 4096 --rounds 1   # quick look (start-up weighs more)
 
-Both sides train the 1-channel ResNet18 (``ocm_ml.vision.model``) with Adam on the same synthetic 28x28
-images, normalized the same way, with the same per-step batch size (DDP: per worker, so its global batch is
-N times larger). Images/s counts training only (data loading included, validation excluded), from an epoch's
-start to its last batch; the first epoch is a warm-up and is reported but left out of the comparison when
-there are two or more.
+Both sides train the 1-channel ResNet18 (``ocm_ml.vision.model``) with the same optimizer
+(``lightning_module.build_optimizer``: fused Adam) on the same synthetic 28x28 images, normalized the same way,
+with the same per-step batch size (DDP: per worker, so its global batch is N times larger). Images/s counts
+training only (data loading included, validation excluded), from an epoch's start to its last batch; the first
+epoch is a warm-up and is reported but left out of the comparison when there are two or more.
 
 - "single": one process, a plain loop over in-memory numpy batches, once per thread count in
   ``--single-threads`` (default 1 and every core); the comparison uses the faster one.
-- "ray ddp": ``ocm_ml.vision.train.train_fashion_mnist`` itself (Ray Data streaming + Lightning + RayDDPStrategy),
-  ``--workers`` workers x 1 CPU, on a local Ray with as many CPUs as the machine has.
+- "ray ddp": ``ocm_ml.vision.train.train_fashion_mnist`` itself (Ray Data streaming + Lightning + RayDDPStrategy,
+  the product's defaults: bf16 gradient all-reduce), ``--workers`` workers x 1 CPU, on a local Ray with as many
+  CPUs as the machine has and ocm's idle-worker setting (``ocm_resources.ray.IDLE_WORKER_KEEP_MS``).
+- "--with-defaults" adds the same DDP run with float32 all-reduce and Ray's own 1 s idle-worker timeout: what
+  the two settings buy.
+
+Each round runs every side once, one after the other; the table shows every round and the ratio uses the
+median over rounds of each side's steady img/s (this machine's speed drifts by +-10 % within minutes).
+Default size: 64 steps per worker per epoch, so the per-epoch start (a new Ray Data execution) weighs as it
+does in real runs (235 steps per epoch in the demo), not as in a 16-step toy epoch.
 
 The machine's load average is printed beside each figure: on a shared machine, compare runs only at similar load
 (``--wait-load 1.5`` waits for a quiet moment). Under oversubscription torch's multi-threaded kernels collapse
 (OpenMP threads spin waiting for descheduled peers), which flatters DDP's single-threaded workers; the CPU
 ms/img column is the load-robust view of each side's cost per image.
+
+Measured (2 cores, idle, 2026-12-02): see the README's benchmark table.
 """
 
 from __future__ import annotations
@@ -155,7 +166,7 @@ def steady(rates: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=4096, help="training images (default 4096)")
+    parser.add_argument("--rows", type=int, default=16384, help="training images (default 16384)")
     parser.add_argument("--val-rows", type=int, default=256)
     parser.add_argument(
         "--batch-size", type=int, default=128, help="per step; per worker for DDP (default 128)"
@@ -163,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--epochs", type=int, default=2, help="epochs per side; the first is a warm-up (default 2)"
     )
+    parser.add_argument("--rounds", type=int, default=2, help="times every side runs (default 2)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
         "--single-threads",
@@ -170,16 +182,12 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated torch thread counts for the single-process side (default 1,<cores>)",
     )
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument(
-        "--prefetch-batches", type=int, default=None,
-        help="Ray Data batches each DDP worker prepares ahead (default: TrainSettings' default)",
-    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--idle-worker-ms", type=int, default=60_000,
-        help="Ray's idle_worker_killing_time_threshold_ms (default: what ocm's Ray heads use; Ray's own is 1000)",
+        "--with-defaults", action="store_true",
+        help="also run DDP with float32 all-reduce and Ray's 1 s idle-worker timeout",
     )
-    parser.add_argument("--skip-single", action="store_true", help="only run the Ray DDP side")
+    parser.add_argument("--skip-single", action="store_true", help="only run the Ray DDP side(s)")
     parser.add_argument(
         "--wait-load",
         type=float,
@@ -192,56 +200,72 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from ocm_ml.vision.synthetic import write_synthetic_parquet
+    from ocm_resources.ray import IDLE_WORKER_KEEP_MS
 
-    sides = []  # (name, global batch, per-epoch img/s, CPU ms per image, load before, load after)
+    threads = [] if args.skip_single else [int(t) for t in args.single_threads.split(",") if t]
+    ddp_sides = {f"ray train ddp, {args.workers} workers x 1 CPU": (IDLE_WORKER_KEEP_MS, {})}
+    if args.with_defaults:
+        ddp_sides["  same, fp32 all-reduce, Ray idle 1 s"] = (1000, {"gradient_compression": "none"})
+    sides: list[tuple] = []  # (round, name, global batch, per-epoch img/s, CPU ms per image, load before, after)
+    results = {}
     with tempfile.TemporaryDirectory() as folder:
         train_path = write_synthetic_parquet(Path(folder) / "train.parquet", args.rows, seed=args.seed)
         val_path = write_synthetic_parquet(Path(folder) / "val.parquet", args.val_rows, seed=args.seed + 1)
-        threads = [] if args.skip_single else [int(t) for t in args.single_threads.split(",") if t]
-        for n in threads:
-            load = wait_for_load(args.wait_load, args.wait_timeout)
-            rates, cpu_ms = single_process(train_path, args.batch_size, args.epochs, args.lr, n, args.seed)
-            name = f"single process, {n} torch thread{'s' if n > 1 else ''}"
-            sides.append((name, args.batch_size, rates, cpu_ms, load, os.getloadavg()[0]))
-            print(f"done: {name}: img/s per epoch {[round(r) for r in rates]}, load {load:.1f}", flush=True)
-        load = wait_for_load(args.wait_load, args.wait_timeout)
-        rates, cpu_ms, result = ray_ddp(
-            train_path, val_path, args.batch_size, args.epochs, args.lr, args.workers, args.seed,
-            args.idle_worker_ms, **({} if args.prefetch_batches is None else {"prefetch_batches": args.prefetch_batches}),
-        )
-        name = f"ray train ddp, {args.workers} workers x 1 CPU"
-        sides.append((name, args.batch_size * args.workers, rates, cpu_ms, load, os.getloadavg()[0]))
+        for round_ in range(1, args.rounds + 1):
+            for n in threads:
+                load = wait_for_load(args.wait_load, args.wait_timeout)
+                rates, cpu_ms = single_process(train_path, args.batch_size, args.epochs, args.lr, n, args.seed)
+                name = f"single process, {n} torch thread{'s' if n > 1 else ''}"
+                sides.append((round_, name, args.batch_size, rates, cpu_ms, load, os.getloadavg()[0]))
+                print(f"round {round_}: {name}: img/s per epoch {[round(r) for r in rates]}", flush=True)
+            for name, (idle_ms, settings) in ddp_sides.items():
+                load = wait_for_load(args.wait_load, args.wait_timeout)
+                rates, cpu_ms, results[name] = ray_ddp(
+                    train_path, val_path, args.batch_size, args.epochs, args.lr, args.workers, args.seed,
+                    idle_ms, **settings,
+                )
+                sides.append(
+                    (round_, name, args.batch_size * args.workers, rates, cpu_ms, load, os.getloadavg()[0])
+                )
+                print(f"round {round_}: {name.strip()}: img/s per epoch {[round(r) for r in rates]}", flush=True)
 
     print()
     print(
         f"ResNet18 (1-channel), {args.rows} train images 28x28, {args.epochs} epoch(s), batch {args.batch_size} "
-        f"per process, {os.cpu_count()} cores"
+        f"per process, {os.cpu_count()} cores, {args.rounds} round(s)"
     )
     header = (
-        f"{'side':<36} {'global batch':>12} {'img/s per epoch':>16} {'img/s steady':>12} "
+        f"{'round':>5} {'side':<38} {'global batch':>12} {'img/s per epoch':>16} {'img/s steady':>12} "
         f"{'CPU ms/img':>10} {'load 1m':>12}"
     )
     print(header)
     print("-" * len(header))
-    for name, global_batch, rates, cpu_ms, before, after in sides:
+    for round_, name, global_batch, rates, cpu_ms, before, after in sides:
         per_epoch = " ".join(f"{r:.0f}" for r in rates)
         print(
-            f"{name:<36} {global_batch:>12} {per_epoch:>16} {steady(rates):>12.0f} {cpu_ms:>10.2f} "
+            f"{round_:>5} {name:<38} {global_batch:>12} {per_epoch:>16} {steady(rates):>12.0f} {cpu_ms:>10.2f} "
             f"{before:>5.1f}->{after:<5.1f}"
         )
-    if len(sides) > 1:
-        ddp = steady(sides[-1][2])
-        best = max(sides[:-1], key=lambda side: steady(side[2]))
-        print(f"\nDDP / best single-process ({best[0]}): {ddp / steady(best[2]):.2f}x")
+    medians = {
+        name: statistics.median(steady(side[3]) for side in sides if side[1] == name)
+        for name in dict.fromkeys(side[1] for side in sides)
+    }
+    print("\nmedian steady img/s: " + ", ".join(f"{name.strip()} {rate:.0f}" for name, rate in medians.items()))
+    singles = {name: rate for name, rate in medians.items() if name.startswith("single")}
+    if singles:
+        best = max(singles, key=singles.get)
+        for name in ddp_sides:
+            print(f"{name.strip()} / best single-process ({best}): {medians[name] / singles[best]:.2f}x")
     print(
         "CPU ms/img: single = process CPU in the last epoch; ddp = all worker threads between the first and last "
         "epoch reports (validation and checkpointing included)."
     )
-    print(
-        f"DDP run: val_accuracy {result.val_accuracy:.3f}, elapsed {result.elapsed_seconds:.1f} s "
-        "(worker start-up and validation included); share of training time waiting for data per epoch: "
-        + " ".join(f"{h['data_wait_fraction']:.1%}" for h in result.history)
-    )
+    for name, result in results.items():
+        print(
+            f"{name.strip()} (last round): val_accuracy {result.val_accuracy:.3f}, elapsed "
+            f"{result.elapsed_seconds:.1f} s (worker start-up and validation included); time waiting for data per "
+            "epoch: " + " ".join(f"{h['data_wait_fraction']:.1%}" for h in result.history)
+        )
 
 
 if __name__ == "__main__":

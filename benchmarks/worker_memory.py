@@ -113,12 +113,15 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
-    ray.init(
+    from ocm_resources.ray import IDLE_WORKER_CONFIG_KEY, IDLE_WORKER_KEEP_MS
+
+    ray.init(  # as ocm's Ray heads run (ocm_resources.ray)
         address="local",
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=512 * MiB,
         log_to_driver=False,
+        _system_config={IDLE_WORKER_CONFIG_KEY: IDLE_WORKER_KEEP_MS},
     )
     try:
         with tempfile.TemporaryDirectory() as tmp:
