@@ -164,6 +164,18 @@ def steady(rates: list[float]) -> float:
     return statistics.mean(rates[1:] if len(rates) > 1 else rates)
 
 
+def _setting(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--ddp-setting wants KEY=VALUE, got {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=16384, help="training images (default 16384)")
@@ -187,6 +199,10 @@ def main(argv: list[str] | None = None) -> None:
         "--with-defaults", action="store_true",
         help="also run DDP with float32 all-reduce and Ray's 1 s idle-worker timeout",
     )
+    parser.add_argument(
+        "--ddp-setting", action="append", default=[], metavar="KEY=VALUE",
+        help="override a TrainSettings field on the DDP side(s), e.g. prefetch_batches=2 (repeatable)",
+    )
     parser.add_argument("--skip-single", action="store_true", help="only run the Ray DDP side(s)")
     parser.add_argument(
         "--wait-load",
@@ -203,9 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     from ocm_resources.ray import IDLE_WORKER_KEEP_MS
 
     threads = [] if args.skip_single else [int(t) for t in args.single_threads.split(",") if t]
-    ddp_sides = {f"ray train ddp, {args.workers} workers x 1 CPU": (IDLE_WORKER_KEEP_MS, {})}
+    overrides = dict(_setting(text) for text in args.ddp_setting)
+    ddp_sides = {f"ray train ddp, {args.workers} workers x 1 CPU": (IDLE_WORKER_KEEP_MS, overrides)}
     if args.with_defaults:
-        ddp_sides["  same, fp32 all-reduce, Ray idle 1 s"] = (1000, {"gradient_compression": "none"})
+        ddp_sides["  same, fp32 all-reduce, Ray idle 1 s"] = (1000, {**overrides, "gradient_compression": "none"})
     sides: list[tuple] = []  # (round, name, global batch, per-epoch img/s, CPU ms per image, load before, after)
     results = {}
     with tempfile.TemporaryDirectory() as folder:
