@@ -28,7 +28,13 @@ The machine's load average is printed beside each figure: on a shared machine, c
 (OpenMP threads spin waiting for descheduled peers), which flatters DDP's single-threaded workers; the CPU
 ms/img column is the load-robust view of each side's cost per image.
 
-Measured (2 cores, idle, 2026-12-02): see the README's benchmark table.
+Measured (2 cores, 2026-12-02, default arguments with --with-defaults, medians of 2 rounds): single process
+1 thread 506 img/s, 2 threads 962; ocm DDP 690 (0.72x); fp32 all-reduce + Ray's 1 s idle timeout 724 (0.75x).
+Rounds differed by up to 18 % on the same side (single, 2 threads: 880 and 1044), so differences under ~10 %
+between DDP variants are noise here. A plain torch.distributed DDP loop (2 processes, gloo, in-memory batches,
+same model and fused Adam) reached 0.85-1.08x of the 2-thread process over three alternating runs with bf16
+all-reduce, 0.82-0.97x with float32: the rest of the gap is the Ray Train + Ray Data + Lightning stack (its
+workers sat at 80-87 % CPU in steady training, the plain DDP ones at 92-94 %).
 """
 
 from __future__ import annotations

@@ -230,10 +230,10 @@ def _ddp_strategy(compression: str, ddp_kwargs: dict):
 
     class _RayDDPStrategy(RayDDPStrategy):
         def _register_ddp_hooks(self) -> None:
-            if self._ddp_comm_hook is not None and self.root_device.type != "cuda":
+            if getattr(self.model, "device_ids", None):  # DDP on CUDA devices: Lightning's own path
+                super()._register_ddp_hooks()
+            elif self._ddp_comm_hook is not None:  # CPU (gloo): DDP has no device_ids
                 self.model.register_comm_hook(self._ddp_comm_state, self._ddp_comm_hook)
-                return
-            super()._register_ddp_hooks()
 
     return _RayDDPStrategy(ddp_comm_hook=comm_hook(compression), **ddp_kwargs)
 
