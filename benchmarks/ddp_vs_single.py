@@ -101,7 +101,7 @@ def ray_ddp(
     def on_epoch(record: dict) -> None:
         cpu_at_epoch.append(worker_cpu_seconds())
 
-    from ocm_resources.ray import IDLE_WORKER_CONFIG_KEY
+    from ocm_resources.ray import system_config
 
     ray.init(
         address="local",
@@ -109,7 +109,7 @@ def ray_ddp(
         include_dashboard=False,
         object_store_memory=512 * 1024**2,
         log_to_driver=False,
-        _system_config={IDLE_WORKER_CONFIG_KEY: idle_worker_ms},
+        _system_config=system_config(idle_worker_ms),
     )
     try:
         with tempfile.TemporaryDirectory() as storage:

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
-    from ocm_resources.ray import IDLE_WORKER_CONFIG_KEY, IDLE_WORKER_KEEP_MS
+    from ocm_resources.ray import system_config
 
     ray.init(  # as ocm's Ray heads run (ocm_resources.ray)
         address="local",
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         include_dashboard=False,
         object_store_memory=512 * MiB,
         log_to_driver=False,
-        _system_config={IDLE_WORKER_CONFIG_KEY: IDLE_WORKER_KEEP_MS},
+        _system_config=system_config(),
     )
     try:
         with tempfile.TemporaryDirectory() as tmp:

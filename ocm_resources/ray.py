@@ -48,6 +48,11 @@ RAY_CLIENT_PORT = 10001
 # (scripts/dev.sh) and KubeRay (deploy/kuberay) through the environment variable of the same name.
 IDLE_WORKER_KEEP_MS = 60_000
 IDLE_WORKER_CONFIG_KEY = "idle_worker_killing_time_threshold_ms"
+
+
+def system_config(idle_worker_keep_ms: int = IDLE_WORKER_KEEP_MS) -> dict[str, int]:
+    """The ``_system_config`` of ``ray.init`` for a Ray that ocm starts in-process (see IDLE_WORKER_KEEP_MS)."""
+    return {IDLE_WORKER_CONFIG_KEY: idle_worker_keep_ms}
 _TOKEN_HINT = (
     "Ray >= 2.52 heads use token authentication by default: this process needs the head's token "
     "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE=token "
@@ -388,7 +393,7 @@ class RayHead(LocalRay):
             "num_cpus": self.num_cpus,
             "object_store_memory": self.object_store_memory,
             "include_dashboard": self.include_dashboard,
-            "_system_config": {IDLE_WORKER_CONFIG_KEY: self.idle_worker_keep_ms},
+            "_system_config": system_config(self.idle_worker_keep_ms),
         }
         if self.include_dashboard:
             kwargs["dashboard_port"] = self.dashboard_port

@@ -34,7 +34,7 @@ def init_local_ray():
     ignores a head left behind by a killed `ray start`."""
     import ray
 
-    from ocm_resources.ray import IDLE_WORKER_CONFIG_KEY, IDLE_WORKER_KEEP_MS
+    from ocm_resources.ray import system_config
 
     if not ray.is_initialized():
         ray.init(
@@ -43,7 +43,7 @@ def init_local_ray():
             include_dashboard=False,
             object_store_memory=512 * 1024**2,
             log_to_driver=False,
-            _system_config={IDLE_WORKER_CONFIG_KEY: IDLE_WORKER_KEEP_MS},
+            _system_config=system_config(),
         )
     return ray
 

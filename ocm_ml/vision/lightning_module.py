@@ -1,9 +1,10 @@
 """A plain LightningModule around the 1-channel ResNet18: Adam, cross-entropy, loss and accuracy.
 
-Optimizer: Adam (fused kernel, see ``build_optimizer``). Learning rate: ``lr_schedule="onecycle"`` (default when the number of steps is known) warms up linearly to
-``learning_rate`` over the first quarter of the steps and anneals it with a cosine to 1 % at the last one —
-the weights a short run ends with are then those of a small learning rate, which is worth several points of
-accuracy after one epoch; ``"constant"`` keeps Adam at ``learning_rate``.
+Optimizer: Adam (fused kernel, see ``build_optimizer``). Learning rate: ``lr_schedule="onecycle"`` (default
+when the number of steps is known) warms up linearly to ``learning_rate`` over the first quarter of the steps
+and anneals it with a cosine to 1 % at the last one — the weights a short run ends with are then those of a
+small learning rate, which is worth several points of accuracy after one epoch; ``"constant"`` keeps Adam at
+``learning_rate``.
 
 Batches are ``(x, y)``: ``x`` float (N, 1, 28, 28) already normalized (see ``model.normalize_pixels``), ``y``
 int64 (N,). Nothing here knows about Ray: ``train.py`` wraps it in Ray's DDP strategy.

@@ -61,7 +61,9 @@ _FAILURE_TEXT_LIMIT = 2000
 DATA_TASK_CPUS = 0  # logical CPUs per Ray Data read task; see _read_images
 # Gradients live in DDP's communication buckets: no copy of the 45 MB of ResNet18 gradients per step.
 DDP_KWARGS = {"gradient_as_bucket_view": True}
-GRADIENT_COMPRESSION = ("bf16", "fp16", "none")
+# gradient_compression -> torch's DDP communication hook (default_hooks.<name>); "none": plain float32
+_COMM_HOOKS = {"bf16": "bf16_compress_hook", "fp16": "fp16_compress_hook", "none": None}
+GRADIENT_COMPRESSION = tuple(_COMM_HOOKS)
 
 
 @dataclass
@@ -215,10 +217,10 @@ def comm_hook(compression: str):
     """
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    hooks = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook, "none": None}
-    if compression not in hooks:
+    if compression not in _COMM_HOOKS:
         raise ValueError(f"gradient_compression must be one of {GRADIENT_COMPRESSION}, got {compression!r}")
-    return hooks[compression]
+    name = _COMM_HOOKS[compression]
+    return getattr(default_hooks, name) if name else None
 
 
 def _ddp_strategy(compression: str, ddp_kwargs: dict):
