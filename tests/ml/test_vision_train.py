@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from ocm_ml.vision.model import build_resnet18, normalize_pixels
+from ocm_ml.vision import train as train_module
 from ocm_ml.vision.predictor import ImagePredictor
 from ocm_ml.vision.synthetic import images_table, synthetic_images, write_synthetic_parquet
 from ocm_ml.vision.train import (
@@ -230,7 +231,11 @@ def test_aggregate_worker_metrics_averages_every_worker():
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_two_worker_ddp_training_reports_epochs_live_and_checkpoints(ray_local, data, tmp_path):
+# The driver waits on the progress queue for up to an hour here: the run must still end as soon as fit() returns
+# (the "fit returned" event wakes it), or pytest-timeout fails the test.
+@pytest.mark.timeout(900)
+def test_two_worker_ddp_training_reports_epochs_live_and_checkpoints(ray_local, data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "_EVENT_WAIT_S", 3600.0)
     calls: list[tuple[dict, int]] = []
 
     def on_epoch(record: dict) -> None:
@@ -316,7 +321,9 @@ def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(ray_loca
 
 
 @pytest.mark.slow
-def test_training_that_keeps_failing_raises_runtime_error(ray_local, data, tmp_path):
+@pytest.mark.timeout(900)
+def test_training_that_keeps_failing_raises_runtime_error(ray_local, data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "_EVENT_WAIT_S", 3600.0)  # a failed fit() must end the wait too
     def on_epoch(record: dict) -> None:
         for pid in train_worker_pids():
             os.kill(pid, signal.SIGKILL)
