@@ -96,10 +96,10 @@ def ray_ddp(
 
     from ocm_ml.vision.train import TrainSettings, train_fashion_mnist
 
-    cpu_at_epoch: list[float] = []
+    cpu_at_epoch: list[tuple[float, float, float]] = []  # (wall clock, worker CPU, helper CPU) per epoch report
 
     def on_epoch(record: dict) -> None:
-        cpu_at_epoch.append(worker_cpu_seconds())
+        cpu_at_epoch.append((time.perf_counter(), *ray_cpu_seconds()))
 
     from ocm_resources.ray import system_config
 
@@ -135,27 +135,33 @@ def ray_ddp(
     finally:
         ray.shutdown()
     rows = result.train_rows
-    cpu_ms = (
-        1000 * (cpu_at_epoch[-1] - cpu_at_epoch[0]) / (rows * (len(cpu_at_epoch) - 1))
-        if len(cpu_at_epoch) > 1 and rows
-        else float("nan")
-    )
-    return [h["images_per_second"] for h in result.history], cpu_ms, result
+    cpu_ms = helper_share = float("nan")
+    if len(cpu_at_epoch) > 1 and rows:
+        (wall0, workers0, helpers0), (wall1, workers1, helpers1) = cpu_at_epoch[0], cpu_at_epoch[-1]
+        cpu_ms = 1000 * (workers1 - workers0) / (rows * (len(cpu_at_epoch) - 1))
+        helper_share = (helpers1 - helpers0) / (wall1 - wall0)
+    return [h["images_per_second"] for h in result.history], cpu_ms, helper_share, result
 
 
-def worker_cpu_seconds() -> float:
-    """User+system CPU of this process's Ray Train workers, every thread included."""
+def ray_cpu_seconds() -> tuple[float, float]:
+    """User+system CPU (every thread) of this process's Ray Train workers, and of everything else Ray runs for
+    the job: GCS, raylet, agents, the Train controller and its actors, Ray Data's coordinators and tasks, idle
+    workers and this driver process. On a machine whose cores the workers fill, the second steals from them."""
     import psutil
 
-    total = 0.0
-    for child in psutil.Process(os.getpid()).children(recursive=True):
+    me = psutil.Process(os.getpid())
+    workers = helpers = 0.0
+    for process in [me, *me.children(recursive=True)]:
         try:
-            if "RayTrainWorker" in " ".join(child.cmdline()):
-                times = child.cpu_times()
-                total += times.user + times.system
+            times = process.cpu_times()
+            seconds = times.user + times.system
+            if process is not me and "RayTrainWorker" in " ".join(process.cmdline()):
+                workers += seconds
+            else:
+                helpers += seconds
         except psutil.Error:
             continue
-    return total
+    return workers, helpers
 
 
 def wait_for_load(threshold: float | None, timeout: float) -> float:
@@ -229,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     ddp_sides = {f"ray train ddp, {args.workers} workers x 1 CPU": (IDLE_WORKER_KEEP_MS, overrides)}
     if args.with_defaults:
         ddp_sides["  same, fp32 all-reduce, Ray idle 1 s"] = (1000, {**overrides, "gradient_compression": "none"})
-    sides: list[tuple] = []  # (round, name, global batch, per-epoch img/s, CPU ms per image, load before, after)
+    # (round, name, global batch, per-epoch img/s, CPU ms per image, Ray helpers' share of a core, load before, after)
+    sides: list[tuple] = []
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         train_path = write_synthetic_parquet(Path(folder) / "train.parquet", args.rows, seed=args.seed)
@@ -239,16 +246,16 @@ def main(argv: list[str] | None = None) -> None:
                 load = wait_for_load(args.wait_load, args.wait_timeout)
                 rates, cpu_ms = single_process(train_path, args.batch_size, args.epochs, args.lr, n, args.seed)
                 name = f"single process, {n} torch thread{'s' if n > 1 else ''}"
-                sides.append((round_, name, args.batch_size, rates, cpu_ms, load, os.getloadavg()[0]))
+                sides.append((round_, name, args.batch_size, rates, cpu_ms, None, load, os.getloadavg()[0]))
                 print(f"round {round_}: {name}: img/s per epoch {[round(r) for r in rates]}", flush=True)
             for name, (idle_ms, settings) in ddp_sides.items():
                 load = wait_for_load(args.wait_load, args.wait_timeout)
-                rates, cpu_ms, results[name] = ray_ddp(
+                rates, cpu_ms, helpers, results[name] = ray_ddp(
                     train_path, val_path, args.batch_size, args.epochs, args.lr, args.workers, args.seed,
                     idle_ms, **settings,
                 )
                 sides.append(
-                    (round_, name, args.batch_size * args.workers, rates, cpu_ms, load, os.getloadavg()[0])
+                    (round_, name, args.batch_size * args.workers, rates, cpu_ms, helpers, load, os.getloadavg()[0])
                 )
                 print(f"round {round_}: {name.strip()}: img/s per epoch {[round(r) for r in rates]}", flush=True)
 
@@ -259,15 +266,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     header = (
         f"{'round':>5} {'side':<38} {'global batch':>12} {'img/s per epoch':>16} {'img/s steady':>12} "
-        f"{'CPU ms/img':>10} {'load 1m':>12}"
+        f"{'CPU ms/img':>10} {'Ray helpers':>11} {'load 1m':>12}"
     )
     print(header)
     print("-" * len(header))
-    for round_, name, global_batch, rates, cpu_ms, before, after in sides:
+    for round_, name, global_batch, rates, cpu_ms, helpers, before, after in sides:
         per_epoch = " ".join(f"{r:.0f}" for r in rates)
+        helper_text = "" if helpers is None else f"{helpers:.0%} core"
         print(
             f"{round_:>5} {name:<38} {global_batch:>12} {per_epoch:>16} {steady(rates):>12.0f} {cpu_ms:>10.2f} "
-            f"{before:>5.1f}->{after:<5.1f}"
+            f"{helper_text:>11} {before:>5.1f}->{after:<5.1f}"
         )
     medians = {
         name: statistics.median(steady(side[3]) for side in sides if side[1] == name)
@@ -279,9 +287,21 @@ def main(argv: list[str] | None = None) -> None:
         best = max(singles, key=singles.get)
         for name in ddp_sides:
             print(f"{name.strip()} / best single-process ({best}): {medians[name] / singles[best]:.2f}x")
+    one, many = "single process, 1 torch thread", f"single process, {max(threads, default=1)} torch threads"
+    if one in medians and many in medians:
+        # How well this host runs two threads at once: near 2x on a quiet host, far lower when its vCPUs are
+        # contended; it moves the 2-thread baseline (and so the ratio above) more than anything DDP does.
+        print(f"single process, {max(threads)} threads / 1 thread: {medians[many] / medians[one]:.2f}x")
+        for name in ddp_sides:
+            print(
+                f"{name.strip()} / ({args.workers} x single process, 1 thread), i.e. of linear scaling: "
+                f"{medians[name] / (args.workers * medians[one]):.2f}"
+            )
     print(
         "CPU ms/img: single = process CPU in the last epoch; ddp = all worker threads between the first and last "
-        "epoch reports (validation and checkpointing included)."
+        "epoch reports (validation and checkpointing included). Ray helpers: CPU of every other Ray process of the "
+        "run (GCS, raylet, agents, Train and Data actors, idle workers, this driver) over the same span, as a share "
+        "of one core."
     )
     for name, result in results.items():
         print(
