@@ -53,6 +53,8 @@ IDLE_WORKER_CONFIG_KEY = "idle_worker_killing_time_threshold_ms"
 def system_config(idle_worker_keep_ms: int = IDLE_WORKER_KEEP_MS) -> dict[str, int]:
     """The ``_system_config`` of ``ray.init`` for a Ray that ocm starts in-process (see IDLE_WORKER_KEEP_MS)."""
     return {IDLE_WORKER_CONFIG_KEY: idle_worker_keep_ms}
+
+
 _TOKEN_HINT = (
     "Ray >= 2.52 heads use token authentication by default: this process needs the head's token "
     "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE=token "

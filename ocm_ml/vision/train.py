@@ -249,8 +249,8 @@ def train_loop_per_worker(config: dict) -> None:
     """Runs in every Ray Train worker.
 
     ``config`` keys: mean, std, batch_size (per worker), learning_rate, epochs, seed, num_classes,
-    cpus_per_worker, use_gpu; optional: prefetch_batches (Ray Data, default 1), gradient_compression
-    (``comm_hook``, default none), lr_schedule, total_steps, and ddp_kwargs (extra ``DistributedDataParallel``
+    cpus_per_worker, use_gpu; optional: prefetch_batches and gradient_compression (defaults: ``TrainSettings``'s),
+    lr_schedule, total_steps, and ddp_kwargs (extra ``DistributedDataParallel``
     arguments, merged over ``DDP_KWARGS``).
     """
     import ray.train
@@ -268,7 +268,9 @@ def train_loop_per_worker(config: dict) -> None:
     collate = ImageBatchCollate(config["mean"], config["std"])
     batch_size = int(config["batch_size"])
     train_batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=batch_size, collate_fn=collate, prefetch_batches=int(config.get("prefetch_batches", 1))
+        batch_size=batch_size,
+        collate_fn=collate,
+        prefetch_batches=int(config.get("prefetch_batches", TrainSettings.prefetch_batches)),
     )
     val_batches = ray.train.get_dataset_shard("val").iter_torch_batches(
         batch_size=batch_size, collate_fn=collate
@@ -283,7 +285,8 @@ def train_loop_per_worker(config: dict) -> None:
         accelerator="gpu" if config.get("use_gpu") else "cpu",
         devices="auto",
         strategy=_ddp_strategy(
-            config.get("gradient_compression", "none"), {**DDP_KWARGS, **config.get("ddp_kwargs", {})}
+            config.get("gradient_compression", TrainSettings.gradient_compression),
+            {**DDP_KWARGS, **config.get("ddp_kwargs", {})},
         ),
         plugins=[RayLightningEnvironment()],
         callbacks=[_EpochThroughput(), RayTrainReportCallback()],

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from ocm_ml.vision.model import build_resnet18, normalize_pixels
 from ocm_ml.vision import train as train_module
+from ocm_ml.vision.model import build_resnet18, normalize_pixels
 from ocm_ml.vision.predictor import ImagePredictor
 from ocm_ml.vision.synthetic import images_table, synthetic_images, write_synthetic_parquet
 from ocm_ml.vision.train import (
