@@ -69,14 +69,31 @@ def local_paths() -> LocalPaths:
     return LocalPaths(ocm_home())
 
 
+#: Run tag that names the family of a rollout run; the instance runs one rollout per family at a time.
+ROLLOUT_TAG = "ocm/rollout"
+
+#: dagster.yaml of the embedded instance: sqlite storage (Dagster's default), telemetry off, and the run
+#: queue's tag limit that keeps rollouts of one family (same ``ocm/rollout`` value) one at a time. The Helm
+#: values in ``deploy/helm/dagster-values.yaml`` carry the same limit for the cluster path.
+LOCAL_INSTANCE_YAML = f"""telemetry:
+  enabled: false
+run_queue:
+  tag_concurrency_limits:
+    - key: "{ROLLOUT_TAG}"
+      value:
+        applyLimitPerUniqueValue: true
+      limit: 1
+"""
+
+
 def ensure_dagster_home() -> Path:
-    """The Dagster instance folder (``DAGSTER_HOME``, default ``$OCM_HOME/dagster``) with a dagster.yaml:
-    sqlite storage (Dagster's default), telemetry off, sensors evaluated by the daemon."""
+    """The Dagster instance folder (``DAGSTER_HOME``, default ``$OCM_HOME/dagster``) with ocm's dagster.yaml
+    (:data:`LOCAL_INSTANCE_YAML`); an existing file without the rollout limit gets it."""
     home = Path(os.environ.get("DAGSTER_HOME") or local_paths().dagster_home).resolve()
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text("telemetry:\n  enabled: false\n")
+    if not config.exists() or ROLLOUT_TAG not in config.read_text():
+        config.write_text(LOCAL_INSTANCE_YAML)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 

@@ -14,7 +14,7 @@ RUN=$OCM_HOME/run
 LOGS=$OCM_HOME/logs
 RAY_TMP=$OCM_HOME/ray
 mkdir -p "$RUN" "$LOGS" "$DAGSTER_HOME" "$OCM_HOME/mlflow/artifacts"
-[ -f "$DAGSTER_HOME/dagster.yaml" ] || printf 'telemetry:\n  enabled: false\n' > "$DAGSTER_HOME/dagster.yaml"
+"$VENV/bin/python" -c "from ocm_resources.env import ensure_dagster_home; ensure_dagster_home()"
 
 alive() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
 
