@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ocm_ml.contract import text_key
+
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
     "Trouser",
@@ -157,3 +159,50 @@ def split_table(table: pa.Table, val_fraction: float, seed: int) -> tuple[pa.Tab
     order = rng.permutation(table.num_rows)
     n_val = int(round(table.num_rows * val_fraction))
     return table.take(np.sort(order[n_val:])), table.take(np.sort(order[:n_val]))
+
+
+# --- the fixed holdouts: rows no registry version may train on --------------------------------------------
+
+#: Fashion-MNIST's holdout: the last fifth of the test images (of the real 10,000: indices 8000-9999), minus
+#: any image whose pixels also occur in the training images or the rest of the test images.
+FASHION_MNIST_HOLDOUT_FRACTION = 0.2
+FASHION_MNIST_HOLDOUT_START = 8000  # for the real test split: 10,000 * (1 - FASHION_MNIST_HOLDOUT_FRACTION)
+#: The tweets' holdout: this many tweets (or a tenth of a smaller source's), sampled with this seed among the
+#: texts that occur once.
+TWEET_HOLDOUT_ROWS = 1000
+TWEET_HOLDOUT_SEED = 2026
+
+
+def image_keys(images: np.ndarray) -> list[bytes]:
+    """One key per image: its raw pixel bytes (as :func:`ocm_ml.contract.row_keys` gives for a table)."""
+    flat = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).reshape(len(images), -1))
+    return [row.tobytes() for row in flat]
+
+
+def fashion_mnist_holdout(train: ImageSplit, test: ImageSplit) -> tuple[ImageSplit, ImageSplit]:
+    """(holdout, the test images a version may use): the last ``FASHION_MNIST_HOLDOUT_FRACTION`` of the test
+    images are the holdout, less any that also occurs elsewhere; the rest stay usable for validation."""
+    start = len(test.images) - int(round(len(test.images) * FASHION_MNIST_HOLDOUT_FRACTION))
+    if start <= 0 or start >= len(test.images):
+        raise SourceError(f"the test split has {len(test.images)} images: too few for a holdout and a validation split")
+    elsewhere = set(image_keys(train.images)) | set(image_keys(test.images[:start]))
+    keep = np.array([k not in elsewhere for k in image_keys(test.images[start:])], dtype=bool)
+    holdout = ImageSplit(test.images[start:][keep], test.labels[start:][keep])
+    return holdout, ImageSplit(test.images[:start], test.labels[:start])
+
+
+def tweets_holdout(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(holdout, the pool versions split from): ``TWEET_HOLDOUT_ROWS`` tweets whose text occurs once,
+    sampled with ``TWEET_HOLDOUT_SEED``; the pool is every other row."""
+    from collections import Counter
+
+    keys = [text_key(t) for t in table.column("text").to_pylist()]
+    counts = Counter(keys)
+    once = np.array([i for i, k in enumerate(keys) if counts[k] == 1])
+    size = min(TWEET_HOLDOUT_ROWS, len(once) // 10)
+    if size < 1:
+        raise SourceError(f"only {len(once)} distinct texts: too few for a holdout")
+    chosen = np.sort(np.random.default_rng(TWEET_HOLDOUT_SEED).choice(once, size, replace=False))
+    mask = np.ones(table.num_rows, dtype=bool)
+    mask[chosen] = False
+    return table.take(chosen), table.filter(pa.array(mask))

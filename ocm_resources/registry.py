@@ -133,6 +133,11 @@ class DataRegistry(dg.ConfigurableResource):
             raise RegistryError(f"{path} at {version.tag} must be a JSON object, got {type(data).__name__}")
         return data
 
+    def holdout(self, dataset: str) -> RegistryVersion | None:
+        """The dataset's fixed holdout (tag ``holdout/<dataset>``, file ``holdout/<dataset>.parquet``: rows no
+        version may train on), or None when the registry has none."""
+        raise NotImplementedError
+
 
 class DvcRegistry(DataRegistry):
     """A git+DVC data registry read through ``git ls-remote`` and ``dvc.api``.
@@ -262,6 +267,14 @@ class DvcRegistry(DataRegistry):
             handle.__exit__(None, None, None)
 
 
+    def holdout(self, dataset: str) -> RegistryVersion | None:
+        from ocm_ml.contract import holdout_tag
+
+        tag = holdout_tag(dataset)
+        commit = self._ls_remote_tags().get(tag)
+        return None if commit is None else RegistryVersion(dataset, "holdout", tag, commit)
+
+
 class RegistryPublisher:
     """Creates a git+DVC registry working copy and publishes dataset versions to it.
 
@@ -333,6 +346,8 @@ class RegistryPublisher:
                 f"tag {tag} already exists in {self.root}; publish a new version number, "
                 "or pass --force to move the tag to new content"
             )
+        if "train" in tables:
+            self._refuse_holdout_overlap(dataset, tables["train"])
         folder = self.root / dataset
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob("*.parquet*"):
@@ -359,6 +374,64 @@ class RegistryPublisher:
             self._dvc("push", "-q")
         commit = self._git("rev-list", "-n", "1", tag).strip()
         return RegistryVersion(dataset, version, tag, commit)
+
+    def has_tag(self, tag: str) -> bool:
+        return bool(self._git("tag", "--list", tag).strip())
+
+    def _holdout_table(self, dataset: str):
+        """The published holdout of ``dataset`` (read from git + the DVC cache at its tag), or None."""
+        import pyarrow.parquet as pq
+
+        from ocm_ml.contract import holdout_path, holdout_tag
+
+        tag = holdout_tag(dataset)
+        if not self.has_tag(tag):
+            return None
+        reader = DvcRegistry(repo_url=str(self.root))
+        version = RegistryVersion(dataset, "holdout", tag, self._git("rev-list", "-n", "1", tag).strip())
+        with reader.open(version, holdout_path(dataset)) as fh:
+            return pq.read_table(fh)
+
+    def _refuse_holdout_overlap(self, dataset: str, train) -> None:
+        from ocm_ml.contract import holdout_tag, row_keys
+
+        holdout = self._holdout_table(dataset)
+        if holdout is None:
+            return
+        held = set(row_keys(holdout))
+        overlap = [i for i, key in enumerate(row_keys(train)) if key in held]
+        if overlap:
+            raise RegistryError(
+                f"refusing to publish {dataset}: {len(overlap)} row(s) of the train split are in the holdout "
+                f"{holdout_tag(dataset)} (first train rows: {overlap[:5]}). No version may train on the "
+                "holdout: remove those rows (ocm's own versions are built from the data minus the holdout)."
+            )
+
+    def publish_holdout(self, dataset: str, table, message: str | None = None) -> RegistryVersion:
+        """Publish the dataset's fixed holdout once: ``holdout/<dataset>.parquet`` (DVC), tag
+        ``holdout/<dataset>``. A holdout is never replaced: every model is judged on the same rows."""
+        import pyarrow.parquet as pq
+
+        from ocm_ml.contract import holdout_path, holdout_tag
+
+        if not self.is_initialised():
+            raise RegistryError(f"{self.root} is not a registry; run `ocm registry init` first")
+        tag = holdout_tag(dataset)
+        if self.has_tag(tag):
+            raise RegistryError(
+                f"{tag} already exists in {self.root}: a holdout is fixed, so that every model version of "
+                f"{dataset} is judged on the same rows"
+            )
+        path = self.root / holdout_path(dataset)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path, row_group_size=8192, compression="zstd")
+        rel = str(path.relative_to(self.root))
+        self._dvc("add", "-q", rel)
+        self._git("add", "-A", str(path.parent.relative_to(self.root)))
+        self._git("commit", "-q", "-m", message or f"{dataset} holdout ({table.num_rows} rows)")
+        self._git("tag", "-a", tag, "-m", message or f"{dataset} holdout: rows no version may train on")
+        self._dvc("push", "-q")
+        return RegistryVersion(dataset, "holdout", tag, self._git("rev-list", "-n", "1", tag).strip())
 
     def delete_tag(self, tag: str) -> None:
         self._git("tag", "-d", tag)

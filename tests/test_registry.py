@@ -155,14 +155,16 @@ def test_cli_publishes_from_idx_files_and_csv(tmp_path):
     home = tmp_path / "home"
     out = _ocm("registry", "publish", "fashion-mnist", "1.0.0", "--source", str(idx), env_home=home)
     assert out.returncode == 0, out.stderr
-    assert "published fashion-mnist-v1.0.0" in out.stdout and "train 120, val 30" in out.stdout
+    # the last fifth of the 30 test images is the holdout, in no version
+    assert "published holdout/fashion-mnist" in out.stdout and "(6 rows" in out.stdout
+    assert "published fashion-mnist-v1.0.0" in out.stdout and "train 120, val 24" in out.stdout
     out = _ocm("registry", "publish", "fashion-mnist", "1.1.0", "--source", str(idx), "--resplit-seed", "3",
                "--train-rows", "100", env_home=home)
     assert out.returncode == 0, out.stderr
     reg = DvcRegistry(repo_url=str(home / "registry"))
     v11 = reg.resolve("fashion-mnist-v1.1.0")
     meta = reg.read_metadata(v11)
-    assert meta["rows"] == {"train": 100, "val": 30} and "re-split with seed 3" in meta["source"]
+    assert meta["rows"] == {"train": 100, "val": 24} and "re-split with seed 3" in meta["source"]
     assert meta["normalization"]["mean"] == pytest.approx(train.images.mean() / 255, abs=0.05)
 
     csv = tmp_path / "tweets.csv"
