@@ -22,6 +22,28 @@ class ConfigurationError(RuntimeError):
     """The environment asks for something ocm cannot build; the message says which variable to fix."""
 
 
+def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None,
+            what: str = "a whole number") -> int:
+    """``int(os.environ[name])`` (``default`` when unset or blank), or a :class:`ConfigurationError` that
+    names the variable, its value and what is expected."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not {what}") from None
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = f"{minimum if minimum is not None else '-inf'}..{maximum if maximum is not None else 'inf'}"
+        raise ConfigurationError(f"{name}={raw!r} is out of range: expected {what} in {bounds}")
+    return value
+
+
+def env_port(name: str, default: int) -> int:
+    """A TCP port from ``name`` (1..65535), else ``default``."""
+    return env_int(name, default, minimum=1, maximum=65535, what="a TCP port number")
+
+
 def ocm_env() -> str:
     env = os.environ.get("OCM_ENV", "local").strip() or "local"
     if env not in ENVIRONMENTS:
@@ -67,6 +89,104 @@ class LocalPaths:
 
 def local_paths() -> LocalPaths:
     return LocalPaths(ocm_home())
+
+
+# -- where the embedded services listen ------------------------------------------------------------------
+
+#: Every listener of the embedded stack binds here (DESIGN: "Local ports, all on 127.0.0.1").
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class LocalPorts:
+    """Ports of the embedded stack (``make dev``/``make demo``), each overridable by an ``OCM_*_PORT``
+    variable so that a second stack (a test) can run beside the first."""
+
+    ray: int = 6379  # OCM_RAY_PORT: GCS
+    ray_client: int = 10001  # OCM_RAY_CLIENT_PORT: Ray Client server (ray://)
+    ray_dashboard: int = 8265  # OCM_RAY_DASHBOARD_PORT
+    ray_agent: int = 52365  # OCM_RAY_AGENT_PORT: dashboard agent HTTP (Ray's default 52365)
+    serve: int = 8000  # OCM_SERVE_PORT: Serve HTTP proxy
+    dagster: int = 3000  # OCM_DAGSTER_PORT: Dagster webserver
+    mlflow: int = 5000  # OCM_MLFLOW_PORT: MLflow UI/server
+
+    VARIABLES = {
+        "ray": "OCM_RAY_PORT",
+        "ray_client": "OCM_RAY_CLIENT_PORT",
+        "ray_dashboard": "OCM_RAY_DASHBOARD_PORT",
+        "ray_agent": "OCM_RAY_AGENT_PORT",
+        "serve": "OCM_SERVE_PORT",
+        "dagster": "OCM_DAGSTER_PORT",
+        "mlflow": "OCM_MLFLOW_PORT",
+    }
+
+
+def local_ports() -> LocalPorts:
+    """The embedded stack's ports from the environment (see :class:`LocalPorts`); a value that is not a port
+    number raises :class:`ConfigurationError` naming the variable."""
+    defaults = LocalPorts()
+    ports = {field: env_port(var, getattr(defaults, field)) for field, var in LocalPorts.VARIABLES.items()}
+    taken: dict[int, str] = {}
+    for field, port in ports.items():
+        if port in taken:
+            raise ConfigurationError(
+                f"{LocalPorts.VARIABLES[field]} and {LocalPorts.VARIABLES[taken[port]]} are both {port}"
+            )
+        taken[port] = field
+    return LocalPorts(**ports)
+
+
+def serve_host(env: str | None = None) -> str:
+    """Host of Serve's HTTP proxy (and of direct-ingress replicas, which take Serve's ``http_options``):
+    loopback for ``local``; for ``cluster`` ``OCM_SERVE_HOST`` (default ``0.0.0.0``: pods are reached
+    through their Service)."""
+    if (env or ocm_env()) == "local":
+        return LOOPBACK
+    return os.environ.get("OCM_SERVE_HOST", "0.0.0.0")
+
+
+#: Ray's own settings that keep every Ray head ocm starts (``make dev``'s ``ray start --head``, the
+#: in-process ``ray.init`` heads) on loopback, and its token authentication on. Ray 2.60 binds each
+#: listener by the node IP address: the GCS, raylet (node manager, object manager) and every worker's
+#: gRPC server listen on 127.0.0.1 only when the node IP is literally ``127.0.0.1``, else on all
+#: interfaces; the dashboard's and autoscaler monitor's metrics servers, the dashboard agent (gRPC,
+#: HTTP and the Prometheus metrics export port) and the runtime-env agent follow ``is_localhost(node IP)``;
+#: the Ray Client server gets ``--host=<node IP>``. But ``ray start --node-ip-address=127.0.0.1`` and
+#: ``ray.init(_node_ip_address="127.0.0.1")`` are rewritten to the machine's routable address
+#: (``services.resolve_ip_for_localhost``) unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` says the node is
+#: a single-node cluster; then ``get_node_ip_address()`` is ``127.0.0.1`` (Ray's behaviour on macOS and
+#: Windows). It also stops worker nodes from joining, which a local stack never does.
+#: ``RAY_AUTH_MODE=token``: ``ray start --head`` enables token auth only when a token already exists, so the
+#: mode is set explicitly (``scripts/dev.sh`` makes sure a token exists).
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+
+
+def require_ray_token_auth() -> None:
+    """ocm never starts a Ray head without token authentication: ``RAY_AUTH_MODE`` must be unset or
+    ``token``. (One Ray 2.60 listener cannot be kept on loopback, see ``ocm_resources/ray.py``; the token
+    is what guards it.)"""
+    mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
+    if mode not in ("", "token"):
+        raise ConfigurationError(
+            f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']!r}: ocm starts Ray heads only with token "
+            "authentication; unset it or set RAY_AUTH_MODE=token"
+        )
+
+
+def local_ray_environment() -> dict[str, str]:
+    """Environment for a Ray head that ocm starts (see :data:`LOCAL_RAY_ENV`); refuses auth off."""
+    require_ray_token_auth()
+    return dict(LOCAL_RAY_ENV)
+
+
+def shell_environment() -> dict[str, str]:
+    """What ``scripts/dev.sh`` exports before it starts the embedded stack: the ports
+    (``OCM_*_PORT``), the bind host (``OCM_BIND_HOST``) and :data:`LOCAL_RAY_ENV`."""
+    ports = local_ports()
+    out = {var: str(getattr(ports, field)) for field, var in LocalPorts.VARIABLES.items()}
+    out["OCM_BIND_HOST"] = LOOPBACK
+    out.update(local_ray_environment())
+    return out
 
 
 #: Run tag that names the family of a rollout run; the instance runs one rollout per family at a time.
@@ -136,15 +256,20 @@ def build_resources(env: str | None = None) -> dict[str, Any]:
     env = env or ocm_env()
     if env == "local":
         paths = local_paths()
+        ports = local_ports()
         return {
             "registry": DvcRegistry(repo_url=registry_url()),
             # the local head when `make dev`/`make demo` runs one, else Ray in-process
             "ray_cluster": RayHead(
                 address="auto", temp_dir=str(paths.ray_temp), start_local_if_no_head=True, keep_alive=True
             ),
-            "mlflow": LocalMlflow(home=str(paths.home), env_name="local", ui_url="http://127.0.0.1:5000"),
+            "mlflow": LocalMlflow(
+                home=str(paths.home), env_name="local", ui_url=f"http://{LOOPBACK}:{ports.mlflow}"
+            ),
             "checkpoints": CheckpointStorage(base_path=str(paths.ray_storage)),
-            "serve": ServeControl(address="auto", temp_dir=str(paths.ray_temp)),
+            "serve": ServeControl(
+                address="auto", temp_dir=str(paths.ray_temp), http_host=LOOPBACK, http_port=ports.serve
+            ),
         }
     if env == "cluster":
         missing = [v for v in CLUSTER_REQUIRED if not os.environ.get(v)]
@@ -165,7 +290,7 @@ def build_resources(env: str | None = None) -> dict[str, Any]:
                     namespace=os.environ.get("OCM_RAY_NAMESPACE", "ocm"),
                     image=os.environ.get("OCM_IMAGE") or None,
                     auth_secret_name=os.environ.get("OCM_RAY_AUTH_SECRET") or None,
-                    max_workers=int(os.environ.get("OCM_RAY_MAX_WORKERS", "2")),
+                    max_workers=env_int("OCM_RAY_MAX_WORKERS", 2, minimum=0, what="a number of Ray workers"),
                 )
             ),
             "mlflow": RemoteMlflow(
@@ -190,8 +315,8 @@ def build_resources(env: str | None = None) -> dict[str, Any]:
             # Serve on the long-lived cluster (a RayService's head, or the RAY_ADDRESS cluster)
             "serve": ServeControl(
                 address=os.environ.get("OCM_SERVE_RAY_ADDRESS") or ray_address or "auto",
-                http_host=os.environ.get("OCM_SERVE_HOST", "0.0.0.0"),
-                http_port=int(os.environ.get("OCM_SERVE_PORT", "8000")),
+                http_host=serve_host("cluster"),
+                http_port=env_port("OCM_SERVE_PORT", 8000),
             ),
         }
     raise ConfigurationError(f"OCM_ENV={env!r} is not one of {', '.join(ENVIRONMENTS)}")
@@ -221,12 +346,7 @@ def k8s_executor_config(train_ops: list[str], other_ops: list[str]) -> dict[str,
     ``OCM_TRAIN_MEMORY`` (8Gi), ``OCM_TRAIN_GPUS`` (0; set it when training runs in the step pod, i.e.
     ``RAY_ADDRESS=local`` — with KubeRay the GPUs belong to the Ray worker group). Other steps:
     ``OCM_STEP_CPU`` (500m), ``OCM_STEP_MEMORY`` (2Gi). ``OCM_MAX_CONCURRENT_STEPS`` bounds pods per run."""
-    try:
-        gpus = int(os.environ.get("OCM_TRAIN_GPUS", "0") or 0)
-    except ValueError:
-        raise ConfigurationError(
-            f"OCM_TRAIN_GPUS={os.environ['OCM_TRAIN_GPUS']!r} is not a whole number of GPUs"
-        ) from None
+    gpus = env_int("OCM_TRAIN_GPUS", 0, minimum=0, what="a whole number of GPUs")
     train = _step_requests(
         os.environ.get("OCM_TRAIN_CPU", "2"), os.environ.get("OCM_TRAIN_MEMORY", "8Gi"), gpus
     )
@@ -236,8 +356,10 @@ def k8s_executor_config(train_ops: list[str], other_ops: list[str]) -> dict[str,
         "per_step_k8s_config": {op: train for op in sorted(train_ops)}
         | {op: light for op in sorted(other_ops)},
     }
-    if os.environ.get("OCM_MAX_CONCURRENT_STEPS"):
-        config["max_concurrent"] = int(os.environ["OCM_MAX_CONCURRENT_STEPS"])
+    if os.environ.get("OCM_MAX_CONCURRENT_STEPS", "").strip():
+        config["max_concurrent"] = env_int(
+            "OCM_MAX_CONCURRENT_STEPS", 0, minimum=1, what="a whole number of step pods"
+        )
     return config
 
 
@@ -262,3 +384,27 @@ def build_executor(
     from dagster_k8s import k8s_job_executor
 
     return k8s_job_executor.configured(k8s_executor_config(list(train_ops or []), list(other_ops or [])))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ocm_resources.env shell-env``: ``export`` lines for ``scripts/dev.sh``
+    (:func:`shell_environment`); a bad ``OCM_*`` value prints what is wrong and exits 2, no traceback."""
+    import shlex
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["shell-env"]:
+        print("usage: python -m ocm_resources.env shell-env", file=sys.stderr)
+        return 2
+    try:
+        values = shell_environment()
+    except ConfigurationError as exc:
+        print(f"!! {exc}", file=sys.stderr)
+        return 2
+    for key, value in values.items():
+        print(f"export {key}={shlex.quote(value)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -55,6 +55,68 @@ def system_config(idle_worker_keep_ms: int = IDLE_WORKER_KEEP_MS) -> dict[str, i
     return {IDLE_WORKER_CONFIG_KEY: idle_worker_keep_ms}
 
 
+def _single_node_ray() -> None:
+    """Make this process start its Ray as a single-node cluster on loopback (:data:`LOCAL_RAY_ENV` of
+    ``ocm_resources.env``). Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, into
+    ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``, when ``ray`` is first imported; a process that
+    imported Ray before gets the same value set there (``services.get_node_ip_address`` reads it per call)."""
+    import sys
+
+    from ocm_resources.env import local_ray_environment
+
+    env = local_ray_environment()  # refuses RAY_AUTH_MODE other than token
+    env.pop("RAY_AUTH_MODE")  # ray.init turns token auth on by itself for a new cluster (checked after)
+    os.environ.update(env)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+def start_loopback_ray(**init_kwargs: Any) -> Any:
+    """``ray.init(address="local", …)`` for a Ray that ocm starts in this process (RayHead, tests,
+    benchmarks): every listener of that head on 127.0.0.1 and token authentication on, or it fails.
+
+    Listeners and the setting that puts each on loopback (Ray 2.60): GCS, raylet, every worker's gRPC
+    server, dashboard (``dashboard_host``), dashboard agent gRPC/HTTP/metrics export, runtime-env agent and
+    autoscaler-monitor metrics: the node IP 127.0.0.1 (``_node_ip_address`` with
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, see ``ocm_resources.env.LOCAL_RAY_ENV``); Serve HTTP and
+    direct-ingress replica ports: ``http_options.host`` (``ocm_resources.env.serve_host``). An in-process
+    head has no Ray Client server. One listener has no setting: each Serve replica's inter-deployment gRPC
+    server (``ray/serve/_private/replica.py``, ``_on_initialized``: ``add_port_to_grpc_server(self._server,
+    "[::]:0")``) binds all interfaces; it carries Ray's token interceptor, which is why token auth must be
+    on. Serve's gRPC proxy/ingress (``grpc_util.start_grpc_server``, ``[::]:port``) would be another; ocm
+    configures no gRPC servicers, so it never starts."""
+    import ray
+
+    from ocm_resources.env import LOOPBACK
+
+    _single_node_ray()
+    kwargs = {"dashboard_host": LOOPBACK, **init_kwargs, "_node_ip_address": LOOPBACK}
+    kwargs.pop("address", None)
+    context = ray.init(address="local", **kwargs)
+    problem = _loopback_problem()
+    if problem:
+        ray.shutdown()
+        raise RayConnectionError(f"Refusing the in-process Ray head: {problem}")
+    return context
+
+
+def _loopback_problem() -> str | None:
+    """Why the Ray this process started is not a loopback head with token auth, or None."""
+    import ray
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    from ocm_resources.env import LOOPBACK
+
+    node_ip = ray._private.worker.global_worker.node.node_ip_address
+    gcs = ray.get_runtime_context().gcs_address
+    if node_ip != LOOPBACK or not gcs.startswith(f"{LOOPBACK}:"):
+        return f"its node IP is {node_ip} and its GCS {gcs}, not {LOOPBACK} (its ports would be on the network)"
+    if not is_token_auth_enabled():
+        return "token authentication is off (RAY_AUTH_MODE)"
+    return None
+
+
 _TOKEN_HINT = (
     "Ray >= 2.52 heads use token authentication by default: this process needs the head's token "
     "(~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE=token "
@@ -389,7 +451,7 @@ class RayHead(LocalRay):
         return options
 
     def _start_in_process(self, options: dict[str, Any]) -> RayBaseContext:
-        import ray
+        from ocm_resources.env import ConfigurationError
 
         kwargs: dict[str, Any] = {
             "num_cpus": self.num_cpus,
@@ -400,9 +462,10 @@ class RayHead(LocalRay):
         if self.include_dashboard:
             kwargs["dashboard_port"] = self.dashboard_port
         kwargs.update(options)
-        kwargs.pop("address", None)
         try:
-            return ray.init(address="local", **kwargs)
+            return start_loopback_ray(**kwargs)
+        except (RayConnectionError, ConfigurationError):
+            raise
         except Exception as exc:
             hint = ""
             if "timed out during startup" in str(exc):  # Ray gives its raylet a fixed 30 s to register

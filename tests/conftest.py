@@ -31,14 +31,14 @@ def _isolated_ocm_home(tmp_path_factory):
 def init_local_ray():
     """The session's in-process Ray: 4 logical CPUs on the 2 cores (2 training workers and Serve replicas
     must fit at once, as on the `make dev` head), a small object store, no dashboard. `address="local"`
-    ignores a head left behind by a killed `ray start`."""
+    ignores a head left behind by a killed `ray start`; like every head ocm starts it listens on 127.0.0.1
+    only, with token auth (`start_loopback_ray`)."""
     import ray
 
-    from ocm_resources.ray import system_config
+    from ocm_resources.ray import start_loopback_ray, system_config
 
     if not ray.is_initialized():
-        ray.init(
-            address="local",
+        start_loopback_ray(
             num_cpus=4,
             include_dashboard=False,
             object_store_memory=512 * 1024**2,
