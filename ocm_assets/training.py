@@ -81,6 +81,8 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
         import mlflow as mlflow_lib
 
         from ocm_ml.plots import training_curve_png
+        from ocm_ml.vision.predictor import ImagePredictor
+        from ocm_ml.vision.registered import log_image_model
         from ocm_ml.vision.train import TrainSettings, train_fashion_mnist, validate_settings
 
         settings = TrainSettings(**config.model_dump())
@@ -119,18 +121,22 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
                 on_epoch=on_epoch,
             )
             png = training_curve_png(result.history, f"{fam.name} {tag}")
-            _log_bytes(client, run_id, png, "training_curve.png")
+            log_bytes(client, run_id, png, "training_curve.png")
+            # The best checkpoint's figures, at the step after the last epoch: MLflow's latest value of a
+            # metric is the one with the highest step, so it reads the model that is registered.
             mlflow_lib.log_metrics({
                 "val_accuracy": result.val_accuracy,
                 "val_loss": result.val_loss,
                 "images_per_second": result.images_per_second,
                 "worker_failures": len(result.failures),
-            })
-            network = result.load_model()
-            model_info = log_vision_model(network)
+            }, step=len(result.history))
+            predictor = ImagePredictor(result.load_model(), preprocessing["mean"], preprocessing["std"],
+                                       preprocessing["classes"])
+            model_info = log_image_model(predictor)
             mlflow_lib.set_tag("checkpoint_path", result.checkpoint_path)
 
-        version = mlflow.register(model_info.model_uri, fam.dataset, tags={**tags, "data_version": tag})
+        version = mlflow.register(model_info.model_uri, fam.dataset,
+                                  tags={**tags, "data_version": tag, "val_accuracy": f"{result.val_accuracy:.6f}"})
         url = mlflow.run_url(run_id, run.info.experiment_id)
         return dg.MaterializeResult(
             metadata={
@@ -163,7 +169,7 @@ def ray_cluster_resources(ray_cluster: RayResource) -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
-def _log_bytes(client, run_id: str, payload: bytes, name: str) -> None:
+def log_bytes(client, run_id: str, payload: bytes, name: str) -> None:
     import tempfile
     from pathlib import Path
 
@@ -171,30 +177,3 @@ def _log_bytes(client, run_id: str, payload: bytes, name: str) -> None:
         path = Path(tmp) / name
         path.write_bytes(payload)
         client.log_artifact(run_id, str(path))
-
-
-def log_vision_model(network):
-    """Log the network with a signature and a batch-2 input example (a batch-1 example would lock the
-    torch.export graph to batch size 1, see FACTS.md)."""
-    import mlflow
-    import numpy as np
-    from mlflow.models import infer_signature
-
-    network.eval()
-    example = np.zeros((2, 1, 28, 28), dtype=np.float32)
-    import torch
-
-    with torch.inference_mode():
-        out = network(torch.from_numpy(example)).numpy()
-    import torchvision
-
-    return mlflow.pytorch.log_model(
-        network,
-        name="model",
-        signature=infer_signature(example, out),
-        input_example=example,
-        serialization_format="pickle",
-        # explicit: MLflow's requirement inference spawns a process that imports the whole model stack
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                          f"torchvision=={torchvision.__version__.split('+')[0]}"],
-    )

@@ -76,16 +76,19 @@ def test_ddp_materialization_logs_registers_and_predicts(stack):
     version = client.get_model_version("test.fashion-mnist-classifier", "1")
     assert version.tags["data_version"] == v1.tag
 
-    loaded = mlflow.pytorch.load_model("models:/test.fashion-mnist-classifier/1")
-    import torch
+    # the registered model carries its preprocessing: raw 0-255 pixels in, through plain MLflow
+    loaded = mlflow.pyfunc.load_model("models:/test.fashion-mnist-classifier/1")
+    import pandas as pd
 
     images = image_split(5, 42).images
-    from ocm_ml.vision.model import normalize_pixels
-
-    meta = reg.read_metadata(v1)["normalization"]
-    with torch.inference_mode():
-        logits = loaded(normalize_pixels(torch.from_numpy(images), meta["mean"], meta["std"]))
-    assert tuple(logits.shape) == (5, 10)
+    out = loaded.predict(pd.DataFrame({"image": [img.tolist() for img in images]}))  # 28x28 nested lists
+    assert list(out.columns) == ["class_id", "class_name", "confidence"] and len(out) == 5
+    assert set(out["class_name"]) <= set(reg.read_metadata(v1)["classes"])
+    flat = loaded.predict(pd.DataFrame({"image": [img.reshape(-1).tolist() for img in images]}))
+    assert flat["class_id"].tolist() == out["class_id"].tolist()
+    assert version.tags["val_accuracy"] == f"{md['val_accuracy']:.6f}"
+    # the run's latest val_accuracy (highest step) is the registered (best) checkpoint's
+    assert run.data.metrics["val_accuracy"] == pytest.approx(md["val_accuracy"])
 
 
 @pytest.mark.parametrize("config, message", [

@@ -233,21 +233,29 @@ def dataset_of_tag(tag: str) -> str:
     return match["dataset"]
 
 
-def read_dataset_metadata(registry_url: str, tag: str) -> tuple[dict[str, Any], str]:
-    """``<dataset>/metadata.json`` at registry tag ``tag`` and the md5 of its bytes."""
+def read_dataset_metadata(registry_url: str, tag: str, commit: str | None) -> tuple[dict[str, Any], str]:
+    """``<dataset>/metadata.json`` of data version ``tag`` at registry commit ``commit`` (the run's
+    ``dvc_commit``: a tag moved or deleted later changes nothing) and the md5 of its bytes."""
     import dvc.api
 
+    if not commit:
+        raise LoadError(
+            f"the model's run has no 'dvc_commit' tag, so the exact registry revision of {tag} is unknown; "
+            "retrain it with ocm (every ocm run records the commit it trained on)"
+        )
     path = f"{dataset_of_tag(tag)}/metadata.json"
     try:
-        text = dvc.api.read(path, repo=registry_url, rev=tag, mode="r")
+        text = dvc.api.read(path, repo=registry_url, rev=commit, mode="r")
     except Exception as exc:
-        raise LoadError(f"cannot read {path} at {tag} from the data registry {registry_url}: {exc}") from exc
+        raise LoadError(
+            f"cannot read {path} of {tag} at commit {commit[:10]} from the data registry {registry_url}: {exc}"
+        ) from exc
     try:
         metadata = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise LoadError(f"{path} at {tag} is not valid JSON: {exc}") from exc
+        raise LoadError(f"{path} of {tag} at {commit[:10]} is not valid JSON: {exc}") from exc
     if not isinstance(metadata, dict):
-        raise LoadError(f"{path} at {tag} must be a JSON object")
+        raise LoadError(f"{path} of {tag} at {commit[:10]} must be a JSON object")
     return metadata, hashlib.md5(text.encode()).hexdigest()
 
 
@@ -289,25 +297,24 @@ class ModelBundle:
 
 @dataclass
 class ImageBundle(ModelBundle):
-    mean: float = 0.0
-    std: float = 1.0
-    classes: tuple[str, ...] = ()
+    """``model`` is the image predictor (``predict(pixels) -> (ids, confidences)``, ``mean``, ``std``,
+    ``class_names``): the registered model's own, or one built around a bare torch model."""
 
-    def predict(self, pixels: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-        """float32 (N, 784) pixels in 0–255 → (class ids, confidences), under ``torch.inference_mode``."""
-        import torch
+    @property
+    def mean(self) -> float:
+        return float(self.model.mean)
 
-        from ocm_ml.vision.model import normalize_pixels
+    @property
+    def std(self) -> float:
+        return float(self.model.std)
 
-        ids, confs = [], []
-        with torch.inference_mode():
-            for start in range(0, len(pixels), chunk):
-                x = normalize_pixels(torch.from_numpy(pixels[start : start + chunk]), self.mean, self.std)
-                probs = torch.softmax(self.model(x), dim=1)
-                conf, idx = probs.max(dim=1)
-                ids.append(idx.numpy())
-                confs.append(conf.numpy())
-        return np.concatenate(ids), np.concatenate(confs)
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.model.class_names)
+
+    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (N, 784) pixels in 0–255 → (class ids, confidences)."""
+        return self.model.predict(pixels)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -386,39 +393,40 @@ def _classes(metadata: dict[str, Any], n_outputs: int | None) -> tuple[str, ...]
     return tuple(str(c) for c in classes)
 
 
-def _image_bundle(model: Any, common: dict[str, Any], metadata: dict[str, Any], warmup: bool) -> ImageBundle:
-    import torch
+def _image_predictor(model: Any, metadata: dict[str, Any], data_version: str):
+    """An ImagePredictor around a bare torch model (MLflow's pytorch flavour) and its data version's
+    normalization and classes."""
+    from ocm_ml.vision.predictor import ImagePredictor
 
     norm = metadata.get("normalization")
     if not isinstance(norm, dict) or "mean" not in norm or "std" not in norm:
-        raise LoadError(
-            f"metadata.json of {common['data_version']} has no normalization {{mean, std}}: "
-            "an image model needs it"
-        )
-    if hasattr(model, "eval"):
-        model.eval()
-    bundle = ImageBundle(
-        model=model, metadata=metadata, mean=float(norm["mean"]), std=float(norm["std"]), **common
-    )
+        raise LoadError(f"metadata.json of {data_version} has no normalization {{mean, std}}: an image model needs it")
     n_outputs = None
-    if warmup:
-        # Batch 2 on purpose: a model exported with a batch-1 example fails here, not on the first request.
-        try:
-            with torch.inference_mode():
-                x = torch.zeros(2, 1, 28, 28)
-                n_outputs = int(model(x).shape[1])
-        except Exception as exc:
-            raise LoadError(
-                f"{common['model_uri']} failed a batch-of-2 forward pass ({exc}); models logged with "
-                "torch.export and a batch-1 input example are locked to batch 1: log them with "
-                "serialization_format='pickle' or a batch >= 2 example"
-            ) from exc
-    bundle.classes = _classes(metadata, n_outputs)
-    if n_outputs is not None and n_outputs != len(bundle.classes):
+    try:
+        import torch
+
+        with torch.inference_mode():
+            n_outputs = int(model.eval()(torch.zeros(2, 1, 28, 28)).shape[1])
+    except Exception as exc:
         raise LoadError(
-            f"the model has {n_outputs} outputs but metadata.json of {common['data_version']} lists "
-            f"{len(bundle.classes)} classes"
+            f"the model failed a batch-of-2 forward pass ({exc}); models logged with torch.export and a "
+            "batch-1 input example are locked to batch 1: log them with a batch >= 2 example"
+        ) from exc
+    classes = _classes(metadata, n_outputs)
+    if n_outputs != len(classes):
+        raise LoadError(
+            f"the model has {n_outputs} outputs but metadata.json of {data_version} lists {len(classes)} classes"
         )
+    return ImagePredictor(model, float(norm["mean"]), float(norm["std"]), classes)
+
+
+def _image_bundle(model: Any, common: dict[str, Any], metadata: dict[str, Any], warmup: bool) -> ImageBundle:
+    bundle = ImageBundle(model=model, metadata=metadata, **common)
+    if warmup:
+        try:
+            bundle.predict(np.zeros((2, 784), dtype=np.float32))
+        except Exception as exc:
+            raise LoadError(f"{common['model_uri']} failed a warm-up prediction: {exc}") from exc
     return bundle
 
 
@@ -437,10 +445,22 @@ def _text_bundle(model: Any, common: dict[str, Any], metadata: dict[str, Any], w
     return bundle
 
 
-def load_bundle(config: ServeConfig) -> ModelBundle:
-    """Resolve, download and load the model of ``config`` with its data version's preprocessing.
+def _flavor(load_uri: str) -> str:
+    """``"pytorch"`` for a bare torch model (MLflow's pytorch flavour), else ``"pyfunc"``."""
+    from mlflow.models import get_model_info
 
-    Raises :class:`LoadError` with the failing step; nothing global changes on failure.
+    flavors = get_model_info(load_uri).flavors
+    loader = (flavors.get("python_function") or {}).get("loader_module")
+    return "pytorch" if loader == "mlflow.pytorch" or "python_function" not in flavors else "pyfunc"
+
+
+def load_bundle(config: ServeConfig) -> ModelBundle:
+    """Resolve, download and load the model of ``config`` with the preprocessing it was trained with.
+
+    An ocm image model carries its normalization and classes inside (see :mod:`ocm_ml.vision.predictor`);
+    other models get them from ``metadata.json`` at the run's ``dvc_commit`` in the data registry, never
+    from a tag that may have moved since. Raises :class:`LoadError` with the failing step; nothing global
+    changes on failure.
     """
     if config.model_uri is None:
         raise LoadError("no model_uri in the user_config")
@@ -455,17 +475,30 @@ def load_bundle(config: ServeConfig) -> ModelBundle:
             f"run {resolved.run_id} of {config.model_uri} has no 'dvc_data_version' tag, so the data version "
             "(and its normalization or label map) is unknown"
         )
-    metadata, md5 = read_dataset_metadata(config.registry_url, tag)
+    commit = resolved.run_tags.get("dvc_commit")
     try:
         with _mlflow_uris(config.tracking_uri, config.registry_uri):
-            if config.kind == "image":
+            flavor = _flavor(resolved.load_uri)
+            if flavor == "pytorch":
                 model = mlflow.pytorch.load_model(resolved.load_uri, map_location="cpu")
             else:
                 model = mlflow.pyfunc.load_model(resolved.load_uri)
     except Exception as exc:
         raise LoadError(f"cannot load {resolved.load_uri} from MLflow: {exc}") from exc
-    common = dict(
-        kind=config.kind, model_uri=config.model_uri, resolved=resolved, data_version=tag, metadata_md5=md5
-    )
-    build = _image_bundle if config.kind == "image" else _text_bundle
-    return build(model, common, metadata, config.warmup)
+    common = dict(kind=config.kind, model_uri=config.model_uri, resolved=resolved, data_version=tag)
+    if config.kind == "text":
+        metadata, md5 = read_dataset_metadata(config.registry_url, tag, commit)
+        return _text_bundle(model, {**common, "metadata_md5": md5}, metadata, config.warmup)
+    predictor = getattr(model.unwrap_python_model(), "predictor", None) if flavor == "pyfunc" else None
+    if predictor is not None:  # ocm's own image model: the preprocessing travels with it
+        metadata = predictor.preprocessing()
+        md5 = hashlib.md5(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
+    elif flavor == "pytorch":
+        metadata, md5 = read_dataset_metadata(config.registry_url, tag, commit)
+        predictor = _image_predictor(model, metadata, tag)
+    else:
+        raise LoadError(
+            f"{resolved.load_uri} is a pyfunc model without an image predictor: log image models with "
+            "ocm_ml.vision.registered.log_image_model (or MLflow's pytorch flavour)"
+        )
+    return _image_bundle(predictor, {**common, "metadata_md5": md5}, metadata, config.warmup)

@@ -106,11 +106,11 @@ def _image_model(version: int):
     return model.eval()
 
 
-def _log_run(name: str, data_version: str, log, registered: str) -> str:
+def _log_run(name: str, data_version: str, log, registered: str, commit: str) -> str:
     import mlflow
 
     with mlflow.start_run(run_name=name) as run:
-        mlflow.set_tags({"dvc_data_version": data_version, "dvc_commit": "c0ffee" + name,
+        mlflow.set_tags({"dvc_data_version": data_version, "dvc_commit": commit,
                          "dagster_run_id": f"dagster-{name}", "dagster_partition": data_version})
         log(registered)
     return run.info.run_id
@@ -127,12 +127,14 @@ def serve_env(tmp_path_factory) -> Env:
     pub = RegistryPublisher(root / "registry", remote_dir=root / "dvc-remote")
     pub.init()
     images = pa.table({"image": pa.array([b"\x00" * 784] * 4), "label": pa.array([0, 1, 2, 3])})
-    pub.publish("fashion-mnist", "1.0.0", {"train": images, "val": images},
-                {"normalization": {"mean": 0.5, "std": 0.25}, "classes": CLASSES})
-    # Later versions change only metadata.json (no DVC-tracked tables): each `dvc add/push` costs seconds.
-    pub.publish("fashion-mnist", "1.1.0", {},
-                {"normalization": {"mean": 0.25, "std": 0.5}, "classes": CLASSES})
-    pub.publish("tweet-sentiment", "1.0.0", {}, {"label_map": LABEL_MAP})
+    commits = {v.tag: v.commit for v in (
+        pub.publish("fashion-mnist", "1.0.0", {"train": images, "val": images},
+                    {"normalization": {"mean": 0.5, "std": 0.25}, "classes": CLASSES}),
+        # Later versions change only metadata.json (no DVC-tracked tables): each `dvc add/push` costs seconds.
+        pub.publish("fashion-mnist", "1.1.0", {},
+                    {"normalization": {"mean": 0.25, "std": 0.5}, "classes": CLASSES}),
+        pub.publish("tweet-sentiment", "1.0.0", {}, {"label_map": LABEL_MAP}),
+    )}
 
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking_uri)
@@ -144,12 +146,12 @@ def serve_env(tmp_path_factory) -> Env:
         model = _image_model(version)
         _log_run(f"image-v{version}", data, lambda reg, m=model: mlflow.pytorch.log_model(
             m, name="model", serialization_format="pickle", registered_model_name=reg,
-            pip_requirements=["torch"]), IMAGE_MODEL)
+            pip_requirements=["torch"]), IMAGE_MODEL, commits[data])
     code = root / "text_pyfunc.py"
     code.write_text(TEXT_PYFUNC)
     _log_run("text-v1", "tweet-sentiment-v1.0.0", lambda reg: mlflow.pyfunc.log_model(
         name="model", python_model=str(code), registered_model_name=reg, pip_requirements=["pandas"]),
-        TEXT_MODEL)
+        TEXT_MODEL, commits["tweet-sentiment-v1.0.0"])
     return Env(root=root, registry_url=str(pub.root), tracking_uri=tracking_uri)
 
 
