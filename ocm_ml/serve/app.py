@@ -7,6 +7,7 @@ The Ray Serve deployments (:mod:`ocm_ml.serve.deployments`) and the naive baseli
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -16,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
+from ocm_ml.serve.batching import QueueFull
 from ocm_ml.serve.loading import ModelBundle
 from ocm_ml.serve.schemas import (
     ErrorResponse,
@@ -27,7 +29,19 @@ from ocm_ml.serve.schemas import (
     TextPredictRequest,
     TextPredictResponse,
 )
-from ocm_ml.serve.validation import InputError, Limits, parse_json_body, validate_images, validate_texts
+from ocm_ml.serve.validation import (
+    InputError,
+    Limits,
+    body_too_large,
+    check_content_length,
+    check_content_type,
+    parse_json_body,
+    redact_credentials,
+    validate_images,
+    validate_texts,
+)
+
+logger = logging.getLogger("ray.serve")
 
 SERVICE_VERSION = "1.0.0"
 SERVICE_NAMES = {"image": "fashion-mnist-classifier", "text": "tweet-sentiment-classifier"}
@@ -55,8 +69,29 @@ def _json(content: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
 
 
-def _error(status_code: int, detail: str) -> Response:
-    return _json({"detail": detail}, status_code=status_code)
+def _error(status_code: int, detail: str, headers: dict[str, str] | None = None) -> Response:
+    response = _json({"detail": detail}, status_code=status_code)
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+async def read_body(request: Request, limits: Limits) -> bytes:
+    """The request body, refused with a 413 as soon as it is known to be over ``limits.max_body_bytes``:
+    by its Content-Length before any of it is read, else (chunked, or a wrong Content-Length) once the
+    bytes streamed so far pass the cap. Content-Type is checked first, from the headers too."""
+    headers = request.headers
+    check_content_type(headers.get("content-type"))
+    check_content_length(headers.get("content-length"), limits)
+    cap = limits.max_body_bytes
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise body_too_large(limits, size=size)
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _request_body_doc(model: type) -> dict[str, Any]:
@@ -70,10 +105,12 @@ def _request_body_doc(model: type) -> dict[str, Any]:
 
 _ERRORS = {
     400: {"model": ErrorResponse, "description": "The body is not valid JSON."},
-    413: {"model": ErrorResponse, "description": "The body is larger than the service accepts."},
+    413: {"model": ErrorResponse, "description": "The body is larger than the service accepts (refused from "
+          "Content-Length, or as soon as the streamed body passes the cap)."},
     415: {"model": ErrorResponse, "description": "The body is not JSON."},
     422: {"model": ErrorResponse, "description": "The JSON does not match the contract; detail says where."},
-    503: {"model": ErrorResponse, "description": "No model is loaded yet."},
+    503: {"model": ErrorResponse, "description": "No model is loaded yet, or the replica is overloaded "
+          "(then with a Retry-After header)."},
 }
 
 
@@ -93,7 +130,25 @@ def create_app(backend: Backend, *, title: str | None = None) -> FastAPI:
 
     @app.exception_handler(InputError)
     async def _input_error(_: Request, exc: InputError) -> Response:
-        return _error(exc.status_code, exc.message)
+        return _error(exc.status_code, exc.message, exc.headers)
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(_: Request, exc: QueueFull) -> Response:
+        return _error(503, exc.message, {"Retry-After": str(exc.retry_after_s)})
+
+    def _not_loaded() -> Response:
+        return _error(503, redact_credentials(backend.last_reload_error) or "no model is loaded yet")
+
+    async def _infer(inputs: Any) -> tuple[ModelBundle, Any, Any] | Response:
+        """The backend's answer, or a 500 whose body says nothing internal; the reason goes to the log
+        with any URL credentials redacted."""
+        try:
+            return await backend.infer(inputs)
+        except (InputError, QueueFull):
+            raise
+        except Exception as exc:
+            logger.error("inference failed: %s", redact_credentials(f"{type(exc).__name__}: {exc}"))
+            return _error(500, "the model failed on this request; the replica's log has the reason")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
@@ -127,7 +182,7 @@ def create_app(backend: Backend, *, title: str | None = None) -> FastAPI:
             "model_loaded": bundle is not None,
             "model_uri": bundle.model_uri if bundle is not None else None,
             "uptime_seconds": round(time.monotonic() - backend.started_at, 3),
-            "last_reload_error": backend.last_reload_error,
+            "last_reload_error": redact_credentials(backend.last_reload_error),
             **(backend.health_details() if hasattr(backend, "health_details") else {}),
         }
         return _json(body, status_code=200 if bundle is not None else 503)
@@ -136,12 +191,13 @@ def create_app(backend: Backend, *, title: str | None = None) -> FastAPI:
     async def info() -> Response:
         bundle = backend.bundle
         if bundle is None:
-            return _error(503, backend.last_reload_error or "no model is loaded yet")
+            return _not_loaded()
         return _json({**bundle.describe(), "serving": backend.serving_info()})
 
     async def _read(request: Request) -> tuple[dict[str, Any], bytes]:
-        body = await request.body()
-        return parse_json_body(body, request.headers.get("content-type"), backend.limits), body
+        limits = backend.limits
+        body = await read_body(request, limits)
+        return parse_json_body(body, None, limits), body
 
     if kind == "image":
 
@@ -157,8 +213,11 @@ def create_app(backend: Backend, *, title: str | None = None) -> FastAPI:
             payload, body = await _read(request)
             pixels = validate_images(payload, backend.limits, raw=body)
             if backend.bundle is None:
-                return _error(503, backend.last_reload_error or "no model is loaded yet")
-            bundle, ids, confs = await backend.infer(pixels)
+                return _not_loaded()
+            answer = await _infer(pixels)
+            if isinstance(answer, Response):
+                return answer
+            bundle, ids, confs = answer
             classes = bundle.classes
             predictions = [
                 {"class_id": int(i), "class_name": classes[i], "confidence": float(c)}
@@ -187,8 +246,11 @@ def create_app(backend: Backend, *, title: str | None = None) -> FastAPI:
             payload, _ = await _read(request)
             texts = validate_texts(payload, backend.limits)
             if backend.bundle is None:
-                return _error(503, backend.last_reload_error or "no model is loaded yet")
-            bundle, labels, confs = await backend.infer(texts)
+                return _not_loaded()
+            answer = await _infer(texts)
+            if isinstance(answer, Response):
+                return answer
+            bundle, labels, confs = answer
             predictions = [
                 {"text": t, "label": label, "confidence": float(c)}
                 for t, label, c in zip(texts, labels, confs, strict=True)

@@ -6,6 +6,11 @@ load the batches stay small. Here the single worker takes everything that queued
 batch computed (up to ``max_batch_size``): at low load a request runs at once, alone; at high load the
 batches grow with the queue. The forward pass runs off the event loop, so HTTP parsing and validation of
 the next requests overlap with it.
+
+The queue is bounded in items (``max_queued_items``, e.g. images, as ``submit(item, size=n)`` counts
+them): a request that would overflow it raises :class:`QueueFull` at once (the app answers 503 with
+Retry-After) instead of waiting behind work the model cannot finish soon. A request always fits an empty
+queue, whatever its size.
 """
 
 from __future__ import annotations
@@ -19,12 +24,26 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class QueueFull(RuntimeError):
+    """The batcher's queue has no room for a request: retry after ``retry_after_s``."""
+
+    retry_after_s = 1
+
+    def __init__(self, queued: int, size: int, limit: int):
+        self.message = (
+            f"the replica is overloaded: {queued} items already wait for the model and this request brings "
+            f"{size} more (at most {limit} may wait); retry after {self.retry_after_s}s or send smaller batches"
+        )
+        super().__init__(self.message)
+
+
 class AdaptiveBatcher(Generic[T, R]):
     """``await batcher.submit(item)`` → the result of ``fn([... item ...])`` for that item.
 
     ``fn`` takes a list of items and returns a list of results of the same length. When
     ``batch_wait_timeout_s`` > 0 the worker waits that long for a batch to fill, but only when it found
-    fewer than ``max_batch_size`` items ready; 0 never delays a request.
+    fewer than ``max_batch_size`` items ready; 0 never delays a request. ``max_queued_items`` (None: no
+    bound) bounds the sizes of the queued requests; see :class:`QueueFull`.
     """
 
     def __init__(
@@ -32,15 +51,19 @@ class AdaptiveBatcher(Generic[T, R]):
         fn: Callable[[list[T]], Awaitable[list[R]]],
         max_batch_size: int = 32,
         batch_wait_timeout_s: float = 0.0,
+        max_queued_items: int | None = None,
     ):
         self._fn = fn
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
-        self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
+        self.max_queued_items = max_queued_items
+        self._queue: deque[tuple[T, asyncio.Future[R], int]] = deque()
+        self._queued_items = 0
         self._ready: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self.batches = 0
         self.items = 0
+        self.rejected = 0
 
     def set_max_batch_size(self, value: int) -> None:
         self.max_batch_size = int(value)
@@ -48,28 +71,42 @@ class AdaptiveBatcher(Generic[T, R]):
     def set_batch_wait_timeout_s(self, value: float) -> None:
         self.batch_wait_timeout_s = float(value)
 
+    def set_max_queued_items(self, value: int | None) -> None:
+        self.max_queued_items = None if value is None else int(value)
+
     def stats(self) -> dict[str, Any]:
         return {
             "batches": self.batches,
             "items": self.items,
             "mean_batch_size": round(self.items / self.batches, 2) if self.batches else None,
             "queued": len(self._queue),
+            "queued_items": self._queued_items,
+            "max_queued_items": self.max_queued_items,
+            "rejected": self.rejected,
         }
 
-    async def submit(self, item: T) -> R:
+    async def submit(self, item: T, size: int = 1) -> R:
+        """The result for ``item`` (``size`` items of work, for the queue bound); :class:`QueueFull` if the
+        queue has no room for it."""
+        limit = self.max_queued_items
+        if limit is not None and self._queued_items and self._queued_items + size > limit:
+            self.rejected += 1
+            raise QueueFull(self._queued_items, size, limit)
         if self._ready is None:
             self._ready = asyncio.Event()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._run())
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
+        self._queue.append((item, future, size))
+        self._queued_items += size
         self._ready.set()
         return await future
 
     def _take(self) -> list[tuple[T, asyncio.Future[R]]]:
         batch = []
         while self._queue and len(batch) < self.max_batch_size:
-            item, future = self._queue.popleft()
+            item, future, size = self._queue.popleft()
+            self._queued_items -= size
             if not future.done():  # a cancelled request (client went away) is dropped
                 batch.append((item, future))
         return batch

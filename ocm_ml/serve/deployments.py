@@ -16,6 +16,16 @@ Canary / shadow: ``challenger_uri`` loads a second bundle into the same replicas
 "canary"`` answers ``challenger_share`` of the requests with it (the response's ``model_uri`` says so);
 ``"shadow"`` mirrors every batch to it off the request path and reports its agreement with the champion
 in ``/info`` (``serving.challenger``). Same hop, same batching, same hot reload as the champion.
+The two models' parts of a batch fail independently: when the challenger raises, the champion answers
+the challenger's requests instead (their ``model_uri`` names the champion), and the failure is counted in
+``canary_errors`` (and ``canary_fallbacks``, with ``canary_last_error``) for the canary judge; the
+champion's own requests never see it. A shadow challenger's failures are only counted.
+
+Limits: a request body over ``max_body_bytes`` is refused from its Content-Length or while it streams
+(413); a full queue gets 503 with Retry-After, from Serve (``max_queued_requests``, answered by the proxy
+or, under direct ingress, by the replica with the deployment's ``backpressure_config``) or from the
+adaptive batcher (``max_queued_items``). No URL credentials: :class:`ServeConfig` refuses them, and every
+error text that reaches /health, /info or the log has URL user-info redacted.
 
 Throughput: start the cluster with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (direct ingress): each replica
 then also answers on its own port, without Serve's Python proxy; :func:`endpoint_urls` lists both.
@@ -35,6 +45,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,13 +56,20 @@ import orjson
 from ray import serve
 
 from ocm_ml.serve.app import create_app
-from ocm_ml.serve.batching import AdaptiveBatcher
+from ocm_ml.serve.batching import AdaptiveBatcher, QueueFull
 from ocm_ml.serve.loading import LoadError, ModelBundle, ServeConfig, load_bundle, resolve_model
+from ocm_ml.serve.validation import redact_credentials, url_credentials
 
 logger = logging.getLogger("ray.serve")
 
 DEPLOYMENT_NAMES = {"image": "ImageClassifier", "text": "TextClassifier"}
 DEFAULT_RAY_ACTOR_OPTIONS = {"num_cpus": 1.0}
+#: Requests that may wait for a replica slot (per proxy/handle; per replica under direct ingress) before
+#: Serve answers 503. At ~800 single-image requests/s this is about 0.2 s of waiting.
+DEFAULT_MAX_QUEUED_REQUESTS = 128
+#: Retry-After (seconds) on Serve's 503 when that queue is full.
+DEFAULT_RETRY_AFTER_S = 1.0
+_SECRET_ENV_RE = re.compile(r"PASSWORD|TOKEN|SECRET|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY", re.IGNORECASE)
 
 
 class ReloadError(RuntimeError):
@@ -78,7 +96,8 @@ class _Classifier:
         self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ocm-infer")
         self._load_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ocm-load")
         self._adaptive: AdaptiveBatcher = AdaptiveBatcher(
-            self._run_batch, self.config.max_batch_size, self.config.batch_wait_timeout_s
+            self._run_batch, self.config.max_batch_size, self.config.batch_wait_timeout_s,
+            self.config.queued_items_limit,
         )
         self._reload_lock: asyncio.Lock | None = None
         # Canary / shadow: a second bundle in the same replica (one hop, same batching, same hot reload).
@@ -88,6 +107,7 @@ class _Classifier:
         self._shadow_tasks: set[asyncio.Future] = set()
         self._rng = random.Random()
         self.challenger_stats = _new_challenger_stats()
+        self._challenger_logged_at = 0.0
 
     def __serve_build_asgi_app__(self):
         return create_app(self)
@@ -95,60 +115,108 @@ class _Classifier:
     # --- inference ------------------------------------------------------------------------------------
 
     async def infer(self, inputs: Any) -> tuple[ModelBundle, Any, Any]:
-        role = "champion"
         config = self.config
-        if (self.challenger is not None and config.challenger_mode == "canary"
-                and self._rng.random() < config.challenger_share):
-            role = "challenger"
         if self.challenger is None:  # no canary running: no bookkeeping on the hot path
-            return await self._submit(config, role, inputs)
+            return await self._submit(config, "champion", inputs)
+        role = "champion"
+        if config.challenger_mode == "canary" and self._rng.random() < config.challenger_share:
+            role = "challenger"
         # While a challenger is loaded, both roles' requests, errors and latencies are counted: the canary
-        # controller compares them (error rate, p99) before it steps the share up or rolls back.
+        # controller compares them (error rate, p99) before it steps the share up or rolls back. A
+        # challenger's errors are counted where it failed (_challenger_failed): its requests are then
+        # answered by the champion and do not raise.
         stats = self.challenger_stats
         prefix = "canary" if role == "challenger" else "champion"
         started = time.perf_counter()
         try:
-            return await self._submit(config, role, inputs)
-        except Exception:
-            stats[f"{prefix}_errors"] += 1
+            result = await self._submit(config, role, inputs)
+        except QueueFull:  # refused before either model saw it
             raise
-        finally:
-            stats[f"{prefix}_requests"] += 1
-            stats[f"{prefix}_latencies_ms"].append((time.perf_counter() - started) * 1000.0)
+        except Exception:
+            if role == "champion":
+                stats["champion_errors"] += 1
+            self._count(stats, prefix, started)
+            raise
+        self._count(stats, prefix, started)
+        return result
+
+    @staticmethod
+    def _count(stats: dict[str, Any], prefix: str, started: float) -> None:
+        stats[f"{prefix}_requests"] += 1
+        stats[f"{prefix}_latencies_ms"].append((time.perf_counter() - started) * 1000.0)
 
     async def _submit(self, config: ServeConfig, role: str, inputs: Any):
         if config.batcher == "serve":
-            return await self._serve_batched((role, inputs))
-        return await self._adaptive.submit((role, inputs))
+            result = await self._serve_batched((role, inputs))
+        else:
+            result = await self._adaptive.submit((role, inputs), len(inputs))
+        if isinstance(result, BaseException):  # this request's part of the batch failed
+            raise result
+        return result
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _serve_batched(self, items: list[Any]) -> list[tuple[ModelBundle, Any, Any]]:
+    async def _serve_batched(self, items: list[Any]) -> list[Any]:
         return await self._run_batch(items)
 
-    async def _run_batch(self, items: list[tuple[str, Any]]) -> list[tuple[ModelBundle, Any, Any]]:
-        """One forward pass per model role in the batch; each request gets the bundle that answered it."""
+    async def _run_batch(self, items: list[tuple[str, Any]]) -> list[Any]:
+        """One forward pass per model role in the batch; each request gets the bundle that answered it, or
+        the exception of its own part of the batch: the champion's and the challenger's parts fail
+        independently, and the champion answers the requests of a challenger that failed."""
         # Snapshot the bundles: a reload may swap them while this batch computes.
-        bundles = {"champion": self.bundle, "challenger": self.challenger}
-        shadow = bundles["challenger"] if self.config.challenger_mode == "shadow" else None
+        champion, challenger = self.bundle, self.challenger
+        shadow = challenger if self.config.challenger_mode == "shadow" else None
         out: list[Any] = [None] * len(items)
-        for role in ("champion", "challenger"):
-            idx = [i for i, (r, _) in enumerate(items) if r == role]
-            if not idx:
-                continue
-            bundle = bundles[role] or bundles["champion"]
+        champion_idx = [i for i, (role, _) in enumerate(items) if role != "challenger"]
+        challenger_idx = [i for i, (role, _) in enumerate(items) if role == "challenger"]
+        if champion_idx:
+            merged, answers = await self._predict_into(champion, champion_idx, items, out)
+            if shadow is not None and answers is not None:
+                self._shadow(shadow, merged, answers)
+        if challenger_idx:
+            answered = False
+            if challenger is not None:  # else it was unloaded since: the champion answers
+                _, answers = await self._predict_into(challenger, challenger_idx, items, out)
+                answered = answers is not None
+                if not answered:
+                    self._challenger_failed(out[challenger_idx[0]], len(challenger_idx))
+            if not answered:
+                await self._predict_into(champion, challenger_idx, items, out)
+        return out
+
+    async def _predict_into(self, bundle: ModelBundle | None, idx: list[int], items: list[tuple[str, Any]],
+                            out: list[Any]) -> tuple[Any, Any]:
+        """One forward pass of ``bundle`` over the requests ``idx``; their answers (or the exception) go
+        into ``out``. Returns (merged inputs, first outputs), or (None, None) when it failed."""
+        parts = [items[i][1] for i in idx]
+        try:
             if bundle is None:
                 raise LoadError("no model is loaded")
-            parts = [items[i][1] for i in idx]
             merged = self._merge(parts)
             loop = asyncio.get_running_loop()
             first, second = await loop.run_in_executor(self._infer_pool, bundle.predict, merged)
-            start = 0
-            for i, part in zip(idx, parts, strict=True):
-                out[i] = (bundle, first[start : start + len(part)], second[start : start + len(part)])
-                start += len(part)
-            if role == "champion" and shadow is not None:
-                self._shadow(shadow, merged, first)
-        return out
+            if len(first) != len(merged) or len(second) != len(merged):
+                raise RuntimeError(f"the model returned {len(first)} answers for {len(merged)} inputs")
+        except Exception as exc:
+            for i in idx:
+                out[i] = exc
+            return None, None
+        start = 0
+        for i, part in zip(idx, parts, strict=True):
+            out[i] = (bundle, first[start : start + len(part)], second[start : start + len(part)])
+            start += len(part)
+        return merged, first
+
+    def _challenger_failed(self, exc: BaseException, requests: int) -> None:
+        """Count a failed challenger pass for the canary judge; its requests fall back to the champion."""
+        stats = self.challenger_stats
+        stats["canary_errors"] += requests
+        stats["canary_fallbacks"] += requests
+        reason = redact_credentials(f"{type(exc).__name__}: {exc}")
+        stats["canary_last_error"] = reason
+        now = time.monotonic()
+        if now - self._challenger_logged_at >= 10.0:  # not once per batch under load
+            self._challenger_logged_at = now
+            logger.warning("challenger failed on %d request(s), the champion answered them: %s", requests, reason)
 
     def _merge(self, parts: list[Any]) -> Any:
         if self.kind == "image":
@@ -156,7 +224,8 @@ class _Classifier:
         return [t for texts in parts for t in texts]
 
     def _shadow(self, challenger: ModelBundle, merged: Any, champion_answers: Any) -> None:
-        """Mirror a batch to the challenger off the request path; record agreement, never answer with it."""
+        """Mirror a batch to the challenger off the request path; record agreement, never answer with it.
+        Nothing here can fail the batch: every error is counted in the shadow stats."""
         stats = self.challenger_stats
         if len(self._shadow_tasks) >= 4:  # the challenger lags: drop mirrored work, not requests
             stats["shadow_skipped"] += len(champion_answers)
@@ -170,9 +239,14 @@ class _Classifier:
                 stats["shadow_agreements"] += same
             except Exception as exc:
                 stats["shadow_errors"] += 1
-                stats["shadow_last_error"] = f"{type(exc).__name__}: {exc}"
+                stats["shadow_last_error"] = redact_credentials(f"{type(exc).__name__}: {exc}")
 
-        future = asyncio.get_running_loop().run_in_executor(self._shadow_pool, run)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._shadow_pool, run)
+        except Exception as exc:  # e.g. the pool is shutting down
+            stats["shadow_errors"] += 1
+            stats["shadow_last_error"] = redact_credentials(f"{type(exc).__name__}: {exc}")
+            return
         self._shadow_tasks.add(future)
         future.add_done_callback(self._shadow_tasks.discard)
 
@@ -182,6 +256,7 @@ class _Classifier:
         self.limits = config.limits
         self._adaptive.set_max_batch_size(config.max_batch_size)
         self._adaptive.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._adaptive.set_max_queued_items(config.queued_items_limit)
         self._serve_batched.set_max_batch_size(config.max_batch_size)
         self._serve_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         if config.torch_threads:
@@ -214,24 +289,30 @@ class _Classifier:
         return bundle
 
     def _reject(self, user_config: Any, reason: str) -> None:
+        reason = redact_credentials(reason)
         self.last_reload_error = reason
         self.failed_hash = config_hash(user_config)
         logger.error("reconfigure rejected, still serving %s: %s",
                      self.bundle.model_uri if self.bundle else "no model", reason)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve calls this with the deployment's user_config at start and on every change."""
+        """Serve calls this with the deployment's user_config at start and on every change. With no model
+        loaded yet a failure raises (Serve reports the replica as failed); the exception is a new one with
+        URL credentials redacted and no chained cause, since Serve shows and logs its text."""
         if self._reload_lock is None:
             self._reload_lock = asyncio.Lock()
         async with self._reload_lock:
+            error = None
             try:
                 config = ServeConfig.from_user_config({"kind": self.kind, **(user_config or {})})
                 if config.kind != self.kind:
                     raise ValueError(f"this is the {self.kind} deployment; user_config says kind={config.kind!r}")
             except (TypeError, ValueError) as exc:
+                error = f"invalid user_config: {exc}"
+            if error is not None:  # raised outside the except block: no chained original text
                 if self.bundle is None:
-                    raise
-                self._reject(user_config, f"invalid user_config: {exc}")
+                    raise ValueError(redact_credentials(error))
+                self._reject(user_config, error)
                 return
             self._apply_serving(config)
             bundle = self.bundle if config.model_uri is not None else None
@@ -244,9 +325,11 @@ class _Classifier:
                         challenger_config, self.challenger, self._challenger_key):
                     challenger = await self._load(challenger_config)
             except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            if error is not None:
                 if self.bundle is None:
-                    raise
-                self._reject(user_config, f"{type(exc).__name__}: {exc}")
+                    raise LoadError(redact_credentials(error))
+                self._reject(user_config, error)
                 return
             if challenger is not self.challenger:
                 self.challenger_stats = _new_challenger_stats()
@@ -270,6 +353,8 @@ class _Classifier:
             "batch_wait_timeout_s": self.config.batch_wait_timeout_s,
             "max_batch": self.limits.max_batch,
             "max_text_length": self.limits.max_text_length,
+            "max_body_bytes": self.limits.max_body_bytes,
+            "max_queued_items": self._adaptive.max_queued_items if self.config.batcher == "adaptive" else None,
             "torch_threads": torch.get_num_threads(),
             "replica_id": _replica_id(),
             **({"batches": batcher} if batcher else {}),
@@ -313,6 +398,7 @@ def _new_challenger_stats() -> dict[str, Any]:
     from collections import deque
 
     return {"canary_requests": 0, "canary_errors": 0, "canary_latencies_ms": deque(maxlen=LATENCY_WINDOW),
+            "canary_fallbacks": 0, "canary_last_error": None,
             "champion_requests": 0, "champion_errors": 0, "champion_latencies_ms": deque(maxlen=LATENCY_WINDOW),
             "shadow_items": 0, "shadow_agreements": 0, "shadow_skipped": 0, "shadow_errors": 0,
             "shadow_last_error": None}
@@ -382,13 +468,18 @@ def build_app(
     max_ongoing_requests: int = 64,
     autoscaling_config: dict[str, Any] | None = None,
     ray_actor_options: dict[str, Any] | None = None,
-    max_queued_requests: int = -1,
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
+    retry_after_s: float | None = DEFAULT_RETRY_AFTER_S,
     version: str | None = None,
 ) -> serve.Application:
     """The Serve application of one family kind ("image" or "text").
 
-    ``user_config`` is validated here (so a typo fails on the driver) and again on each replica.
+    ``user_config`` is validated here (so a typo, or a URL with credentials, fails on the driver before
+    anything reaches Serve) and again on each replica.
     ``max_ongoing_requests`` bounds a replica's batch: keep it >= ``max_batch_size``.
+    ``max_queued_requests`` bounds the requests waiting for a replica slot (-1: unbounded); beyond it Serve
+    answers 503 with ``Retry-After: retry_after_s`` (None: no header), through the proxy and under direct
+    ingress alike.
     With ``autoscaling_config``, ``num_replicas`` is ignored. ``version`` pins the code version (default:
     :func:`code_version`); :func:`reconfigure` passes the running one so that it never restarts replicas.
     """
@@ -398,10 +489,14 @@ def build_app(
     config = ServeConfig.from_user_config({"kind": kind, **user_config})
     if config.kind != kind:
         raise ValueError(f"user_config kind={config.kind!r} does not match the {kind} deployment")
+    if max_queued_requests != -1 and max_queued_requests < 1:
+        raise ValueError(f"max_queued_requests must be >= 1 or -1 (unbounded), got {max_queued_requests}")
+    _refuse_secrets_in_actor_options(ray_actor_options)
     options: dict[str, Any] = {
         "user_config": user_config,
         "max_ongoing_requests": max_ongoing_requests,
         "max_queued_requests": max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
         "ray_actor_options": _normalized_actor_options(ray_actor_options or DEFAULT_RAY_ACTOR_OPTIONS),
         # A code rollout starts the new replicas before stopping the old ones.
         "max_surge_percent": 100,
@@ -416,6 +511,18 @@ def build_app(
     # replicas through `reconfigure` (the hot reload); `Deployment.options(version=...)` was removed.
     deployment._version = version or code_version()
     return deployment.bind()
+
+
+def _refuse_secrets_in_actor_options(ray_actor_options: dict[str, Any] | None) -> None:
+    """A runtime_env is part of the Serve config the dashboard shows: no credentials in it."""
+    env = ((ray_actor_options or {}).get("runtime_env") or {}).get("env_vars") or {}
+    named = sorted(k for k, v in env.items() if _SECRET_ENV_RE.search(k) or url_credentials(str(v)))
+    if named:
+        raise ValueError(
+            f"ray_actor_options.runtime_env.env_vars {named} look like credentials, and the Serve config "
+            "(Ray dashboard, serve status) would show them: set them in the Ray nodes' own environment "
+            "(e.g. from a Kubernetes Secret) instead"
+        )
 
 
 def deploy(app: serve.Application, name: str, route_prefix: str | None = None):
@@ -497,6 +604,7 @@ def reconfigure(
         autoscaling_config=dep_config.get("autoscaling_config"),
         ray_actor_options=dep_config.get("ray_actor_options"),
         max_queued_requests=dep_config.get("max_queued_requests", -1),
+        retry_after_s=(dep_config.get("backpressure_config") or {}).get("retry_after_s"),
     )
     from ray.serve.context import _get_global_client
 

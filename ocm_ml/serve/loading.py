@@ -30,9 +30,11 @@ import numpy as np
 
 from ocm_ml.serve.validation import (
     DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_TEXT_LENGTH,
     Limits,
+    default_max_body_bytes,
+    redact_credentials,
+    url_credentials,
 )
 
 KINDS = ("image", "text")
@@ -54,10 +56,17 @@ class ServeConfig:
     Model keys (changing them reloads the model): ``model_uri``, ``tracking_uri``, ``registry_uri``
     (MLflow model registry, defaults to the tracking URI), ``registry_url`` (DVC data registry),
     ``kind``. Serving keys (applied at once): ``max_batch`` (request cap), ``max_text_length``,
-    ``max_body_bytes``, ``batcher``, ``max_batch_size`` and ``batch_wait_timeout_s`` (dynamic batching:
-    ``"adaptive"`` forms a batch when the model is free, ``"serve"`` is Ray's ``@serve.batch``),
+    ``max_body_bytes`` (default: derived from ``max_batch``, see
+    :func:`~ocm_ml.serve.validation.default_max_body_bytes`), ``batcher``, ``max_batch_size`` and
+    ``batch_wait_timeout_s`` (dynamic batching: ``"adaptive"`` forms a batch when the model is free,
+    ``"serve"`` is Ray's ``@serve.batch``), ``max_queued_items`` (images or texts that may wait in the
+    adaptive batcher's queue, default ``2 * max_batch``; beyond it a request gets 503 with Retry-After),
     ``torch_threads`` (intra-op threads of the replica; Ray sets 1 for a ``num_cpus=1`` replica),
     ``warmup`` (run a forward pass at load).
+
+    URIs must not carry credentials (``https://user:token@host``): the user_config is shown by the Ray
+    dashboard and ``serve status``. The replica's environment holds them instead (see
+    :data:`CREDENTIAL_HINT`).
 
     Challenger keys: ``challenger_uri`` (a second model, same registries), ``challenger_mode``
     (``"canary"``: a ``challenger_share`` of the requests is answered by it, and the answer names it;
@@ -72,10 +81,11 @@ class ServeConfig:
     registry_url: str | None = None
     max_batch: int = DEFAULT_MAX_BATCH
     max_text_length: int = DEFAULT_MAX_TEXT_LENGTH
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_body_bytes: int | None = None
     batcher: str = "adaptive"
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.0
+    max_queued_items: int | None = None
     torch_threads: int | None = None
     warmup: bool = True
     challenger_uri: str | None = None
@@ -83,8 +93,25 @@ class ServeConfig:
     challenger_share: float = 0.0
 
     MODEL_KEYS = ("kind", "model_uri", "tracking_uri", "registry_uri", "registry_url")
+    URI_KEYS = ("model_uri", "tracking_uri", "registry_uri", "registry_url", "challenger_uri")
+    CREDENTIAL_HINT = (
+        "pass credentials through the replica's environment instead: MLflow reads MLFLOW_TRACKING_USERNAME "
+        "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), git its credential helper or "
+        "~/.git-credentials, DVC its remote's own credential config (`dvc remote modify --local`, or the "
+        "cloud's variables such as AWS_ACCESS_KEY_ID); set them on the Ray nodes (e.g. from a Kubernetes "
+        "Secret), not in a runtime_env, which the dashboard shows too"
+    )
 
     def __post_init__(self) -> None:
+        for key in self.URI_KEYS:
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{key} must be a string, got {type(value).__name__}")
+            if url_credentials(value):
+                raise ValueError(
+                    f"{key} {redact_credentials(value)!r} carries credentials in its URL, and the user_config "
+                    f"is visible in the Ray dashboard and Serve's status: {self.CREDENTIAL_HINT}"
+                )
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.model_uri is not None and not self.registry_url:
@@ -106,6 +133,10 @@ class ServeConfig:
             raise ValueError("challenger_uri needs a model_uri (the champion) too")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
+        if self.max_queued_items is not None and (
+                isinstance(self.max_queued_items, bool) or not isinstance(self.max_queued_items, int)
+                or self.max_queued_items < 1):
+            raise ValueError(f"max_queued_items must be a positive integer, got {self.max_queued_items!r}")
         self.limits  # noqa: B018 - validates the limits
 
     @classmethod
@@ -119,9 +150,15 @@ class ServeConfig:
 
     @property
     def limits(self) -> Limits:
-        return Limits(
-            max_batch=self.max_batch, max_text_length=self.max_text_length, max_body_bytes=self.max_body_bytes
-        )
+        body = self.max_body_bytes
+        if body is None and isinstance(self.max_batch, int) and isinstance(self.max_text_length, int):
+            body = default_max_body_bytes(self.kind, self.max_batch, self.max_text_length)
+        return Limits(max_batch=self.max_batch, max_text_length=self.max_text_length, max_body_bytes=body)
+
+    @property
+    def queued_items_limit(self) -> int:
+        """Items (images or texts) that may wait in the adaptive batcher's queue."""
+        return self.max_queued_items if self.max_queued_items is not None else 2 * self.max_batch
 
     def challenger_config(self) -> ServeConfig | None:
         """The challenger's own config (same registries and settings), or None."""

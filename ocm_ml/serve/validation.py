@@ -9,8 +9,10 @@ to name it (``images[3][17] is a string ('12')``).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import orjson
@@ -19,17 +21,70 @@ from ocm_ml.serve.schemas import IMAGE_PIXELS, IMAGE_SIDE
 
 DEFAULT_MAX_BATCH = 1000
 DEFAULT_MAX_TEXT_LENGTH = 2000
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 PIXEL_MIN, PIXEL_MAX = 0.0, 255.0
+
+# The body cap is derived from the largest legal request (see default_max_body_bytes).
+#: Bytes of one pixel value in the JSON of a request: "255, " is 5 (json.dumps' default separators, what
+#: requests' ``json=`` sends), one more for a decimal such as "12.5,". Longer floats (full-precision
+#: values) fit fewer images per request; the 413 says so.
+JSON_PIXEL_BYTES = 6
+#: Bytes of one character of a text in JSON at worst: escaped as ``\uXXXX``.
+JSON_CHAR_BYTES = 6
+#: Room for the field name, brackets and whitespace a client may add.
+BODY_SLACK_BYTES = 64 * 1024
+
+
+def default_max_body_bytes(kind: str, max_batch: int, max_text_length: int = DEFAULT_MAX_TEXT_LENGTH) -> int:
+    """The body cap for ``max_batch`` items: the largest legal request plus slack (images: 784 values of
+    :data:`JSON_PIXEL_BYTES` each, in 28 rows; texts: ``max_text_length`` characters escaped)."""
+    if kind == "text":
+        per_item = max_text_length * JSON_CHAR_BYTES + 8  # quotes, comma, space
+    else:
+        per_item = IMAGE_PIXELS * JSON_PIXEL_BYTES + IMAGE_SIDE * 4 + 8  # row brackets and separators
+    return max_batch * per_item + BODY_SLACK_BYTES
+
+
+DEFAULT_MAX_BODY_BYTES = default_max_body_bytes("image", DEFAULT_MAX_BATCH)
 
 
 class InputError(ValueError):
-    """A client error: ``status_code`` is a 4xx, ``message`` says what was wrong and how to fix it."""
+    """A client error: ``status_code`` is a 4xx, ``message`` says what was wrong and how to fix it;
+    ``headers`` go into the response (e.g. ``Connection: close`` on a 413)."""
 
-    def __init__(self, message: str, status_code: int = 422):
+    def __init__(self, message: str, status_code: int = 422, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.status_code = status_code
+        self.headers = headers
+
+
+# --- credentials in URLs --------------------------------------------------------------------------------
+
+_USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s/@'\"<>]+@")
+
+
+def redact_credentials(text: Any) -> Any:
+    """``text`` with the user-info part of every URL in it (``https://user:token@host``) replaced by
+    ``***``; anything that is not a string is returned as it is (``None`` stays ``None``)."""
+    if not isinstance(text, str) or "@" not in text:
+        return text
+    return _USERINFO_RE.sub(r"\1***@", text)
+
+
+def url_credentials(uri: str | None) -> bool:
+    """Whether ``uri`` carries credentials in its user-info part: a password in any scheme, or any
+    user-info in http(s) URLs (``https://<token>@host`` is how git and MLflow servers take tokens). A bare
+    user name such as ``ssh://git@host`` or ``postgresql://user@host`` is not a credential."""
+    if not uri or "@" not in uri:
+        return False
+    try:
+        parts = urlsplit(uri)
+        password, username = parts.password, parts.username
+    except ValueError:  # unparseable: look for user-info by pattern
+        return redact_credentials(uri) != uri
+    if password:
+        return True
+    return bool(username) and "http" in parts.scheme.lower()
 
 
 @dataclass(frozen=True)
@@ -60,24 +115,54 @@ def _is_json_media_type(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-def parse_json_body(body: bytes, content_type: str | None, limits: Limits = Limits()) -> dict[str, Any]:
-    """Decode a request body that must be a JSON object.
-
-    A missing Content-Type is accepted; any other than JSON is a 415. Invalid JSON is a 400. ``NaN`` and
-    ``Infinity`` (not JSON, but what Python's json writes) are a 422 naming the problem.
-    """
+def check_content_type(content_type: str | None) -> None:
+    """A missing Content-Type is accepted; any other than JSON is a 415."""
     if content_type and not _is_json_media_type(content_type):
         raise InputError(
             f"unsupported Content-Type {content_type!r}: send the body as JSON with "
             "'Content-Type: application/json'",
             status_code=415,
         )
+
+
+def body_too_large(limits: Limits, size: int | None = None, declared: int | None = None) -> InputError:
+    """The 413 for a body over ``limits.max_body_bytes``: by its Content-Length (``declared``, before any of
+    it is read) or by the bytes received so far (``size``, while streaming). ``Connection: close`` tells
+    the server not to read the rest of it."""
+    what = (f"declares Content-Length {declared} bytes" if declared is not None
+            else f"is over {size} bytes and still coming" if size is not None else "is too large")
+    return InputError(
+        f"request body {what}; this endpoint accepts at most {limits.max_body_bytes} bytes, which fits "
+        f"max_batch={limits.max_batch} items per request in compact JSON: split the batch into several "
+        "smaller requests (or round pixel values to integers); an operator can raise max_body_bytes",
+        status_code=413,
+        headers={"Connection": "close"},
+    )
+
+
+def check_content_length(content_length: str | None, limits: Limits) -> None:
+    """Refuse a body by its declared size, before reading any of it (a 400 if the header is not a number)."""
+    if content_length is None:
+        return
+    try:
+        declared = int(content_length)
+    except ValueError:
+        raise InputError(f"Content-Length {content_length!r} is not a number", status_code=400) from None
+    if declared > limits.max_body_bytes:
+        raise body_too_large(limits, declared=declared)
+
+
+def parse_json_body(body: bytes, content_type: str | None, limits: Limits = Limits()) -> dict[str, Any]:
+    """Decode a request body that must be a JSON object.
+
+    A missing Content-Type is accepted; any other than JSON is a 415. A body over the size limit is a 413
+    (the app checks Content-Length and the streamed size before this, so that an oversized body is never
+    read whole). Invalid JSON is a 400. ``NaN`` and ``Infinity`` (not JSON, but what Python's json writes)
+    are a 422 naming the problem.
+    """
+    check_content_type(content_type)
     if len(body) > limits.max_body_bytes:
-        raise InputError(
-            f"request body is {len(body)} bytes; the limit is {limits.max_body_bytes} bytes "
-            "(send fewer items per request)",
-            status_code=413,
-        )
+        raise body_too_large(limits, size=len(body))
     if not body.strip():
         raise InputError("request body is empty: send a JSON object", status_code=400)
     try:

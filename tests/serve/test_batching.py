@@ -117,3 +117,51 @@ def test_settings_can_change_live():
     assert (batcher.max_batch_size, batcher.batch_wait_timeout_s) == (16, 0.01)
     with pytest.raises(TypeError):
         batcher.set_max_batch_size(None)
+
+
+def test_a_full_queue_refuses_at_once_and_recovers():
+    from ocm_ml.serve.batching import QueueFull
+
+    release = None
+    calls = []
+
+    async def fn(items):
+        calls.append(list(items))
+        await release.wait()
+        return items
+
+    async def main():
+        nonlocal release
+        release = asyncio.Event()
+        batcher = AdaptiveBatcher(fn, max_batch_size=1, max_queued_items=5)
+        running = asyncio.ensure_future(batcher.submit("a", size=100))  # taken at once: the queue is empty
+        await asyncio.sleep(0.01)
+        queued = [asyncio.ensure_future(batcher.submit(x, size=2)) for x in ("b", "c")]
+        await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(QueueFull, match="4 items already wait") as info:
+            await batcher.submit("d", size=2)  # 4 + 2 > 5
+        refused_in = loop.time() - t0
+        stats = batcher.stats()
+        release.set()
+        done = await asyncio.gather(running, *queued)
+        after = await batcher.submit("f", size=5)  # room again once the queue drained
+        return info.value, refused_in, stats, done, after
+
+    exc, refused_in, stats, done, after = run(main())
+    assert refused_in < 0.01 and exc.retry_after_s >= 1
+    assert stats["queued_items"] == 4 and stats["rejected"] == 1 and stats["max_queued_items"] == 5
+    assert done == ["a", "b", "c"] and after == "f"
+    assert ["d"] not in calls
+
+
+def test_one_request_larger_than_the_bound_still_runs_alone():
+    async def fn(items):
+        return items
+
+    async def main():
+        batcher = AdaptiveBatcher(fn, max_queued_items=2)
+        return await batcher.submit("big", size=1000)
+
+    assert run(main()) == "big"

@@ -96,7 +96,7 @@ def test_batch_cap_is_configurable():
         (b'{"images": [[NaN]]}', "application/json", 422, "NaN and Infinity"),
         (b"[1, 2]", "application/json", 422, "must be a JSON object"),
         (b'"x"', None, 422, "must be a JSON object"),
-        (b"x" * 100, "application/json", 413, "limit is 10 bytes"),
+        (b"x" * 100, "application/json", 413, "accepts at most 10 bytes"),
     ],
 )
 def test_bad_bodies(body, content_type, status, words):
