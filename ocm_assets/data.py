@@ -38,9 +38,13 @@ def preprocessing_key(fam: Family) -> dg.AssetKey:
 
 def iter_batches(registry: DataRegistry, version: RegistryVersion, split: str, columns=None) -> Iterator[Any]:
     """Stream a split's parquet from the registry in record batches (never the whole table at once)."""
+    yield from iter_parquet(registry, version, f"{version.dataset}/{split}.parquet", columns)
+
+
+def iter_parquet(registry: DataRegistry, version: RegistryVersion, path: str, columns=None) -> Iterator[Any]:
+    """Stream any registry parquet file (a split, the holdout) in record batches."""
     import pyarrow.parquet as pq
 
-    path = f"{version.dataset}/{split}.parquet"
     with registry.open(version, path) as fh:
         try:
             parquet = pq.ParquetFile(fh)

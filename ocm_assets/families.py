@@ -7,10 +7,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from ocm_ml.promotion import Gate
+
 Kind = Literal["image", "text"]
+
+#: The seeds' promotion rules. Images: absolute floors on the holdout; texts: a floor above the majority-class
+#: predictor on the same rows. Both: beat the champion by one point on the holdout.
+IMAGE_GATE = Gate(floors={"accuracy": 0.85, "macro_f1": 0.80}, win_metric="accuracy", win_margin=0.01)
+TEXT_GATE = Gate(baseline_margins={"accuracy": 0.10}, win_metric="macro_f1", win_margin=0.01)
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,10 @@ class Family:
     description: str
     # Optional scheduled retraining of the newest version (the schedule is STOPPED until turned on in the UI).
     retrain_cron: str = "0 3 * * 1"
+    # Promotion: the gate's defaults (overridable per run in the champion's config).
+    gate: Gate = field(default_factory=Gate, hash=False, compare=False)
+    # Evaluation: validation rows scored per model (None: the whole split); the holdout is always scored whole.
+    eval_val_rows: int | None = None
 
     @property
     def partitions_name(self) -> str:
@@ -40,8 +51,10 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("fashion_mnist", "fashion-mnist", "image", "Fashion-MNIST 28x28 grey images, 10 classes"),
-    Family("tweet_sentiment", "tweet-sentiment", "text", "Short tweets labelled negative/neutral/positive"),
+    Family("fashion_mnist", "fashion-mnist", "image", "Fashion-MNIST 28x28 grey images, 10 classes",
+           gate=IMAGE_GATE),
+    Family("tweet_sentiment", "tweet-sentiment", "text", "Short tweets labelled negative/neutral/positive",
+           gate=TEXT_GATE, eval_val_rows=1000),
 )
 
 

@@ -103,14 +103,18 @@ def build_rollout_sensor(fam: Family, retrain_job, rollout_job) -> dg.RunStatusS
         monitored_jobs=[retrain_job],
         request_job=rollout_job,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"After a successful {retrain_job.name} run: run {rollout_job.name} (promotion gate, then "
-        "the endpoint rolls over to the new champion).",
+        description=f"After a successful {retrain_job.name} run: run {rollout_job.name} for the same partition "
+        "(evaluation against the champion, the gate, then the endpoint rolls over when the challenger passes).",
     )
     def rollout_sensor(context: dg.RunStatusSensorContext):
         run = context.dagster_run
+        partition = run.tags.get("dagster/partition")
+        if not partition:
+            return dg.SkipReason(f"run {run.run_id} has no partition: a rollout judges one data version's model")
         return dg.RunRequest(
             run_key=f"rollout-after-{run.run_id}",
-            tags={"ocm/after_run": run.run_id, "ocm/registry_tag": run.tags.get("dagster/partition", "")},
+            partition_key=partition,
+            tags={"ocm/after_run": run.run_id, "ocm/registry_tag": partition},
         )
 
     return rollout_sensor

@@ -1,20 +1,34 @@
-"""The end of the lineage: ``<family>/champion`` (the MLflow alias, behind a promotion gate) and
-``<family>/endpoint`` (a Ray Serve application deployed once, hot-reloaded after). One of each per family."""
+"""The end of the lineage: ``<family>/champion`` (the promotion gate on the evaluation) and ``<family>/endpoint``
+(a Ray Serve application deployed once, hot-reloaded after). One of each per family.
+
+Aliases move in two steps, so that an alias never names a model nobody serves: the gate sets ``challenger``
+on the version it lets through; the endpoint serves that version, checks it, and only then moves ``champion``
+to it and drops ``challenger``. Any failure after the gate (a bad endpoint setting, a failed deploy or reload,
+a failed health or known-answer check, a canary rollback, the run being terminated) restores the endpoint
+to the champion it served, drops ``challenger`` and fails the run saying so.
+
+Rollouts of one family run one at a time: the rollout job carries the run tag ``ocm/rollout=<family>``, which
+the instance's run queue limits to one run per value (``ocm_resources.env.LOCAL_INSTANCE_YAML``, the Helm
+values). Each rollout judges the challenger its own partition registered.
+"""
 
 import json
+import urllib.error
 import urllib.request
 from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
+from ocm_assets.evaluation import CHAMPION, build_evaluation_asset, evaluation_key
 from ocm_assets.families import Family
-from ocm_assets.training import model_key
+from ocm_resources.env import ROLLOUT_TAG
 from ocm_resources.mlflow import MlflowTracking
-from ocm_resources.registry import DataRegistry
+from ocm_resources.registry import DataRegistry, RegistryVersion
 from ocm_resources.serve_control import ServeControl
 
-ALIAS = "champion"
+ALIAS = CHAMPION
+CHALLENGER = "challenger"
 
 
 def champion_key(fam: Family) -> dg.AssetKey:
@@ -25,17 +39,49 @@ def endpoint_key(fam: Family) -> dg.AssetKey:
     return dg.AssetKey([fam.name, "endpoint"])
 
 
-class PromotionConfig(dg.Config):
-    metric: str = Field(default="val_accuracy", description="Run metric compared between challenger and champion.")
-    mode: str = Field(default="max", description="max (accuracy-like) or min (loss-like).")
-    floor: float = Field(default=0.5, description="Absolute floor the challenger must clear.")
-    margin: float = Field(default=0.01, description="How much the challenger must beat the champion by (absolute).")
+class ChampionConfig(dg.Config):
+    """Overrides of the family's gate (``ocm_assets.families``); unset fields keep its defaults."""
+
+    floors: dict[str, float] | None = Field(
+        default=None, description='Least holdout figures, e.g. {"accuracy": 0.85, "macro_f1": 0.8}.')
+    baseline_margins: dict[str, float] | None = Field(
+        default=None, description='How far above the majority-class predictor on the holdout, e.g. {"accuracy": 0.1}.')
+    win_metric: str | None = Field(default=None, description="Holdout metric the challenger must beat the champion on.")
+    win_margin: float | None = Field(default=None, description="By how much (absolute), e.g. 0.01 = one point.")
+
+    def gate(self, default):
+        from dataclasses import replace
+
+        overrides = {k: v for k, v in self.model_dump().items() if v is not None}
+        return replace(default, **overrides)
 
 
-def _metric(client, version, metric: str) -> float | None:
-    if version is None or not version.run_id:
-        return None
-    return client.get_run(version.run_id).data.metrics.get(metric)
+def rollout_partition(context: dg.AssetExecutionContext) -> str:
+    """The data version this rollout judges: the run's partition, else its ``ocm/registry_tag`` tag (a run of
+    the champion and endpoint alone, launched from the UI with that tag)."""
+    if context.has_partition_key:
+        return context.partition_key
+    tag = context.run.tags.get("dagster/partition") or context.run.tags.get("ocm/registry_tag")
+    if not tag:
+        raise dg.Failure(
+            "the rollout judges one data version's challenger: launch it for a partition (the registry tag), "
+            "e.g. `dagster job launch -j <family>_rollout --partition <tag>`, as the rollout sensor does")
+    return tag
+
+
+def latest_evaluation(instance: dg.DagsterInstance, fam: Family, partition: str) -> dict[str, Any]:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=evaluation_key(fam), asset_partitions=[partition]), limit=1).records
+    mat = records[0].asset_materialization if records else None
+    if mat is None or "evaluation" not in mat.metadata:
+        raise dg.Failure(f"{partition} has no evaluation: materialize {evaluation_key(fam).to_user_string()} "
+                         "for it (the rollout job does)")
+    return mat.metadata["evaluation"].value
+
+
+def _holdout_figures(record: dict[str, Any], role: str) -> dict[str, float] | None:
+    scores = record["scores"].get(role)
+    return None if scores is None else {m: scores["holdout"][m] for m in ("accuracy", "macro_f1")}
 
 
 def build_champion_asset(fam: Family) -> dg.AssetsDefinition:
@@ -44,60 +90,70 @@ def build_champion_asset(fam: Family) -> dg.AssetsDefinition:
     @dg.asset(
         key=key,
         group_name=fam.name,
-        deps=[model_key(fam)],
+        deps=[evaluation_key(fam)],
         check_specs=[dg.AssetCheckSpec(
-            "promoted", asset=key, blocking=True,
-            description="Passes when the newest registered version became champion; fails (blocking the "
-            "endpoint) when it did not clear the gate.")],
-        description="The MLflow alias `champion`: the newest registered version replaces the champion only if "
-        "it clears the floor and beats it by the margin.",
+            "promoted", asset=key,
+            description="Passes when this rollout's challenger cleared the gate (alias `challenger` set); warns "
+            "when the champion is kept (the endpoint then keeps, or restores, serving the champion).")],
+        description="The promotion gate on the evaluation (same holdout rows for challenger and champion): "
+        "floors, baselines and a win margin. A challenger that clears it gets the MLflow alias `challenger`; "
+        "`champion` moves once the endpoint serves it.",
         kinds={"mlflow"},
         tags={"ocm/family": fam.name},
     )
-    def champion(context: dg.AssetExecutionContext, config: PromotionConfig, mlflow: MlflowTracking):
-        from ocm_ml.promotion import decide_promotion
+    def champion(context: dg.AssetExecutionContext, config: ChampionConfig, mlflow: MlflowTracking):
+        from ocm_ml.promotion import decide
 
-        if config.mode not in ("max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', got {config.mode!r}")
-        client = mlflow.configure()
-        name = mlflow.model_name(fam.dataset)
-        challenger = mlflow.latest_version(fam.dataset)
-        if challenger is None:
-            raise dg.Failure(f"no version of {name} is registered yet: materialize {model_key(fam).to_user_string()} first")
+        gate = config.gate(fam.gate)
+        partition = rollout_partition(context)
+        record = latest_evaluation(context.instance, fam, partition)
         current = mlflow.get_alias(fam.dataset, ALIAS)
-        decision = decide_promotion(
-            _metric(client, challenger, config.metric), _metric(client, current, config.metric),
-            floor=config.floor, margin=config.margin, mode=config.mode, metric=config.metric,
-            same_version=current is not None and current.version == challenger.version,
+        current_version = int(current.version) if current is not None else None
+        if current_version != record["champion_version"]:
+            raise dg.Failure(
+                f"the evaluation of {partition} scored champion v{record['champion_version']}, but the champion "
+                f"is now v{current_version}: materialize the evaluation again (rollouts of one family must run "
+                f"one at a time: run tag {ROLLOUT_TAG})")
+        challenger = record["challenger_version"]
+        decision = decide(
+            _holdout_figures(record, "challenger"), _holdout_figures(record, "champion"), gate,
+            baselines={"majority": record["baselines"]["majority"]["holdout"]} if gate.baseline_margins else None,
+            same_version=current_version == challenger,
         )
+        name = mlflow.model_name(fam.dataset)
         if decision.promote:
-            mlflow.set_alias(fam.dataset, ALIAS, challenger.version)
-        winner = challenger if decision.promote else current
+            mlflow.set_alias(fam.dataset, CHALLENGER, challenger)
+        serve_version = challenger if decision.promote else current_version
         for reason in decision.reasons:
-            context.log.info(f"{'PROMOTED' if decision.promote else 'kept'} v{challenger.version}: {reason}")
-        metadata = {
+            context.log.info(f"{'PASSED' if decision.promote else 'kept the champion'} v{challenger}: {reason}")
+        value = {
             "decision": "promoted" if decision.promote else "kept",
-            "reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in decision.reasons)),
-            "challenger_version": int(challenger.version),
-            "challenger_metric": decision.challenger if decision.challenger is not None else float("nan"),
-            "champion_before": int(current.version) if current else 0,
-            "champion_metric_before": decision.champion if decision.champion is not None else float("nan"),
-            "champion_version": int(winner.version) if winner else 0,
-            "champion_data_version": (winner.tags.get("data_version", "") if winner else ""),
-            "model_uri": f"models:/{name}/{winner.version}" if winner else "",
-            "metric": config.metric,
-            "floor": config.floor,
-            "margin": config.margin,
+            "partition": partition,
+            "name": name,
+            "challenger_version": challenger,
+            "champion_version": current_version,
+            "champion_uri": f"models:/{name}/{current_version}" if current_version else None,
+            "version": serve_version,
+            "model_uri": f"models:/{name}/{serve_version}" if serve_version else "",
         }
-        yield dg.Output(
-            {"model_uri": metadata["model_uri"], "version": metadata["champion_version"], "name": name},
-            data_version=dg.DataVersion(metadata["model_uri"] or "none"),
-            metadata=metadata,
-        )
+        yield dg.Output(value, data_version=dg.DataVersion(f"{value['decision']}:{value['model_uri'] or 'none'}"),
+                        metadata={
+            "decision": value["decision"],
+            "reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in decision.reasons)),
+            "gate_checks": dg.MetadataValue.json(decision.checks),
+            "gate": dg.MetadataValue.json({"floors": dict(gate.floors), "baseline_margins": dict(gate.baseline_margins),
+                                           "win_metric": gate.win_metric, "win_margin": gate.win_margin}),
+            "partition": partition,
+            "challenger_version": challenger,
+            "champion_before": current_version or 0,
+            "challenger_holdout": dg.MetadataValue.json(_holdout_figures(record, "challenger")),
+            "champion_holdout": dg.MetadataValue.json(_holdout_figures(record, "champion") or {}),
+            "to_serve": value["model_uri"],
+            "mlflow_evaluation_run_id": record.get("mlflow_run_id", ""),
+        })
         yield dg.AssetCheckResult(
             check_name="promoted", asset_key=key, passed=decision.promote,
-            severity=dg.AssetCheckSeverity.ERROR,
-            description="; ".join(decision.reasons),
+            severity=dg.AssetCheckSeverity.WARN, description="; ".join(decision.reasons),
         )
 
     return champion
@@ -114,7 +170,7 @@ class EndpointConfig(dg.Config):
     max_batch_size: int = Field(default=32, description="Dynamic batching: largest model batch.")
     batch_wait_timeout_s: float = Field(default=0.0, description="Dynamic batching: wait for more requests.")
     max_batch: int = Field(default=1000, description="Largest batch one request may send (else 4xx).")
-    known_answer_rows: int = Field(default=8, description="Validation rows the known-answer check sends.")
+    known_answer_rows: int = Field(default=8, description="Validation rows the known-answer check sends (>= 1).")
     rollout: str = Field(
         default="replace",
         description="How a new champion reaches a live endpoint: replace (hot reload at once), canary (traffic "
@@ -133,6 +189,16 @@ class EndpointConfig(dg.Config):
         default=True, description="Send validation rows as probe traffic during canary/shadow, so a rollout "
         "is judged even when no client calls the endpoint.")
 
+    def validate(self) -> None:
+        """Refuse a bad setting before anything changes."""
+        if self.known_answer_rows < 1:
+            raise ValueError(f"known_answer_rows must be >= 1, got {self.known_answer_rows}")
+        if self.num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
+        if self.replica_cpus <= 0:
+            raise ValueError(f"replica_cpus must be > 0, got {self.replica_cpus}")
+        self.rollout_policy()
+
     def rollout_policy(self):
         from ocm_ml.serve.rollout import RolloutPolicy
 
@@ -146,7 +212,12 @@ class EndpointConfig(dg.Config):
         )
 
 
+class RolloutError(RuntimeError):
+    """A step of the rollout failed; the endpoint is restored to the served champion."""
+
+
 def _http_json(url: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
+    """(status, parsed body); status 0 with the reason when nothing answered (refused, timed out, reset)."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
@@ -154,31 +225,50 @@ def _http_json(url: str, body: Any = None, timeout: float = 30.0) -> tuple[int, 
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode(errors="replace")
+    except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as exc:
+        return 0, f"no answer from {url}: {getattr(exc, 'reason', exc)}"
+
+
+def _validation_table(registry: DataRegistry, tag: str, commit: str, rows: int):
+    """The first ``rows`` validation rows of data version ``tag`` at registry commit ``commit``."""
+    import pyarrow.parquet as pq
+
+    from ocm_ml.contract import TAG_RE
+
+    match = TAG_RE.match(tag)
+    if not match:
+        raise RolloutError(f"the served model's data version {tag!r} is not a registry tag")
+    version = RegistryVersion(match["dataset"], match["version"], tag, commit)
+    with registry.open(version, f"{version.dataset}/val.parquet") as fh:
+        return pq.ParquetFile(fh).read_row_group(0).slice(0, rows)
+
+
+def _request_body(fam: Family, table) -> dict:
+    if fam.kind == "image":
+        return {"images": [list(map(int, row)) for row in table.column("image").to_pylist()]}
+    return {"texts": table.column("text").to_pylist()}
 
 
 def _known_answer(fam: Family, registry: DataRegistry, user_config: dict, url: str, rows: int):
-    """Predict validation rows of the champion's data version offline (the registered model, loaded
-    in this process) and over HTTP; the class/label per row must agree."""
-
+    """Validation rows of the model's own data version (at its commit), predicted offline by the registered
+    model loaded in this process and over HTTP: the class/label per row must agree."""
     from ocm_ml.serve.loading import ServeConfig, load_bundle
 
     bundle = load_bundle(ServeConfig.from_user_config({**user_config, "warmup": False}))
-    tag = bundle.describe().get("data_version")
-    table = _validation_table(registry, tag, rows)
+    info = bundle.describe()
+    table = _validation_table(registry, info["data_version"], info["dvc_commit"], rows)
+    body = _request_body(fam, table)
     if fam.kind == "image":
         import numpy as np
 
-        pixels = np.asarray(table.column("image").to_pylist(), dtype=np.float32)
-        offline, _ = bundle.predict(pixels)
-        offline = [int(c) for c in offline]
-        status, answer = _http_json(f"{url}/predict", {"images": pixels.astype(int).tolist()})
+        offline = [int(c) for c in bundle.predict(np.asarray(body["images"], dtype=np.float32))[0]]
+        status, answer = _http_json(f"{url}/predict", body)
         served = [p["class_id"] for p in answer["predictions"]] if status == 200 else None
     else:
-        texts = table.column("text").to_pylist()
-        offline, _ = bundle.predict(texts)
-        status, answer = _http_json(f"{url}/predict", {"texts": texts})
+        offline = list(bundle.predict(body["texts"])[0])
+        status, answer = _http_json(f"{url}/predict", body)
         served = [p["label"] for p in answer["predictions"]] if status == 200 else None
-    return status, offline, served, tag
+    return status, offline, served, info
 
 
 def _served_model_uri(serve: ServeControl, name: str) -> str | None:
@@ -186,31 +276,15 @@ def _served_model_uri(serve: ServeControl, name: str) -> str | None:
     app = serve.application(name)
     if app is None or "RUNNING" not in app["status"]:
         return None
-    status, health = _http_json(f"{serve.url(name)}/health")
+    status, health = _http_json(f"{serve.url(name)}/health", timeout=10.0)
     return health.get("model_uri") if status == 200 and isinstance(health, dict) else None
 
 
-def _validation_table(registry: DataRegistry, tag: str | None, rows: int):
-    """The first ``rows`` validation rows of data version ``tag`` (a pyarrow table)."""
-    import pyarrow.parquet as pq
-
-    version = registry.resolve(tag)
-    with registry.open(version, f"{version.dataset}/val.parquet") as fh:
-        return pq.ParquetFile(fh).read_row_group(0).slice(0, rows)
-
-
-def _validation_rows(fam: Family, registry: DataRegistry, tag: str | None, rows: int) -> dict:
-    """A /predict body of ``rows`` validation rows of data version ``tag`` (probe traffic)."""
-    table = _validation_table(registry, tag, rows)
-    if fam.kind == "image":
-        return {"images": [list(map(int, row)) for row in table.column("image").to_pylist()]}
-    return {"texts": table.column("text").to_pylist()}
-
-
-def _progressive_rollout(context, fam: Family, config: EndpointConfig, serve: ServeControl, mlflow: MlflowTracking,
-                         registry: DataRegistry, user_config: dict, served_uri: str, deploy) -> dict:
-    """Canary or shadow of the new champion next to the served one; switch on success, else roll back the
-    endpoint and the MLflow alias and fail the step (the endpoint keeps serving ``served_uri``)."""
+def _progressive(context, fam: Family, config: EndpointConfig, serve: ServeControl, registry: DataRegistry,
+                 user_config: dict, served_uri: str, deploy) -> dict:
+    """Canary or shadow of ``user_config``'s model beside the served one; returns the record when it passed
+    (the new model then serves all traffic), raises :class:`RolloutError` otherwise (the caller restores)."""
+    from ocm_ml.serve.loading import ServeConfig, load_bundle
     from ocm_ml.serve.rollout import run_canary, run_shadow, sum_replica_stats
 
     policy = config.rollout_policy()
@@ -223,17 +297,16 @@ def _progressive_rollout(context, fam: Family, config: EndpointConfig, serve: Se
     def read_stats() -> dict:
         per_replica = []
         for url in replica_urls:
-            status, info = _http_json(f"{url}/info")
-            if status == 200 and isinstance(info, dict):
-                per_replica.append((info.get("serving") or {}).get("challenger") or {})
+            status, info = _http_json(f"{url}/info", timeout=10.0)
+            if status != 200 or not isinstance(info, dict):
+                raise RolloutError(f"the replica stats at {url}/info did not answer ({status}: {info})")
+            per_replica.append((info.get("serving") or {}).get("challenger") or {})
         return sum_replica_stats(per_replica)
 
     send_probe = None
     if config.rollout_probe:
-        from ocm_ml.serve.loading import resolve_model
-
-        tag = resolve_model(new_uri, mlflow.configure()).run_tags.get("dvc_data_version")
-        body = _validation_rows(fam, registry, tag, 1)
+        info = load_bundle(ServeConfig.from_user_config({**user_config, "warmup": False})).describe()
+        body = _request_body(fam, _validation_table(registry, info["data_version"], info["dvc_commit"], 1))
         proxy = serve.url(fam.name)
 
         def send_probe() -> None:
@@ -247,31 +320,44 @@ def _progressive_rollout(context, fam: Family, config: EndpointConfig, serve: Se
         result = run_shadow(policy, read_stats, send_probe, log)
     record = {"strategy": policy.strategy, "from": served_uri, "to": new_uri, "passed": result.passed,
               "reasons": result.reasons, "steps": result.steps}
-    if result.passed:
-        for reason in result.reasons:
-            log(reason)
-        return {**deploy(user_config), "rollout": record}
-
-    # Roll back: the served model stays (no challenger), and the alias points at it again.
-    deploy({**user_config, "model_uri": served_uri})
-    restored = _restore_alias(mlflow, fam, served_uri)
-    reasons = "; ".join(result.reasons)
-    context.log.error(f"{policy.strategy} of {new_uri} failed, rolled back to {served_uri}: {reasons}")
-    raise dg.Failure(
-        description=f"{policy.strategy} rollout of {new_uri} rolled back; {fam.name} still serves {served_uri}"
-        f"{f' (alias {ALIAS} -> v{restored})' if restored else ''}: {reasons}",
-        metadata={"rollout": dg.MetadataValue.json(record), "served_model_uri": served_uri},
-    )
+    if not result.passed:
+        raise RolloutError(f"{policy.strategy} of {new_uri} failed: {'; '.join(result.reasons)}")
+    for reason in result.reasons:
+        log(reason)
+    return {**deploy(user_config), "rollout": record}
 
 
-def _restore_alias(mlflow: MlflowTracking, fam: Family, served_uri: str) -> str | None:
-    """Point the champion alias back at the served version (``models:/<name>/<version>``)."""
-    prefix = f"models:/{mlflow.model_name(fam.dataset)}/"
-    if not served_uri.startswith(prefix) or not served_uri[len(prefix):].isdigit():
-        return None
-    version = served_uri[len(prefix):]
-    mlflow.set_alias(fam.dataset, ALIAS, version)
-    return version
+def _verify(fam: Family, registry: DataRegistry, user_config: dict, url: str, rows: int) -> dict[str, Any]:
+    """/health names the model and /predict agrees with it offline; raises :class:`RolloutError` otherwise."""
+    health_status, health = _http_json(f"{url}/health")
+    healthy = health_status == 200 and isinstance(health, dict) and health.get("model_uri") == user_config["model_uri"]
+    if not healthy:
+        raise RolloutError(f"{url}/health does not report {user_config['model_uri']} as healthy "
+                           f"(HTTP {health_status}: {str(health)[:300]})")
+    ka_status, offline, served, info = _known_answer(fam, registry, user_config, url, rows)
+    if served != offline:
+        raise RolloutError(f"{url}/predict on {rows} validation rows of {info['data_version']} does not agree with "
+                           f"the registered model offline (HTTP {ka_status}; served {served}, offline {offline})")
+    return {"health": health, "known_answer": {"status_code": ka_status, "offline": offline, "served": served},
+            "data_version": info["data_version"]}
+
+
+def _user_config(fam: Family, config: EndpointConfig, mlflow: MlflowTracking, registry: DataRegistry,
+                 model_uri: str) -> dict[str, Any]:
+    return {
+        "kind": fam.kind,
+        "model_uri": model_uri,
+        "tracking_uri": mlflow.resolved_tracking_uri(),
+        "registry_uri": mlflow.resolved_registry_uri(),
+        "registry_url": getattr(registry, "repo_url", None),
+        "max_batch": config.max_batch,
+        "max_batch_size": config.max_batch_size,
+        "batch_wait_timeout_s": config.batch_wait_timeout_s,
+        # explicit, so that a hot reload also ends any canary/shadow left in the live config
+        "challenger_uri": None,
+        "challenger_mode": "canary",
+        "challenger_share": 0.0,
+    }
 
 
 def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
@@ -282,11 +368,12 @@ def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
         group_name=fam.name,
         ins={"champion": dg.AssetIn(champion_key(fam))},
         check_specs=[
-            dg.AssetCheckSpec("health", asset=key, description="GET /health answers healthy with the champion's URI"),
+            dg.AssetCheckSpec("health", asset=key, description="GET /health answers healthy with the served model's URI"),
             dg.AssetCheckSpec("known_answer", asset=key,
                               description="POST /predict on validation rows equals the registered model offline"),
         ],
-        description=f"Ray Serve application `/{fam.name}` (FastAPI ingress, dynamic batching) serving the "
+        description=f"Ray Serve application `/{fam.name}` (FastAPI ingress, dynamic batching): serves the gate's "
+        "challenger once it passes its checks (then alias `champion` moves to it), else keeps or restores the "
         "champion; deployed once, then hot-reloaded through `reconfigure`.",
         kinds={"ray", "fastapi"},
         tags={"ocm/family": fam.name},
@@ -295,24 +382,22 @@ def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, config: EndpointConfig, mlflow: MlflowTracking,
         serve: ServeControl, registry: DataRegistry, champion: dict,
     ):
-        if not champion.get("model_uri"):
-            raise dg.Failure(f"{fam.name} has no champion yet: materialize {champion_key(fam).to_user_string()}")
-        config.rollout_policy()  # a bad rollout setting fails here, before anything changes
-        registry_url = getattr(registry, "repo_url", None)
-        user_config = {
-            "kind": fam.kind,
-            "model_uri": champion["model_uri"],
-            "tracking_uri": mlflow.resolved_tracking_uri(),
-            "registry_uri": mlflow.resolved_registry_uri(),
-            "registry_url": registry_url,
-            "max_batch": config.max_batch,
-            "max_batch_size": config.max_batch_size,
-            "batch_wait_timeout_s": config.batch_wait_timeout_s,
-            # explicit, so that a hot reload also ends any canary/shadow left in the live config
-            "challenger_uri": None,
-            "challenger_mode": "canary",
-            "challenger_share": 0.0,
-        }
+        from ocm_ml.serve.loading import ServeConfig
+
+        promoted = champion["decision"] == "promoted"
+        target = champion["model_uri"]
+        try:
+            if not target:
+                raise RolloutError(f"{fam.name} has no champion and the challenger v{champion['challenger_version']} "
+                                   "did not clear the gate: nothing to serve")
+            config.validate()
+            user_config = _user_config(fam, config, mlflow, registry, target)
+            ServeConfig.from_user_config(user_config)
+        except (ValueError, RolloutError) as exc:
+            if promoted:
+                mlflow.delete_alias(fam.dataset, CHALLENGER)
+            raise dg.Failure(f"{exc}; nothing was changed: {fam.name} stays on "
+                             f"{champion['champion_uri'] or 'no model'}") from None
         autoscaling = None
         if config.autoscaling_max_replicas:
             autoscaling = {"min_replicas": config.autoscaling_min_replicas or 1,
@@ -325,52 +410,90 @@ def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
                 ray_actor_options={"num_cpus": config.replica_cpus},
             )
 
-        served_uri = _served_model_uri(serve, fam.name) if config.rollout != "replace" else None
-        if served_uri is None or served_uri == champion["model_uri"]:
-            outcome = {**deploy(user_config), "rollout": {"strategy": "replace"}}
-        else:
-            outcome = _progressive_rollout(context, fam, config, serve, mlflow, registry, user_config,
-                                           served_uri, deploy)
         url = serve.url(fam.name)
-        context.log.info(f"{outcome['action']} {url} -> {champion['model_uri']}")
-        health_status, health = _http_json(f"{url}/health")
+        served_uri = _served_model_uri(serve, fam.name)
+        if not promoted and served_uri == target:
+            outcome = {"action": "kept", "urls": serve.urls(fam.name), "rollout": {"strategy": "none"}}
+            checked = _verify(fam, registry, user_config, url, config.known_answer_rows)
+        else:
+            try:
+                if promoted and served_uri and config.rollout != "replace":
+                    outcome = _progressive(context, fam, config, serve, registry, user_config, served_uri, deploy)
+                else:
+                    outcome = {**deploy(user_config), "rollout": {"strategy": "replace"}}
+                checked = _verify(fam, registry, user_config, url, config.known_answer_rows)
+            except BaseException as exc:  # also a run termination (DagsterExecutionInterruptedError)
+                restored = _restore(context, fam, serve, mlflow, deploy, user_config, champion, promoted)
+                if not isinstance(exc, Exception):
+                    raise
+                raise dg.Failure(
+                    description=f"{'rollout of' if promoted else 'redeploy of'} {target} failed: {exc}. {restored}",
+                    metadata={"served_model_uri": champion["champion_uri"] or ""},
+                ) from None
+        if promoted:
+            mlflow.set_alias(fam.dataset, ALIAS, champion["version"])
+            mlflow.delete_alias(fam.dataset, CHALLENGER)
+            context.log.info(f"alias {ALIAS} -> v{champion['version']} (served and checked)")
+        context.log.info(f"{outcome['action']} {url} -> {target}")
         info_status, info = _http_json(f"{url}/info")
-        ka_status, offline, served, tag = _known_answer(fam, registry, user_config, url, config.known_answer_rows)
         yield dg.Output(
-            {"url": url, "model_uri": champion["model_uri"]},
-            data_version=dg.DataVersion(champion["model_uri"]),
+            {"url": url, "model_uri": target},
+            data_version=dg.DataVersion(target),
             metadata={
                 "url": dg.MetadataValue.url(url),
                 "action": outcome["action"],
-                "model_uri": champion["model_uri"],
-                "data_version": tag or "",
+                "model_uri": target,
+                "champion_version": champion["version"],
+                "data_version": checked["data_version"],
                 "info": dg.MetadataValue.json(info if info_status == 200 else {"status": info_status}),
                 "direct_ingress": dg.MetadataValue.json(outcome["urls"].get("direct", [])),
                 "rollout": dg.MetadataValue.json(outcome["rollout"]),
             },
         )
+        yield dg.AssetCheckResult(check_name="health", asset_key=key, passed=True,
+                                  metadata={"body": dg.MetadataValue.json(checked["health"])})
+        ka = checked["known_answer"]
         yield dg.AssetCheckResult(
-            check_name="health", asset_key=key,
-            passed=health_status == 200 and isinstance(health, dict) and health.get("model_uri") == champion["model_uri"],
-            metadata={"status_code": health_status, "body": dg.MetadataValue.json(health if isinstance(health, dict) else {"text": str(health)})},
-        )
-        yield dg.AssetCheckResult(
-            check_name="known_answer", asset_key=key, passed=served is not None and served == offline,
-            metadata={"status_code": ka_status, "offline": dg.MetadataValue.json(offline),
-                      "served": dg.MetadataValue.json(served or [])},
+            check_name="known_answer", asset_key=key, passed=True,
+            metadata={"status_code": ka["status_code"], "offline": dg.MetadataValue.json(ka["offline"]),
+                      "served": dg.MetadataValue.json(ka["served"])},
         )
 
     return endpoint
 
 
+def _restore(context, fam: Family, serve: ServeControl, mlflow: MlflowTracking, deploy, user_config: dict,
+             champion: dict, promoted: bool) -> str:
+    """Put the endpoint back on the champion it served (or take down a first deployment that never served a
+    champion), drop the ``challenger`` alias; returns what was done, for the failure message."""
+    previous = champion["champion_uri"]
+    if promoted:
+        mlflow.delete_alias(fam.dataset, CHALLENGER)
+    try:
+        if previous is None:
+            serve.delete(fam.name)
+            done = f"{fam.name} had no champion, so its endpoint was removed; alias {ALIAS} is unset"
+        else:
+            deploy({**user_config, "model_uri": previous})
+            if _served_model_uri(serve, fam.name) != previous:
+                raise RolloutError(f"{previous} does not answer /health after the rollback")
+            done = f"{fam.name} serves the champion {previous} again; alias {ALIAS} unchanged"
+    except Exception as exc:
+        done = (f"the rollback failed too ({exc}): {fam.name}'s endpoint may not serve the champion {previous}; "
+                f"re-run the rollout for {champion['partition']} to redeploy it")
+    context.log.error(done)
+    return done
+
+
 def build_serving_assets(fam: Family) -> list[dg.AssetsDefinition]:
-    return [build_champion_asset(fam), build_endpoint_asset(fam)]
+    return [build_evaluation_asset(fam), build_champion_asset(fam), build_endpoint_asset(fam)]
 
 
 def rollout_job(fam: Family):
     return dg.define_asset_job(
         f"{fam.name}_rollout",
-        selection=dg.AssetSelection.assets(champion_key(fam), endpoint_key(fam)),
-        description=f"Promote the newest {fam.name} model if it beats the champion, then roll the endpoint over.",
-        tags={"ocm/family": fam.name},
+        selection=dg.AssetSelection.assets(evaluation_key(fam), champion_key(fam), endpoint_key(fam)),
+        description=f"For one {fam.name} registry version (partition): evaluate its model against the champion on "
+        "the same rows, gate it, and roll the endpoint over when it passes (else keep or restore the champion).",
+        tags={"ocm/family": fam.name, ROLLOUT_TAG: fam.name},
     )

@@ -33,3 +33,36 @@ def training_curve_png(history: Sequence[dict], title: str) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def confusion_png(matrices: dict[str, Sequence[Sequence[int]]], class_names: Sequence[str], title: str) -> bytes:
+    """Confusion matrices (rows: true class, columns: predicted), one panel per model, row-normalized."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n = len(matrices)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.0), dpi=90, squeeze=False)
+    for ax, (label, matrix) in zip(axes[0], matrices.items(), strict=True):
+        cm = np.asarray(matrix, dtype=float)
+        share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for (i, j), count in np.ndenumerate(cm):
+            if count:
+                ax.text(j, i, int(count), ha="center", va="center", fontsize=6,
+                        color="white" if share[i, j] > 0.5 else "black")
+        ticks = range(len(class_names))
+        short = [c if len(c) <= 8 else c[:7] + "." for c in class_names]
+        ax.set_xticks(ticks, short, rotation=90, fontsize=7)
+        ax.set_yticks(ticks, short, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,49 +1,112 @@
-"""The champion gate: does a challenger model replace the champion? Pure and deterministic."""
+"""The champion gate: does a challenger replace the champion? Pure and deterministic.
+
+Both models' figures come from one evaluation on the same rows (the family's fixed holdout). A challenger is
+promoted only when it clears every floor, beats every baseline by its margin, and (when there is a champion)
+beats the champion's ``win_metric`` by at least ``win_margin``. A missing or non-finite figure never promotes,
+and neither does a tie.
+
+>>> gate = Gate(floors={"accuracy": 0.85, "macro_f1": 0.80}, win_metric="accuracy", win_margin=0.01)
+>>> decide({"accuracy": 0.90, "macro_f1": 0.89}, {"accuracy": 0.885, "macro_f1": 0.88}, gate).promote
+True
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+
+#: Metrics a gate may name (higher is better for each).
+GATE_METRICS = ("accuracy", "macro_f1")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """``floors``: least value of a metric; ``baseline_margins``: how far above each baseline's figure (e.g. the
+    majority-class predictor on the same rows) a metric must be; ``win_metric``/``win_margin``: the gain over
+    the champion needed to replace it (absolute, in the metric's units)."""
+
+    floors: Mapping[str, float] = field(default_factory=dict)
+    baseline_margins: Mapping[str, float] = field(default_factory=dict)
+    win_metric: str = "accuracy"
+    win_margin: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in [*self.floors, *self.baseline_margins, self.win_metric]:
+            if name not in GATE_METRICS:
+                raise ValueError(f"unknown gate metric {name!r}; known: {', '.join(GATE_METRICS)}")
+        if not self.win_margin >= 0:
+            raise ValueError(f"win_margin must be >= 0, got {self.win_margin}")
+        for name, value in {**self.floors, **self.baseline_margins}.items():
+            if not math.isfinite(value):
+                raise ValueError(f"gate threshold for {name} must be a finite number, got {value}")
 
 
 @dataclass(frozen=True)
 class Decision:
     promote: bool
-    reasons: list[str] = field(default_factory=list)
-    challenger: float | None = None
-    champion: float | None = None
+    reasons: list[str]
+    checks: list[dict] = field(default_factory=list)  # {"check", "value", "threshold", "passed"} per rule
 
 
-def decide_promotion(
-    challenger: float | None,
-    champion: float | None,
+def _finite(figures: Mapping[str, float] | None, name: str) -> float | None:
+    if figures is None:
+        return None
+    value = figures.get(name)
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def decide(
+    challenger: Mapping[str, float] | None,
+    champion: Mapping[str, float] | None,
+    gate: Gate,
     *,
-    floor: float,
-    margin: float,
-    mode: Literal["max", "min"] = "max",
-    metric: str = "val_accuracy",
+    baselines: Mapping[str, Mapping[str, float]] | None = None,
     same_version: bool = False,
 ) -> Decision:
-    """Promote only a challenger that clears the absolute ``floor`` and beats the champion by at least
-    ``margin`` (absolute, in the metric's units; ``mode="min"`` for losses). The first model of a family
-    (no champion) is promoted when it clears the floor. A worse or equal challenger never is."""
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
+    """Apply ``gate`` to the challenger's and champion's figures on the same rows (``champion`` None: there
+    is no champion yet). Every rule is checked and reported, so the reasons say all that failed."""
     if same_version:
-        return Decision(False, ["the challenger already is the champion"], challenger, champion)
-    if challenger is None or not math.isfinite(challenger):
-        return Decision(False, [f"the challenger has no finite {metric}"], challenger, champion)
-    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
-    if not (better(challenger, floor) or challenger == floor):
-        word = "below" if mode == "max" else "above"
-        return Decision(False, [f"{metric} {challenger:.4f} is {word} the floor {floor:.4f}"], challenger, champion)
-    if champion is None or not math.isfinite(champion):
-        return Decision(True, [f"first champion: {metric} {challenger:.4f} clears the floor {floor:.4f}"],
-                        challenger, champion)
-    gain = challenger - champion if mode == "max" else champion - challenger
-    if gain > 0 and gain >= margin:
-        return Decision(True, [f"{metric} {challenger:.4f} beats the champion's {champion:.4f} by {gain:.4f} "
-                               f"(margin {margin:.4f})"], challenger, champion)
-    return Decision(False, [f"{metric} {challenger:.4f} does not beat the champion's {champion:.4f} by the margin "
-                            f"{margin:.4f} (gain {gain:+.4f})"], challenger, champion)
+        return Decision(False, ["the challenger already is the champion"])
+    checks: list[dict] = []
+
+    def rule(name: str, value: float | None, threshold: float | None, passed: bool, reason: str) -> None:
+        checks.append({"check": name, "value": value, "threshold": threshold, "passed": passed, "reason": reason})
+
+    for metric, floor in gate.floors.items():
+        value = _finite(challenger, metric)
+        if value is None:
+            rule(f"floor {metric}", None, floor, False, f"the challenger has no finite {metric}")
+        else:
+            ok = value >= floor
+            rule(f"floor {metric}", value, floor, ok,
+                 f"{metric} {value:.4f} {'clears' if ok else 'is below'} the floor {floor:.4f}")
+    for baseline_name, figures in (baselines or {}).items():
+        for metric, margin in gate.baseline_margins.items():
+            value, base = _finite(challenger, metric), _finite(figures, metric)
+            if value is None or base is None:
+                rule(f"{baseline_name} {metric}", value, None, False,
+                     f"{metric} of the challenger or of the {baseline_name} baseline is missing")
+                continue
+            ok = value - base >= margin and value > base
+            rule(f"{baseline_name} {metric}", value, base + margin, ok,
+                 f"{metric} {value:.4f} {'beats' if ok else 'does not beat'} the {baseline_name} baseline's "
+                 f"{base:.4f} by {margin:.4f}")
+    if gate.baseline_margins and not baselines:
+        rule("baselines", None, None, False, "the gate needs baseline figures and none were given")
+    if champion is not None:
+        value, current = _finite(challenger, gate.win_metric), _finite(champion, gate.win_metric)
+        if value is None or current is None:
+            rule(f"win {gate.win_metric}", value, None, False,
+                 f"{gate.win_metric} of the challenger or of the champion is missing: no comparison, no promotion")
+        else:
+            gain = value - current
+            ok = gain > 0 and gain >= gate.win_margin
+            rule(f"win {gate.win_metric}", value, current + gate.win_margin, ok,
+                 f"{gate.win_metric} {value:.4f} {'beats' if ok else 'does not beat'} the champion's {current:.4f} "
+                 f"by the margin {gate.win_margin:.4f} (gain {gain:+.4f})")
+    else:
+        rule("first champion", None, None, True, "no champion yet: the first model that clears the floors wins")
+    promote = all(c["passed"] for c in checks)
+    failed = [c["reason"] for c in checks if not c["passed"]]
+    return Decision(promote, failed if not promote else [c["reason"] for c in checks], checks)

@@ -59,6 +59,24 @@ def redact_uri(uri: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
 
 
+def git_code_version(folder: Path | None = None) -> str | None:
+    """The git commit of the code location's checkout, with ``-dirty`` when tracked files changed; None
+    outside a git checkout (an image: there the build records it, see the Dockerfile)."""
+    import subprocess
+
+    root = folder or Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=False)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def _package_version() -> str:
     try:
         return metadata.version("ocm")
@@ -108,7 +126,12 @@ class MlflowTracking(dg.ConfigurableResource):
         description="Base URL of the MLflow UI for run links, e.g. http://127.0.0.1:5000; no links when unset.",
     )
     docker_image_tag: str | None = Field(
-        default=None, description="Image tag recorded in the `docker_image_tag` run tag; 'local' when unset."
+        default=None, description="Image tag recorded in the `docker_image_tag` run tag (the image's own "
+        "OCM_IMAGE_TAG); 'local' when unset."
+    )
+    code_version: str | None = Field(
+        default=None, description="The `code_version` run tag: the git commit the image was built from "
+        "(OCM_CODE_VERSION); unset: the git commit of this checkout (+`-dirty`), else the package version."
     )
     connect_timeout: float = Field(
         default=5.0, description="Seconds to wait for an HTTP tracking/registry server to answer /health."
@@ -228,14 +251,15 @@ class MlflowTracking(dg.ConfigurableResource):
         code_version: str | None = None,
     ) -> dict[str, str]:
         """The lineage run/model-version tags of DESIGN.md, all strings. ``docker_image_tag`` defaults to the
-        resource's field, else "local"; ``code_version`` to the installed ocm package version."""
+        resource's field, else "local"; ``code_version`` to the field, else the git commit of the checkout
+        (``-dirty`` when changed), else the package version."""
         tags = {
             "dvc_data_version": dvc_data_version,
             "dvc_commit": dvc_commit,
             "dagster_run_id": dagster_run_id,
             "dagster_partition": dagster_partition or "",
             "docker_image_tag": docker_image_tag or self.docker_image_tag or "local",
-            "code_version": code_version or _package_version(),
+            "code_version": code_version or self.code_version or git_code_version() or _package_version(),
         }
         return {key: str(tags[key]) for key in LINEAGE_TAGS}
 
@@ -290,6 +314,25 @@ class MlflowTracking(dg.ConfigurableResource):
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in exc.message.lower():
                 return None
             raise
+
+    def delete_alias(self, dataset: str, alias: str) -> None:
+        """Remove ``alias``; nothing happens when it does not exist."""
+        if self.get_alias(dataset, alias) is not None:
+            self.client.delete_registered_model_alias(self.model_name(dataset), alias)
+
+    def version(self, dataset: str, version: str | int) -> ModelVersion:
+        return self.client.get_model_version(self.model_name(dataset), str(version))
+
+    def version_of_partition(self, dataset: str, partition: str, run_id: str | None = None) -> ModelVersion | None:
+        """The newest version registered for ``partition`` (its ``dagster_partition`` tag), or exactly the one
+        the Dagster run ``run_id`` registered when given; None when there is none."""
+        name = self.model_name(dataset).replace("'", "\\'")
+        filters = [f"name = '{name}'", f"tags.dagster_partition = '{partition}'"]
+        if run_id:
+            filters.append(f"tags.dagster_run_id = '{run_id}'")
+        found = self.client.search_model_versions(" AND ".join(filters), max_results=1,
+                                                  order_by=["version_number DESC"])
+        return found[0] if found else None
 
     def latest_version(self, dataset: str) -> ModelVersion | None:
         """The highest version number of the dataset's model; None when nothing is registered."""

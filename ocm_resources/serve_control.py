@@ -113,6 +113,20 @@ class ServeControl(dg.ConfigurableResource):
             action = "reconfigured"
         return {"action": action, "status": status, "urls": deployments.endpoint_urls(name)}
 
+    def urls(self, name: str) -> dict[str, Any]:
+        """The application's URLs: ``{"proxy": …, "direct": [replica URLs]}``."""
+        from ocm_ml.serve import deployments
+
+        self.connect()
+        return deployments.endpoint_urls(name)
+
+    def delete(self, name: str) -> None:
+        """Remove the application (nothing happens when it does not exist)."""
+        from ray import serve
+
+        self.connect()
+        serve.delete(name)
+
     def url(self, name: str) -> str:
         return f"http://{self.http_host}:{self.http_port}/{name}"
 

@@ -170,16 +170,26 @@ def main() -> int:
                                          tags=tags, run_config=demo_config(fam, args.quick, epochs))
             timings[f"{req.partition_key} retrain"] = took
             model = mats.get(f"{fam.name}/model")
+            endpoint = None
             if result.success:
-                rollout, rmats, took = run_job(defs, instance, f"{fam.name}_rollout",
+                rollout, rmats, took = run_job(defs, instance, f"{fam.name}_rollout", partition=req.partition_key,
                                                tags={"ocm/after_run": result.run_id})
                 timings[f"{req.partition_key} rollout"] = took
-                champion = rmats.get(f"{fam.name}/champion")
-            else:
-                champion = None
-            rows.append((fam, req.partition_key, model, champion))
-            if champion is not None:
-                print("  gate:", champion.metadata["reasons"].value.replace("\n", " "))
+                champion, endpoint = rmats.get(f"{fam.name}/champion"), rmats.get(f"{fam.name}/endpoint")
+                evaluation = rmats.get(f"{fam.name}/evaluation")
+                if evaluation is not None:
+                    seconds = evaluation.metadata["evaluation_seconds"].value
+                    timings[f"{req.partition_key} evaluation"] = seconds
+                    print(f"  evaluation on the same rows ({evaluation.metadata['holdout_rows'].value} holdout, "
+                          f"{evaluation.metadata['val_rows'].value} validation), {seconds:.0f}s:")
+                    for line in evaluation.metadata["comparison"].value.splitlines():
+                        print("   ", line)
+                if champion is not None:
+                    decision = champion.metadata["decision"].value
+                    print(f"  gate: {'PROMOTED' if decision == 'promoted' else 'kept the champion'} "
+                          f"v{champion.metadata['challenger_version'].value}: "
+                          + champion.metadata["reasons"].value.replace("\n", " "))
+            rows.append((fam, req.partition_key, model, endpoint))
 
     for fam in FAMILIES:
         say(f"3. {fam.name}: v1.0.0 from the sensor to a live endpoint")
@@ -191,7 +201,7 @@ def main() -> int:
                   f"{md['val_accuracy'].value:.3f}, macro F1 {md['val_macro_f1'].value:.3f}; majority-class "
                   f"baseline accuracy {md['majority_baseline_accuracy'].value:.3f}")
         elif model is not None:
-            print(f"  validation accuracy on the real {10000 if not args.quick else 'validation'} images: "
+            print(f"  validation accuracy on the real {8000 if not args.quick else 'validation'} images: "
                   f"{model.metadata['val_accuracy'].value:.4f}")
         try:
             show_endpoint(fam, registry, f"{fam.dataset}-v1.0.0", f"http://127.0.0.1:8000/{fam.name}")
@@ -200,7 +210,8 @@ def main() -> int:
 
     fashion = family("fashion_mnist")
     new_tag = f"{fashion.dataset}-v{args.new_version}"
-    say(f"4. publish {new_tag}: Fashion-MNIST train+test pooled and re-split; the sensor takes it from there")
+    say(f"4. publish {new_tag}: Fashion-MNIST train + non-holdout test images pooled and re-split; the sensor "
+        "takes it from there")
     url = f"http://127.0.0.1:8000/{fashion.name}"
     try:
         before = http(f"{url}/info")
@@ -220,11 +231,11 @@ def main() -> int:
     show_endpoint(fashion, registry, new_tag, url)
 
     say("5. summary")
-    print(f"  {'partition':<26}{'val acc':>8}{'registered':>12}{'champion':>10}  {'endpoint'}")
-    for fam, tag, model, champion in rows:
+    print(f"  {'partition':<26}{'val acc':>8}{'registered':>12}{'serves':>10}  {'endpoint'}")
+    for fam, tag, model, endpoint in rows:
         acc = f"{model.metadata['val_accuracy'].value:.4f}" if model else "-"
         reg = f"v{model.metadata['registered_version'].value}" if model else "-"
-        champ = f"v{champion.metadata['champion_version'].value}" if champion else "-"
+        champ = f"v{endpoint.metadata['champion_version'].value}" if endpoint else "-"
         print(f"  {tag:<26}{acc:>8}{reg:>12}{champ:>10}  http://127.0.0.1:8000/{fam.name}/")
     for what, took in timings.items():
         print(f"  {what:<40}{took:>7.0f}s")

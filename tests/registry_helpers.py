@@ -49,3 +49,13 @@ def new_registry(root: Path) -> tuple[RegistryPublisher, DvcRegistry]:
     pub = RegistryPublisher(root / "registry", remote_dir=root / "dvc-remote")
     pub.init()
     return pub, DvcRegistry(repo_url=str(pub.root))
+
+
+def publish_holdout(pub: RegistryPublisher, dataset: str = "fashion-mnist", n: int = 120, seed: int = 99):
+    """A synthetic holdout of the same kind as the generated versions (no row can occur in their splits)."""
+    if dataset == "fashion-mnist":
+        table = sources.image_table(image_split(n, seed))
+    else:
+        texts = text_table(n, seed)
+        table = texts.set_column(0, "text", pa.array([f"{t} (held out)" for t in texts.column("text").to_pylist()]))
+    return pub.publish_holdout(dataset, table)

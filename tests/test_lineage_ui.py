@@ -1,5 +1,5 @@
 """Lineage for clients: the Dagster webserver, started from ``workspace.yaml`` as a user would, serves the
-whole chain over its GraphQL API — dataset → preprocessing → model (or → hpo → model) → champion → endpoint
+whole chain over its GraphQL API — dataset → preprocessing → model (or → hpo → model) → evaluation → champion → endpoint
 for every family — with the asset checks on the right assets.
 
 One ``dagster-webserver`` for the module (fresh DAGSTER_HOME with telemetry off, fresh OCM_HOME, a free
@@ -33,8 +33,8 @@ query LineageForClients {
 
 # The chain per family, upstream first; each asset must depend on the one before it.
 CHAINS = {
-    "fashion_mnist": ["dataset", "preprocessing", "model", "champion", "endpoint"],
-    "tweet_sentiment": ["dataset", "preprocessing", "hpo", "model", "champion", "endpoint"],
+    "fashion_mnist": ["dataset", "preprocessing", "model", "evaluation", "champion", "endpoint"],
+    "tweet_sentiment": ["dataset", "preprocessing", "hpo", "model", "evaluation", "champion", "endpoint"],
 }
 
 CHECKS = {
@@ -52,7 +52,7 @@ CHECKS = {
     },
 }
 
-PARTITIONED = {"dataset", "preprocessing", "hpo", "model"}
+PARTITIONED = {"dataset", "preprocessing", "hpo", "model", "evaluation"}
 
 
 @pytest.fixture(scope="module")

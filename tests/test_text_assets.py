@@ -14,7 +14,7 @@ from ocm_assets.training import model_key
 from ocm_resources.mlflow import LocalMlflow
 from ocm_resources.ray import RayHead
 from ocm_resources.storage import CheckpointStorage
-from tests.registry_helpers import LABEL_MAP, new_registry, text_version
+from tests.registry_helpers import LABEL_MAP, new_registry, publish_holdout, text_version
 
 TWEETS = family("tweet_sentiment")
 SEARCH = {
@@ -35,6 +35,7 @@ def stack(tmp_path_factory, ray_local):
 
     root = tmp_path_factory.mktemp("text")
     pub, reg = new_registry(root)
+    publish_holdout(pub, "tweet-sentiment", n=45)
     tables, metadata = text_version(n_train=240, n_val=60)
     v1 = pub.publish("tweet-sentiment", "1.0.0", tables, metadata)
     backbone = make_tiny_backbone(root / "tiny_bert", tables["train"].column("text").to_pylist(), seed=0)
@@ -89,6 +90,22 @@ def test_search_nested_runs_and_registered_model(stack):
     out = loaded.predict(pd.DataFrame({"text": ["love great happy best", "awful hate terrible worst"]}))
     labels = out["label"].tolist() if hasattr(out, "columns") else [o["label"] for o in out]
     assert set(labels) <= set(LABEL_MAP.values())
+
+    # the evaluation finds this partition's model (no champion yet) and scores it on the holdout, per class
+    from ocm_assets.evaluation import build_evaluation_asset, evaluation_key
+
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(TWEETS.partitions_name, [v1.tag])
+    evaluated = dg.materialize(
+        [dg.SourceAsset(model_key(TWEETS), partitions_def=dg.DynamicPartitionsDefinition(name=TWEETS.partitions_name)),
+         build_evaluation_asset(TWEETS)],
+        partition_key=v1.tag, resources=resources, instance=instance, selection=[evaluation_key(TWEETS)])
+    record = next(e.materialization for e in evaluated.get_asset_materialization_events()).metadata["evaluation"].value
+    assert record["challenger_version"] == model["registered_version"] and record["champion_version"] is None
+    holdout = record["scores"]["challenger"]["holdout"]
+    assert holdout["rows"] == 45 and len(holdout["per_class_accuracy"]) == 3
+    assert sum(map(sum, holdout["confusion"])) == 45
+    assert 0.3 <= record["baselines"]["majority"]["holdout"]["accuracy"] < 0.6  # 3 balanced classes
 
 
 @pytest.mark.parametrize("change, message", [

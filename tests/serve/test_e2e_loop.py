@@ -16,12 +16,12 @@ from ocm_resources.mlflow import LocalMlflow
 from ocm_resources.ray import RayHead
 from ocm_resources.serve_control import ServeControl
 from ocm_resources.storage import CheckpointStorage
-from tests.registry_helpers import image_version, new_registry
+from tests.registry_helpers import image_version, new_registry, publish_holdout
 
 # An image family of its own (route /fashion_mnist_loop), so this test never touches other tests' apps.
 FASHION = Family("fashion_mnist_loop", "fashion-mnist", "image", "e2e loop test family")
 TRAIN = {"num_workers": 2, "batch_size": 32, "epochs": 2, "learning_rate": 3e-3, "seed": 0}
-GATE = {"floor": 0.0, "margin": 0.01}
+GATE = {"floors": {"accuracy": 0.0}, "win_margin": 0.01}
 
 
 def _get(url):
@@ -30,11 +30,11 @@ def _get(url):
 
 
 def noisy_version():
-    """Learnable train split but a validation split with shuffled labels: a weak first champion."""
+    """A training split with shuffled labels: a weak first champion on the holdout."""
     tables, metadata = image_version(n_train=320, n_val=80, seed=0)
-    val = tables["val"]
-    labels = np.random.default_rng(0).permutation(val.column("label").to_numpy())
-    tables["val"] = val.set_column(1, "label", pa.array(labels, type=pa.int64()))
+    train = tables["train"]
+    labels = np.random.default_rng(0).permutation(train.column("label").to_numpy())
+    tables["train"] = train.set_column(1, "label", pa.array(labels, type=pa.int64()))
     return tables, metadata
 
 
@@ -45,6 +45,7 @@ def loop(tmp_path_factory, serve_http):
     serve.delete(FASHION.name)  # a left-over app of an interrupted run
     root = tmp_path_factory.mktemp("loop")
     pub, reg = new_registry(root)
+    publish_holdout(pub)
     resources = {
         "registry": reg,
         "ray_cluster": RayHead(keep_alive=True),
@@ -94,8 +95,9 @@ def rollout_after(defs, instance, retrain):
     request = sensor(ctx)
     assert isinstance(request, dg.RunRequest)
     job = defs.resolve_job_def(f"{FASHION.name}_rollout")
+    assert request.partition_key == run.tags["dagster/partition"]
     return job.execute_in_process(
-        instance=instance, tags=request.tags, raise_on_error=False,
+        instance=instance, tags=request.tags, raise_on_error=False, partition_key=request.partition_key,
         run_config={"ops": {f"{FASHION.name}__champion": {"config": GATE}}},
     )
 

@@ -1,4 +1,5 @@
-"""The champion gate as a property: a worse or equal challenger never wins; a clearly better one does."""
+"""The champion gate as a property: a worse or equal challenger never wins; a clearly better one does; a
+missing figure, a floor or a baseline not cleared never promotes."""
 
 import math
 
@@ -6,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ocm_ml.promotion import decide_promotion
+from ocm_ml.promotion import Gate, decide
 
 metric = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
 margin = st.floats(min_value=0.0, max_value=0.2, allow_nan=False)
@@ -14,7 +15,7 @@ margin = st.floats(min_value=0.0, max_value=0.2, allow_nan=False)
 
 @given(challenger=metric, champion=metric, margin=margin)
 def test_worse_or_equal_never_promoted(challenger, champion, margin):
-    d = decide_promotion(challenger, champion, floor=0.0, margin=margin)
+    d = decide({"accuracy": challenger}, {"accuracy": champion}, Gate(win_margin=margin))
     if challenger <= champion:
         assert not d.promote
     if d.promote:
@@ -25,28 +26,43 @@ def test_worse_or_equal_never_promoted(challenger, champion, margin):
        extra=st.floats(min_value=1e-6, max_value=0.1))
 def test_better_by_margin_promoted(champion, margin, extra):
     challenger = champion + margin + extra
-    assert decide_promotion(challenger, champion, floor=0.0, margin=margin).promote
+    assert decide({"accuracy": challenger}, {"accuracy": champion}, Gate(win_margin=margin)).promote
 
 
-@given(challenger=metric, champion=metric, margin=margin)
-def test_min_mode_mirrors_max(challenger, champion, margin):
-    as_max = decide_promotion(challenger, champion, floor=0.0, margin=margin)
-    as_min = decide_promotion(-challenger, -champion, floor=0.0, margin=margin, mode="min")
-    assert as_max.promote == as_min.promote
+def test_every_floor_is_checked_and_reported():
+    gate = Gate(floors={"accuracy": 0.85, "macro_f1": 0.80})
+    assert decide({"accuracy": 0.9, "macro_f1": 0.85}, None, gate).promote
+    d = decide({"accuracy": 0.84, "macro_f1": 0.79}, None, gate)
+    assert not d.promote and len(d.reasons) == 2
+    assert "accuracy 0.8400 is below the floor 0.8500" in d.reasons[0] and "macro_f1" in d.reasons[1]
 
 
-def test_first_model_needs_the_floor():
-    assert decide_promotion(0.9, None, floor=0.8, margin=0.01).promote
-    d = decide_promotion(0.7, None, floor=0.8, margin=0.01)
-    assert not d.promote and "below the floor" in d.reasons[0]
+def test_baseline_margin():
+    gate = Gate(baseline_margins={"accuracy": 0.05}, win_metric="macro_f1")
+    majority = {"majority": {"accuracy": 0.42}}
+    assert decide({"accuracy": 0.48, "macro_f1": 0.4}, None, gate, baselines=majority).promote
+    d = decide({"accuracy": 0.46, "macro_f1": 0.4}, None, gate, baselines=majority)
+    assert not d.promote and "does not beat the majority baseline" in d.reasons[0]
+    assert not decide({"accuracy": 0.9, "macro_f1": 0.9}, None, gate).promote  # baselines missing
 
 
 @pytest.mark.parametrize("bad", [None, math.nan, math.inf])
 def test_missing_metric_is_not_promoted(bad):
-    assert not decide_promotion(bad, 0.5, floor=0.0, margin=0.0).promote
+    assert not decide({"accuracy": bad}, {"accuracy": 0.5}, Gate(win_margin=0.0)).promote
+    assert not decide({"accuracy": 0.9}, {"accuracy": bad}, Gate(win_margin=0.0)).promote
+    assert not decide({"accuracy": bad}, None, Gate(floors={"accuracy": 0.0})).promote
+    assert not decide({}, {"accuracy": 0.5}, Gate()).promote
 
 
-def test_same_version_and_bad_margin():
-    assert not decide_promotion(0.99, 0.5, floor=0, margin=0, same_version=True).promote
-    with pytest.raises(ValueError, match="margin"):
-        decide_promotion(0.9, 0.5, floor=0, margin=-0.1)
+def test_tie_never_promotes_even_with_zero_margin():
+    assert not decide({"accuracy": 0.9}, {"accuracy": 0.9}, Gate(win_margin=0.0)).promote
+
+
+def test_same_version_and_bad_gates():
+    assert not decide({"accuracy": 0.99}, {"accuracy": 0.5}, Gate(), same_version=True).promote
+    with pytest.raises(ValueError, match="win_margin"):
+        Gate(win_margin=-0.1)
+    with pytest.raises(ValueError, match="unknown gate metric 'loss'"):
+        Gate(floors={"loss": 0.1})
+    with pytest.raises(ValueError, match="finite"):
+        Gate(floors={"accuracy": math.nan})

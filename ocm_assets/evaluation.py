@@ -1,0 +1,188 @@
+"""``<family>/evaluation``: the challenger (the model this partition's run registered) and the current champion,
+scored on the same rows: the partition's validation split and the family's fixed holdout. One per data
+version; the champion gate reads it."""
+
+import json
+import time
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from ocm_assets.data import iter_batches, iter_parquet, partitions_for
+from ocm_assets.families import Family
+from ocm_assets.training import log_bytes, markdown_png, model_key
+from ocm_resources.mlflow import MlflowTracking
+from ocm_resources.registry import DataRegistry, RegistryVersion
+
+CHAMPION = "champion"
+SPLITS = ("holdout", "val")
+
+
+def evaluation_key(fam: Family) -> dg.AssetKey:
+    return dg.AssetKey([fam.name, "evaluation"])
+
+
+class EvaluationConfig(dg.Config):
+    val_rows: int | None = Field(
+        default=None, description="Validation rows scored per model (None: the family's default; 0 is refused).")
+    batch_size: int = Field(default=256, description="Rows per predict call (the latency figure is per batch).")
+
+
+def challenger_version(context: dg.AssetExecutionContext, mlflow: MlflowTracking, fam: Family, partition: str):
+    """The version this partition's latest model materialization registered (never "the latest version")."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=model_key(fam), asset_partitions=[partition]), limit=1).records
+    if records:
+        mat = records[0].asset_materialization
+        registered = mat.metadata.get("registered_version") if mat else None
+        if registered is not None:
+            version = mlflow.version(fam.dataset, registered.value)
+            if version.tags.get("dagster_partition") != partition:
+                raise dg.Failure(f"version {version.version} of {version.name} is tagged with partition "
+                                 f"{version.tags.get('dagster_partition')!r}, not {partition!r}")
+            return version
+    version = mlflow.version_of_partition(fam.dataset, partition)
+    if version is None:
+        raise dg.Failure(f"no model is registered for {partition}: materialize "
+                         f"{model_key(fam).to_user_string()} for that partition first")
+    return version
+
+
+def _streams(fam: Family, registry: DataRegistry, partition: str, val_rows: int | None) -> tuple[dict, str]:
+    from ocm_ml.contract import holdout_path
+    from ocm_ml.evaluation import arrow_batches
+
+    holdout = registry.holdout(fam.dataset)
+    if holdout is None:
+        raise dg.Failure(
+            f"the registry has no holdout for {fam.dataset} (tag holdout/{fam.dataset}): publish it once with "
+            f"`ocm registry holdout {fam.dataset}`; every model is judged on it")
+    version: RegistryVersion = registry.resolve(partition)
+    streams = {
+        "holdout": lambda: arrow_batches(iter_parquet(registry, holdout, holdout_path(fam.dataset)), fam.kind),
+        "val": lambda: arrow_batches(iter_parquet(registry, version, f"{fam.dataset}/val.parquet"), fam.kind,
+                                     limit=val_rows),
+    }
+    return streams, holdout.commit
+
+
+def _majority(fam: Family, registry: DataRegistry, partition: str, scores: dict) -> dict[str, dict[str, float]]:
+    """The training split's majority class, always answered, scored on the same rows (their label counts are
+    the rows of any model's confusion matrix there)."""
+    from ocm_ml.validation import label_counts
+
+    train = label_counts(iter_batches(registry, registry.resolve(partition), "train", columns=["label"]))
+    majority = max(sorted(train), key=lambda k: train[k])
+    out = {}
+    for split, s in scores.items():
+        support = [sum(row) for row in s.confusion]
+        share = support[majority] / s.rows if majority < len(support) else 0.0
+        present = sum(1 for n in support if n)
+        out[split] = {"accuracy": share, "macro_f1": (2 * share / (1 + share)) / max(present, 1)}
+    return out
+
+
+def build_evaluation_asset(fam: Family) -> dg.AssetsDefinition:
+    key = evaluation_key(fam)
+
+    @dg.asset(
+        key=key,
+        group_name=fam.name,
+        partitions_def=partitions_for(fam),
+        deps=[model_key(fam)],
+        description="The challenger of this data version and the current champion, scored on the same rows: "
+        "this version's validation split and the family's fixed holdout (accuracy, macro-F1, per-class "
+        "accuracy, confusion matrix, calibration, latency), logged as an MLflow evaluation run.",
+        kinds={"mlflow", "pytorch"},
+        tags={"ocm/family": fam.name},
+    )
+    def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, mlflow: MlflowTracking,
+                   registry: DataRegistry):
+        from ocm_ml.evaluation import comparison_markdown, evaluate
+        from ocm_ml.plots import confusion_png
+        from ocm_ml.serve.loading import ServeConfig, load_bundle
+
+        if config.val_rows is not None and config.val_rows < 1:
+            raise dg.Failure(f"val_rows must be >= 1 or unset, got {config.val_rows}")
+        partition = context.partition_key
+        challenger = challenger_version(context, mlflow, fam, partition)
+        champion = mlflow.get_alias(fam.dataset, CHAMPION)
+        same = champion is not None and champion.version == challenger.version
+        versions = {"challenger": challenger, **({"champion": champion} if champion is not None and not same else {})}
+        name = mlflow.model_name(fam.dataset)
+        base = {"kind": fam.kind, "tracking_uri": mlflow.resolved_tracking_uri(),
+                "registry_uri": mlflow.resolved_registry_uri(), "registry_url": getattr(registry, "repo_url", None),
+                "warmup": False}
+        bundles = {label: load_bundle(ServeConfig.from_user_config({**base, "model_uri": f"models:/{name}/{v.version}"}))
+                   for label, v in versions.items()}
+        class_names = list(bundles["challenger"].classes if fam.kind == "image"
+                           else [bundles["challenger"].label_map[k] for k in sorted(bundles["challenger"].label_map, key=int)])
+        streams, holdout_commit = _streams(fam, registry, partition, config.val_rows or fam.eval_val_rows)
+        start = time.perf_counter()
+        results = evaluate({f"v{versions[label].version} ({label})": bundle.predict for label, bundle in bundles.items()},
+                           streams, class_names, kind=fam.kind, batch_size=config.batch_size)
+        seconds = time.perf_counter() - start
+        baselines = _majority(fam, registry, partition, next(iter(results.values())))
+        table = comparison_markdown(results, SPLITS)
+        labels = dict(zip(versions, results, strict=True))
+        record = {
+            "partition": partition,
+            "challenger_version": int(challenger.version),
+            "champion_version": int(champion.version) if champion is not None else None,
+            "holdout_commit": holdout_commit,
+            "scores": {role: {split: s.to_dict() for split, s in results[labels[role]].items()} for role in versions},
+            "baselines": {"majority": baselines},
+            "seconds": seconds,
+        }
+        png = confusion_png({label: per["holdout"].confusion for label, per in results.items()}, class_names,
+                            f"{fam.name} holdout")
+        run_id = _log_evaluation_run(context, mlflow, fam, record, table, png, versions)
+        record["mlflow_run_id"] = run_id
+        context.log.info(f"evaluation of {partition} ({seconds:.1f}s):\n{table}")
+        holdout = {role: results[labels[role]]["holdout"] for role in versions}
+        return dg.MaterializeResult(metadata={
+            "evaluation": dg.MetadataValue.json(record),
+            "comparison": dg.MetadataValue.md(table),
+            "confusion_holdout": markdown_png(png, "confusion matrices on the holdout"),
+            "challenger_version": int(challenger.version),
+            "champion_version": int(champion.version) if champion is not None else 0,
+            "challenger_holdout_accuracy": holdout["challenger"].accuracy,
+            "challenger_holdout_macro_f1": holdout["challenger"].macro_f1,
+            **({"champion_holdout_accuracy": holdout["champion"].accuracy,
+                "champion_holdout_macro_f1": holdout["champion"].macro_f1} if "champion" in holdout else {}),
+            "majority_holdout_accuracy": baselines["holdout"]["accuracy"],
+            "holdout_rows": holdout["challenger"].rows,
+            "val_rows": results[labels["challenger"]]["val"].rows,
+            "evaluation_seconds": dg.MetadataValue.float(seconds),
+            "mlflow_evaluation_run_id": run_id,
+        })
+
+    return evaluation
+
+
+def _log_evaluation_run(context, mlflow: MlflowTracking, fam: Family, record: dict[str, Any], table: str,
+                        png: bytes, versions: dict) -> str:
+    """An MLflow run with both models' figures, the table and the confusion matrices, linked both ways: run
+    tags name the model versions, the versions' ``evaluation_run_id`` tag names the run."""
+    import mlflow as mlflow_lib
+
+    tags = {"ocm_stage": "evaluation", "dagster_run_id": context.run.run_id,
+            "dagster_partition": record["partition"], "holdout_commit": record["holdout_commit"],
+            **{f"{role}_model_version": str(v.version) for role, v in versions.items()},
+            **{f"{role}_model_uri": f"models:/{v.name}/{v.version}" for role, v in versions.items()}}
+    experiment = f"{mlflow.env_name}.{fam.dataset}"
+    run_name = f"{record['partition']} evaluate " + " vs ".join(f"v{v.version}" for v in versions.values())
+    with mlflow.start_run(experiment, run_name=run_name, tags=tags) as run:
+        metrics = {f"{role}_{split}_{m}": float(scores[m])
+                   for role, per in record["scores"].items() for split, scores in per.items()
+                   for m in ("accuracy", "macro_f1", "ece", "latency_ms_per_batch")}
+        metrics.update({f"majority_{split}_accuracy": b["accuracy"]
+                        for split, b in record["baselines"]["majority"].items()})
+        mlflow_lib.log_metrics(metrics)
+        mlflow_lib.log_text(table, "comparison.md")
+        mlflow_lib.log_text(json.dumps(record, indent=2), "evaluation.json")
+        log_bytes(mlflow.client, run.info.run_id, png, "confusion_holdout.png")
+    for v in versions.values():
+        mlflow.client.set_model_version_tag(v.name, v.version, "evaluation_run_id", run.info.run_id)
+    return run.info.run_id
