@@ -36,6 +36,38 @@ def preprocessing_key(fam: Family) -> dg.AssetKey:
     return dg.AssetKey([fam.name, "preprocessing"])
 
 
+def blocking_checks(fam: Family) -> list[tuple[dg.AssetKey, str]]:
+    """The blocking data checks every training step of a partition depends on."""
+    return [(dataset_key(fam), "schema"),
+            (preprocessing_key(fam), "normalization_matches_data" if fam.kind == "image" else "label_map_matches_data")]
+
+
+def require_data_checks_passed(context: dg.AssetExecutionContext, fam: Family) -> None:
+    """Refuse to train on a partition whose latest dataset/preprocessing materialization did not pass its
+    blocking checks. Within one run Dagster's blocking checks already stop the chain; this also covers a
+    training step materialized by hand in a later run."""
+    partition = context.partition_key
+    for key, check in blocking_checks(fam):
+        records = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1).records
+        if not records:
+            raise dg.Failure(f"{key.to_user_string()} has never been materialized for {partition}: materialize it "
+                             "(and pass its checks) before training on it")
+        run_id = records[0].run_id
+        evaluations = [
+            e.dagster_event.event_specific_data
+            for e in context.instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+            if e.dagster_event is not None
+        ]
+        found = [ev for ev in evaluations if ev.asset_key == key and ev.check_name == check]
+        if not found or not found[-1].passed:
+            what = "did not run" if not found else "failed"
+            raise dg.Failure(
+                f"the blocking check {check} of {key.to_user_string()} [{partition}] {what} in its latest "
+                f"materialization (run {run_id[:8]}): refusing to train on data that did not pass validation. "
+                "Fix the data and publish a new version, or re-materialize the data assets if it was transient.")
+
+
 def iter_batches(registry: DataRegistry, version: RegistryVersion, split: str, columns=None) -> Iterator[Any]:
     """Stream a split's parquet from the registry in record batches (never the whole table at once)."""
     yield from iter_parquet(registry, version, f"{version.dataset}/{split}.parquet", columns)

@@ -8,7 +8,7 @@ import dagster as dg
 from dagster_ray import RayResource
 from pydantic import Field
 
-from ocm_assets.data import dataset_key, partitions_for, preprocessing_key
+from ocm_assets.data import dataset_key, partitions_for, preprocessing_key, require_data_checks_passed
 from ocm_assets.families import Family
 from ocm_assets.training import lineage, model_key, ray_cluster_resources
 from ocm_resources.mlflow import MlflowTracking
@@ -137,6 +137,7 @@ def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
         from ocm_ml.text.backbone import resolve_backbone
         from ocm_ml.text.tune import run_search
 
+        require_data_checks_passed(context, fam)
         settings = _settings(config)
         backbone = resolve_backbone(config.backbone)
         if settings.cpus_per_trial > ray_cluster_resources(ray_cluster).get("CPU", 0):

@@ -9,7 +9,13 @@ import dagster as dg
 from dagster_ray import RayResource
 from pydantic import Field
 
-from ocm_assets.data import data_version_of, dataset_key, partitions_for, preprocessing_key
+from ocm_assets.data import (
+    data_version_of,
+    dataset_key,
+    partitions_for,
+    preprocessing_key,
+    require_data_checks_passed,
+)
 from ocm_assets.families import Family
 from ocm_resources.mlflow import MlflowTracking
 from ocm_resources.storage import CheckpointStorage
@@ -85,6 +91,7 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
         from ocm_ml.vision.registered import log_image_model
         from ocm_ml.vision.train import TrainSettings, train_fashion_mnist, validate_settings
 
+        require_data_checks_passed(context, fam)
         settings = TrainSettings(**config.model_dump())
         resources = ray_cluster_resources(ray_cluster)
         validate_settings(settings, resources)

@@ -131,3 +131,28 @@ def test_same_partition_and_seed_reproduce_validation_accuracy(stack):
     assert abs(first["val_accuracy"] - second["val_accuracy"]) <= 0.005, (first["val_accuracy"],
                                                                           second["val_accuracy"])
     assert abs(first["val_loss"] - second["val_loss"]) <= 0.01, (first["val_loss"], second["val_loss"])
+
+
+def test_training_refuses_data_whose_blocking_check_failed(stack, tmp_path):
+    """A failed blocking check stops the model step in the same run (no STEP_START), and a later hand-made
+    materialization of the model alone is refused too: nothing trains on data that failed validation."""
+    pub, _, _, resources = stack
+    tables, metadata = image_version(n_train=64, n_val=16, seed=5)
+    bad = pub.publish("fashion-mnist", "1.5.0", tables, {**metadata, "normalization": {"mean": 0.9, "std": 0.1}})
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(FASHION.partitions_name, [bad.tag])
+    shared = {**resources, "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
+    run_config = {"ops": {"fashion_mnist__model": {"config": QUICK}}}
+    first = dg.materialize(family_assets(FASHION), partition_key=bad.tag, resources=shared, instance=instance,
+                           run_config=run_config, raise_on_error=False)
+    assert not first.success
+    assert {e.check_name: e.passed for e in first.get_asset_check_evaluations()} == {
+        "schema": True, "normalization_matches_data": False}
+    assert not [e for e in first.all_events if e.is_step_start and e.step_key == "fashion_mnist__model"]
+
+    by_hand = dg.materialize(family_assets(FASHION), partition_key=bad.tag, resources=shared, instance=instance,
+                             run_config=run_config, raise_on_error=False, selection=[model_key(FASHION)])
+    assert not by_hand.success
+    failure = next(e for e in by_hand.all_events if e.is_step_failure).step_failure_data.error.to_string()
+    assert "normalization_matches_data" in failure and "refusing to train" in failure
+    assert resources["mlflow"].version_of_partition("fashion-mnist", bad.tag) is None  # nothing registered
