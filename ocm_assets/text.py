@@ -229,6 +229,8 @@ def build_text_model_asset(fam: Family) -> dg.AssetsDefinition:
         from ocm_ml.text.pyfunc import log_text_model
         from ocm_ml.text.tune import evaluate, load_split, majority_baseline
 
+        if config.eval_rows is not None and config.eval_rows < 1:
+            raise dg.Failure(f"eval_rows must be >= 1 or unset (the whole split), got {config.eval_rows}")
         dataset = hpo["dataset"]
         texts, labels = load_split(dataset["files"]["val"]["url"], hpo["label_map"], row_limit=config.eval_rows)
         train_texts, train_labels = load_split(dataset["files"]["train"]["url"], hpo["label_map"])

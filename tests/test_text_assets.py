@@ -120,3 +120,17 @@ def test_bad_search_fails_fast(stack, change, message):
     failure = next(e for e in result.all_events if e.is_step_failure)
     assert failure.step_key == "tweet_sentiment__hpo"
     assert message in failure.step_failure_data.error.to_string()
+
+
+def test_zero_eval_rows_is_refused_with_a_reason(stack):
+    v1, backbone, resources = stack
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(TWEETS.partitions_name, [v1.tag])
+    search = {**SEARCH, "backbone": backbone, "num_trials": 1, "max_epochs": 1}
+    result = dg.materialize(
+        family_assets(TWEETS), partition_key=v1.tag, resources=resources, instance=instance, raise_on_error=False,
+        run_config={"ops": {"tweet_sentiment__hpo": {"config": search},
+                            "tweet_sentiment__model": {"config": {"eval_rows": 0}}}})
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert failure.step_key == "tweet_sentiment__model"
+    assert "eval_rows must be >= 1" in failure.step_failure_data.error.to_string()

@@ -125,7 +125,8 @@ def load_network(checkpoint: str | Path) -> nn.Module:
         path = path / LIGHTNING_CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no Lightning checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    # weights_only: tensors and plain containers only, no arbitrary unpickling (Lightning's checkpoints fit)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     hparams = state.get("hyper_parameters", {})
     network = build_resnet18(int(hparams.get("num_classes", 10)))
     prefix = "model."
