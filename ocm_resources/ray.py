@@ -72,6 +72,15 @@ def _single_node_ray() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
+def is_loopback_address(address: str) -> bool:
+    """``127.0.0.1:6379``, ``localhost:6379`` (not a ``ray://`` client address): a head on this machine's
+    loopback, which a driver reaches only as a single-node cluster (see :func:`_single_node_ray`)."""
+    if address.startswith("ray://"):
+        return False
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
 def start_loopback_ray(**init_kwargs: Any) -> Any:
     """``ray.init(address="local", …)`` for a Ray that ocm starts in this process (RayHead, tests,
     benchmarks): every listener of that head on 127.0.0.1 and token authentication on, or it fails.
@@ -478,6 +487,8 @@ class RayHead(LocalRay):
         from ray.exceptions import AuthenticationError
 
         _set_auth_mode(self.auth_mode)
+        if is_loopback_address(address):
+            _single_node_ray()  # else Ray rewrites 127.0.0.1 to the machine's address and cannot connect
         # The Ray Client proxy starts a server process per client; on a busy machine that start
         # sometimes fails ("Initialization failure from server") and a second attempt succeeds.
         attempts = 2 if address.startswith("ray://") else 1

@@ -167,7 +167,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
             context.artifacts[WEIGHTS_ARTIFACT], context.artifacts[PREPROCESSING_ARTIFACT]
         )
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if self.predictor is None:
             raise RuntimeError("the model's artifacts are not loaded (load it with mlflow.pyfunc.load_model)")
         ids, confidences = self.predictor.predict(pixels_from(model_input))
