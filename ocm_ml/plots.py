@@ -28,11 +28,7 @@ def training_curve_png(history: Sequence[dict], title: str) -> bytes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def confusion_png(matrices: dict[str, Sequence[Sequence[int]]], class_names: Sequence[str], title: str) -> bytes:
@@ -61,6 +57,12 @@ def confusion_png(matrices: dict[str, Sequence[Sequence[int]]], class_names: Seq
         ax.set_ylabel("true")
         ax.set_title(label, fontsize=9)
     fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -73,12 +73,13 @@ def _texts_from(model_input) -> list[str]:
     return [str(t) for t in column.tolist()]
 
 
-def runtime_requirements() -> list[str]:
-    """Pinned requirements of the installed runtime (skips pip's slow requirement inference)."""
+def runtime_requirements(packages: Sequence[str] = _RUNTIME_PACKAGES) -> list[str]:
+    """Pinned requirements of the installed runtime (skips pip's slow requirement inference); local build
+    tags (``+cu128``) dropped, as an index does not serve them."""
     reqs = []
-    for name in _RUNTIME_PACKAGES:
+    for name in packages:
         try:
-            reqs.append(f"{name}=={metadata.version(name)}")
+            reqs.append(f"{name}=={metadata.version(name).split('+')[0]}")
         except metadata.PackageNotFoundError:
             continue
     return reqs

@@ -5,9 +5,9 @@ and the normalization and class names of its data version as JSON. Loads in plai
 from __future__ import annotations
 
 import tempfile
-from importlib import metadata
 from typing import Any
 
+from ocm_ml.text.pyfunc import runtime_requirements
 from ocm_ml.vision import predictor as predictor_module
 from ocm_ml.vision.predictor import ImagePredictor
 
@@ -25,16 +25,6 @@ def image_signature():
         outputs=Schema([ColSpec("long", "class_id"), ColSpec("string", "class_name"),
                         ColSpec("double", "confidence")]),
     )
-
-
-def _requirements() -> list[str]:
-    reqs = []
-    for name in _RUNTIME_PACKAGES:
-        try:
-            reqs.append(f"{name}=={metadata.version(name).split('+')[0]}")
-        except metadata.PackageNotFoundError:
-            continue
-    return reqs
 
 
 def log_image_model(predictor: ImagePredictor, name: str = "model", input_example: Any = None):
@@ -57,5 +47,5 @@ def log_image_model(predictor: ImagePredictor, name: str = "model", input_exampl
             artifacts=artifacts,
             signature=image_signature(),
             input_example=example,
-            pip_requirements=_requirements(),
+            pip_requirements=runtime_requirements(_RUNTIME_PACKAGES),
         )
