@@ -1,6 +1,7 @@
 """OCM_ENV picks the resources and the executor: embedded ones for `local`, remote ones configured from the
 environment for `cluster`, with every secret passed as a dg.EnvVar (a variable name, resolved in the step)."""
 
+import os
 import subprocess
 import sys
 
@@ -18,6 +19,9 @@ from ocm_resources.env import (
     build_executor,
     build_resources,
     k8s_executor_config,
+    local_ports,
+    local_ray_environment,
+    serve_host,
 )
 from ocm_resources.mlflow import LocalMlflow, RemoteMlflow
 from ocm_resources.ray import RayHead
@@ -230,3 +234,49 @@ def test_cluster_code_location_loads_without_heavy_modules(cluster_env):
     lines = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
     assert lines["heavy"] == "", f"heavy modules imported at load: {lines['heavy']}"
     assert lines["loaded"] == "RayHead k8s"
+
+
+@pytest.mark.parametrize(
+    ("env", "call", "message"),
+    [
+        ({"OCM_SERVE_PORT": "eight"}, lambda: build_resources("local"), "OCM_SERVE_PORT='eight' is not a TCP port"),
+        ({"OCM_DAGSTER_PORT": "70000"}, local_ports, "OCM_DAGSTER_PORT='70000' is out of range"),
+        ({"OCM_MLFLOW_PORT": "3000"}, local_ports, "OCM_MLFLOW_PORT and OCM_DAGSTER_PORT are both 3000"),
+        ({**CLUSTER, "OCM_SERVE_PORT": "x"}, lambda: build_resources("cluster"), "OCM_SERVE_PORT='x'"),
+        ({**CLUSTER, "RAY_ADDRESS": "", "OCM_RAY_MAX_WORKERS": "two"}, lambda: build_resources("cluster"),
+         "OCM_RAY_MAX_WORKERS='two' is not a number of Ray workers"),
+        ({"OCM_TRAIN_GPUS": "1.5"}, lambda: k8s_executor_config([], []), "OCM_TRAIN_GPUS='1.5' is not a whole"),
+        ({"OCM_MAX_CONCURRENT_STEPS": "many"}, lambda: k8s_executor_config([], []),
+         "OCM_MAX_CONCURRENT_STEPS='many' is not a whole number of step pods"),
+        ({"RAY_AUTH_MODE": "disabled"}, local_ray_environment, "RAY_AUTH_MODE='disabled'"),
+    ],
+)
+def test_bad_environment_values_name_the_variable(monkeypatch, env, call, message):
+    set_env(monkeypatch, env)
+    with pytest.raises(ConfigurationError) as err:
+        call()
+    assert message in str(err.value)
+
+
+def test_local_ports_bind_host_and_ray_settings(monkeypatch):
+    set_env(monkeypatch, {"OCM_SERVE_PORT": "18000", "OCM_MLFLOW_PORT": " 15000 "})
+    ports = local_ports()
+    assert (ports.serve, ports.mlflow, ports.ray, ports.dagster) == (18000, 15000, 6379, 3000)
+    r = build_resources("local")
+    assert (r["serve"].http_host, r["serve"].http_port) == ("127.0.0.1", 18000)
+    assert r["mlflow"].ui_url == "http://127.0.0.1:15000"
+    assert serve_host("local") == "127.0.0.1"
+    set_env(monkeypatch, CLUSTER)
+    assert serve_host("cluster") == "0.0.0.0"  # pods keep their own binding
+    assert local_ray_environment() == {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+
+
+def test_shell_env_for_dev_sh_and_a_clear_error_without_traceback():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OCM_")}
+    ok = subprocess.run([sys.executable, "-m", "ocm_resources.env", "shell-env"], cwd=ROOT,
+                        env={**env, "OCM_RAY_PORT": "16379"}, capture_output=True, text=True, check=True)
+    assert "export OCM_RAY_PORT=16379" in ok.stdout and "export OCM_BIND_HOST=127.0.0.1" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "ocm_resources.env", "shell-env"], cwd=ROOT,
+                         env={**env, "OCM_RAY_PORT": "637a"}, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "!! OCM_RAY_PORT='637a' is not a TCP port number"

@@ -1,0 +1,76 @@
+"""The in-process Ray head that ocm starts (RayHead in-process, the tests' `init_local_ray`) listens on
+127.0.0.1 only, Serve HTTP on it too, and ocm refuses to start one with token authentication off.
+
+The head runs in a child process of its own, so that the test sees exactly that head's process tree (the
+driver, its gcs_server, raylet, agents and workers) whatever Ray the pytest process may hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from tests.test_dev_stack import free_ports, is_loopback, listeners
+
+ROOT = Path(__file__).resolve().parent.parent
+
+HEAD = """
+import json, sys, time
+from tests.conftest import init_local_ray
+from ocm_resources.env import serve_host
+ray = init_local_ray()
+from ray import serve
+serve.start(http_options={"host": serve_host("local"), "port": int(sys.argv[1])})
+print(json.dumps({"gcs": ray.get_runtime_context().gcs_address}), flush=True)
+sys.stdin.read()  # until the test closes stdin
+"""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ENABLE", "RAY_AUTH"))}
+    env.update(OCM_ENV="local", RAY_USAGE_STATS_ENABLED="0", **extra)
+    return env
+
+
+def test_in_process_head_listens_on_loopback_only(tmp_path):
+    (serve_port,) = free_ports(1)
+    head = subprocess.Popen(
+        [sys.executable, "-c", HEAD, str(serve_port)], cwd=ROOT, env=_env(), stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=open(tmp_path / "head.err", "w"), text=True,
+    )
+    try:
+        line = head.stdout.readline()
+        assert line, (tmp_path / "head.err").read_text()[-3000:]
+        assert json.loads(line)["gcs"].startswith("127.0.0.1:")
+        driver = psutil.Process(head.pid)
+        tree = [driver, *driver.children(recursive=True)]
+        names = " ".join(p.name() for p in tree)
+        for part in ("gcs_server", "raylet", "ray::DashboardA", "ray::RuntimeEnv", "ray::ProxyActor"):
+            assert part in names, names
+        found = listeners(tree)
+        assert serve_port in {port for _, port, _ in found}
+        assert len(found) >= 8, found
+        exposed = [item for item in found if not is_loopback(item[0])]
+        assert not exposed, "listening beyond loopback:\n" + "\n".join(map(str, exposed))
+    finally:
+        head.stdin.close()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            for proc in psutil.Process(head.pid).children(recursive=True):
+                proc.kill()
+            head.kill()
+
+
+def test_refuses_to_start_a_head_with_token_auth_off():
+    out = subprocess.run(
+        [sys.executable, "-c", "from ocm_resources.ray import start_loopback_ray; start_loopback_ray()"],
+        cwd=ROOT, env=_env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode != 0
+    assert "RAY_AUTH_MODE='disabled'" in out.stderr and "token" in out.stderr
+    assert "Ray runtime started" not in out.stderr
