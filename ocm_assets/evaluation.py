@@ -59,12 +59,21 @@ def _streams(fam: Family, registry: DataRegistry, partition: str, val_rows: int 
             f"the registry has no holdout for {fam.dataset} (tag holdout/{fam.dataset}): publish it once with "
             f"`ocm registry holdout {fam.dataset}`; every model is judged on it")
     version: RegistryVersion = registry.resolve(partition)
+    val_path = f"{fam.dataset}/val.parquet"
+    total = _rows(registry, version, val_path) if val_rows else None
     streams = {
         "holdout": lambda: arrow_batches(iter_parquet(registry, holdout, holdout_path(fam.dataset)), fam.kind),
-        "val": lambda: arrow_batches(iter_parquet(registry, version, f"{fam.dataset}/val.parquet"), fam.kind,
-                                     limit=val_rows),
+        "val": lambda: arrow_batches(iter_parquet(registry, version, val_path), fam.kind, limit=val_rows,
+                                     total=total),
     }
     return streams, holdout.commit
+
+
+def _rows(registry: DataRegistry, version: RegistryVersion, path: str) -> int:
+    import pyarrow.parquet as pq
+
+    with registry.open(version, path) as fh:
+        return pq.ParquetFile(fh).metadata.num_rows
 
 
 def _majority(fam: Family, registry: DataRegistry, partition: str, scores: dict) -> dict[str, dict[str, float]]:

@@ -132,16 +132,25 @@ def _rechunk(batches: Iterable[tuple[Any, np.ndarray]], size: int):
             yield inputs[start : start + size], labels[start : start + size]
 
 
-def arrow_batches(record_batches: Iterable[Any], kind: str, limit: int | None = None):
+def arrow_batches(record_batches: Iterable[Any], kind: str, limit: int | None = None, total: int | None = None):
     """(inputs, label ids) per pyarrow record batch of a registry table: images as float32 (N, 784) pixels
-    in 0-255, texts as a list of strings; at most ``limit`` rows in all (None: every row)."""
-    seen = 0
+    in 0-255, texts as a list of strings. With ``limit``, at most that many rows, spread evenly over the
+    ``total`` rows of the table (every k-th row: a split stored in label order still gives every label);
+    without ``total``, the first ``limit`` rows."""
+    stride = max(1, total // limit) if limit and total else 1
+    seen = offset = 0
     for batch in record_batches:
+        if limit is not None and seen >= limit:
+            return
+        if stride > 1:
+            first = (-offset) % stride
+            offset += batch.num_rows
+            batch = batch.take(np.arange(first, batch.num_rows, stride))
         if limit is not None:
-            if seen >= limit:
-                return
             batch = batch.slice(0, limit - seen)
         seen += batch.num_rows
+        if batch.num_rows == 0:
+            continue
         labels = np.asarray(batch.column("label").to_numpy(zero_copy_only=False), dtype=np.int64)
         if kind == "image":
             column = batch.column("image")
