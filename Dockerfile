@@ -54,6 +54,12 @@ RUN pip install --no-deps /src
 # ---- runtime: the code-location server and the Ray node image ---------------------------------------------------
 FROM base AS runtime
 ARG RAY_VERSION
+# Lineage of code: `docker build --build-arg OCM_IMAGE_TAG=<tag> --build-arg OCM_CODE_VERSION=$(git rev-parse HEAD)`;
+# MLflow runs record them as docker_image_tag and code_version (the image has no .git to read).
+ARG OCM_IMAGE_TAG=unset
+ARG OCM_CODE_VERSION=unset
+ENV OCM_IMAGE_TAG=${OCM_IMAGE_TAG} \
+    OCM_CODE_VERSION=${OCM_CODE_VERSION}
 LABEL org.opencontainers.image.title="ocm" \
       org.opencontainers.image.description="ocm Dagster code location and Ray node image" \
       io.ray.version="${RAY_VERSION}"

@@ -300,6 +300,7 @@ def build_resources(env: str | None = None) -> dict[str, Any]:
                 env_name=os.environ.get("OCM_MLFLOW_ENV", "prod"),
                 ui_url=os.environ.get("MLFLOW_UI_URL") or None,
                 docker_image_tag=os.environ.get("OCM_IMAGE_TAG") or None,
+                code_version=os.environ.get("OCM_CODE_VERSION") or None,
                 **_secrets(
                     tracking_token="MLFLOW_TRACKING_TOKEN",
                     tracking_username="MLFLOW_TRACKING_USERNAME",

@@ -258,3 +258,19 @@ def test_remote_server_that_answers_health_is_configured():
 )
 def test_redact_uri(uri, expected):
     assert redact_uri(uri) == expected
+
+
+def test_code_version_is_the_git_commit_of_the_checkout(tmp_path):
+    import subprocess
+
+    from ocm_resources.mlflow import LocalMlflow, git_code_version
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    version = git_code_version()
+    assert version is not None and version.removesuffix("-dirty") == head
+    tags = LocalMlflow(home=str(tmp_path)).lineage_tags("t", "c", "r", "p")
+    assert tags["code_version"] == version
+    # an image records it at build time (OCM_CODE_VERSION -> the resource field); outside git there is none
+    assert LocalMlflow(home=str(tmp_path), code_version="abc123").lineage_tags("t", "c", "r", "p")[
+        "code_version"] == "abc123"
+    assert git_code_version(tmp_path) is None
