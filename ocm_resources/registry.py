@@ -14,7 +14,9 @@ own). ``RegistryPublisher`` creates and publishes to a working copy the way a da
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -80,15 +82,60 @@ def parse_tag(tag: str) -> tuple[str, str]:
     return match["dataset"], match["version"]
 
 
-def _run(cmd: list[str], cwd: Path | None = None, what: str = "") -> str:
+def _run(cmd: list[str], cwd: Path | None = None, what: str = "", timeout: float | None = None) -> str:
+    """Run ``cmd`` without a terminal: git never prompts (for a user name, a password or an SSH passphrase),
+    so a registry that wants credentials fails at once. With ``timeout`` the command's whole process group
+    (``git`` and the ``git-remote-http``/``ssh`` it spawns) is killed after that many seconds."""
+    env = {
+        **os.environ,
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_ASKPASS": "false",
+        "SSH_ASKPASS": "false",
+        "SSH_ASKPASS_REQUIRE": "never",
+        "GCM_INTERACTIVE": "never",
+    }
+    env.setdefault("GIT_SSH_COMMAND", "ssh -oBatchMode=yes")
     try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, start_new_session=timeout is not None,
+        )
     except FileNotFoundError as exc:
         raise RegistryError(f"{cmd[0]} is not installed or not on PATH ({what})") from exc
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        raise RegistryError(
+            f"{what or ' '.join(cmd)}: no answer within {timeout:g} s, so it was stopped. Check that the URL "
+            "is right and that its host is reachable from here (network, firewall, proxy); a registry that "
+            "wants credentials needs a credential helper, a token or an SSH key, since git never prompts "
+            "here. A slow but working registry needs a larger DvcRegistry.git_timeout_s."
+        ) from None
+    except BaseException:
+        _kill_group(proc)
+        raise
     if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip()
-        raise RegistryError(f"{what or ' '.join(cmd)} failed: {detail}")
-    return proc.stdout
+        detail = (stderr or stdout).strip()
+        hint = ""
+        if any(s in detail for s in ("terminal prompts disabled", "could not read Username", "Permission denied",
+                                     "Authentication failed", "Host key verification failed")):
+            hint = (" (the registry asks for credentials, and git never prompts here: configure a credential "
+                    "helper, a token in the environment or an SSH key for this host)")
+        raise RegistryError(f"{what or ' '.join(cmd)} failed: {detail}{hint}")
+    return stdout
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` and, when it leads its own session, everything it spawned; then reap it."""
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.communicate()
 
 
 def _dvc_cmd() -> list[str]:
@@ -153,11 +200,19 @@ class DvcRegistry(DataRegistry):
     remote: str | None = Field(
         default=None, description="DVC remote to read from; the repo's default remote when unset."
     )
+    git_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="Seconds a `git ls-remote` of the registry may take before it is stopped with a "
+        "RegistryError (a black-holed URL then fails a sensor tick instead of hanging it; Dagster stops a "
+        "sensor evaluation after 60 s by default).",
+    )
 
     def _ls_remote_tags(self) -> dict[str, str]:
         out = _run(
-            ["git", "ls-remote", "--tags", self.repo_url],
+            ["git", "ls-remote", "--tags", "--", self.repo_url],
             what=f"listing tags of the registry {self.repo_url} (is the path or URL right and reachable?)",
+            timeout=self.git_timeout_s,
         )
         tags: dict[str, str] = {}
         peeled: dict[str, str] = {}

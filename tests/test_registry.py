@@ -195,3 +195,99 @@ def test_text_versions_publish(tmp_path):
     tables, metadata = text_version()
     v = pub.publish("tweet-sentiment", "1.0.0", tables, metadata)
     assert reg.read_metadata(v)["label_map"]["2"] == "positive"
+
+
+# --- git without a terminal, with a deadline -------------------------------------------------------------
+
+
+@pytest.fixture
+def black_hole():
+    """A TCP port on 127.0.0.1 that accepts connections (the kernel completes the handshake) and never
+    answers: what a firewalled or wedged registry host looks like to git."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield sock
+
+
+def _in_thread(fn, deadline_s):
+    """Run ``fn`` in a thread; fail (rather than hang the suite) when it is still running after the deadline."""
+    import threading
+    import time
+
+    out = {}
+
+    def target():
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the asserting thread
+            out["error"] = exc
+
+    start = time.monotonic()
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(deadline_s)
+    assert not thread.is_alive(), f"still running after {deadline_s} s"
+    return time.monotonic() - start, out.get("error")
+
+
+@pytest.mark.parametrize("scheme", ["git", "http"])
+def test_black_holed_registry_times_out_and_its_helpers_die(black_hole, scheme, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    port = black_hole.getsockname()[1]
+    reg = DvcRegistry(repo_url=f"{scheme}://127.0.0.1:{port}/repo.git", git_timeout_s=1.5)
+    elapsed, error = _in_thread(lambda: reg.scan("fashion-mnist"), deadline_s=15)
+    assert isinstance(error, RegistryError), error
+    assert 1.5 <= elapsed < 6
+    assert "no answer within 1.5 s" in str(error) and "git_timeout_s" in str(error)
+    # the process that held the connection (git itself for git://, git-remote-http for http://) was killed
+    # with its group: the server sees the connection closed
+    black_hole.settimeout(5)
+    conn, _ = black_hole.accept()
+    with conn:
+        conn.settimeout(5)
+        while conn.recv(4096):
+            pass
+
+
+def test_a_registry_that_asks_for_credentials_fails_at_once():
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class AsksForPassword(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="registry"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), AsksForPassword)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        reg = DvcRegistry(repo_url=f"http://127.0.0.1:{server.server_port}/repo.git", git_timeout_s=30)
+        start = time.monotonic()
+        with pytest.raises(RegistryError, match=r"asks for credentials, and git never prompts"):
+            reg.scan("fashion-mnist")
+        assert time.monotonic() - start < 10  # failed on the 401, not at the timeout
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_url_that_looks_like_an_option_is_a_url(tmp_path, monkeypatch):
+    """``git ls-remote --tags -- <url>``: without the ``--``, this URL would run a command via --upload-pack."""
+    work = tmp_path / "work"
+    subprocess.run(["git", "init", "-q", str(work)], check=True)
+    subprocess.run(["git", "remote", "add", "origin", str(tmp_path / "elsewhere")], cwd=work, check=True)
+    monkeypatch.chdir(work)
+    marker = tmp_path / "ran"
+    with pytest.raises(RegistryError, match="listing tags of the registry --upload-pack"):
+        DvcRegistry(repo_url=f"--upload-pack=touch {marker}").scan("fashion-mnist")
+    assert not marker.exists()
