@@ -86,15 +86,11 @@ def _run(cmd: list[str], cwd: Path | None = None, what: str = "", timeout: float
     """Run ``cmd`` without a terminal: git never prompts (for a user name, a password or an SSH passphrase),
     so a registry that wants credentials fails at once. With ``timeout`` the command's whole process group
     (``git`` and the ``git-remote-http``/``ssh`` it spawns) is killed after that many seconds."""
-    env = {
-        **os.environ,
-        "GIT_TERMINAL_PROMPT": "0",
-        "GIT_ASKPASS": "false",
-        "SSH_ASKPASS": "false",
-        "SSH_ASKPASS_REQUIRE": "never",
-        "GCM_INTERACTIVE": "never",
-    }
-    env.setdefault("GIT_SSH_COMMAND", "ssh -oBatchMode=yes")
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GCM_INTERACTIVE": "never"}
+    # A non-interactive askpass or ssh command set by the deployment (a token script in CI) is kept.
+    for name, value in (("GIT_ASKPASS", "false"), ("SSH_ASKPASS", "false"), ("SSH_ASKPASS_REQUIRE", "never"),
+                        ("GIT_SSH_COMMAND", "ssh -oBatchMode=yes")):
+        env.setdefault(name, value)
     try:
         proc = subprocess.Popen(
             cmd, cwd=cwd, env=env, text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
