@@ -326,18 +326,36 @@ def build_resources(env: str | None = None) -> dict[str, Any]:
 EXECUTORS = ("k8s", "multiprocess", "in_process")
 
 
+#: Security context of every step pod's container (the Dagster Helm values give run pods the same): no root,
+#: no privilege escalation, no capabilities. The root filesystem stays writable: steps write under /tmp
+#: (DVC/git checkouts, downloaded checkpoints) and DAGSTER_HOME.
+STEP_SECURITY_CONTEXT: dict[str, Any] = {
+    "run_as_non_root": True,
+    "allow_privilege_escalation": False,
+    "read_only_root_filesystem": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+STEP_POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "run_as_user": 1000, "run_as_group": 1000, "fs_group": 1000, "seccomp_profile": {"type": "RuntimeDefault"},
+}
+
+
 def _step_requests(cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
     """A ``dagster-k8s/config``-shaped step pod config: requests = limits for CPU and memory, and GPUs
     (``nvidia.com/gpu`` limits plus the usual GPU-node toleration) when asked."""
     requests: dict[str, Any] = {"cpu": cpu, "memory": memory}
     limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
-    config: dict[str, Any] = {"container_config": {"resources": {"requests": requests, "limits": limits}}}
+    config: dict[str, Any] = {
+        "container_config": {"resources": {"requests": requests, "limits": limits},
+                             "security_context": dict(STEP_SECURITY_CONTEXT)},
+        "pod_spec_config": {"security_context": dict(STEP_POD_SECURITY_CONTEXT)},
+    }
     if gpus > 0:
         limits["nvidia.com/gpu"] = str(gpus)
         requests["nvidia.com/gpu"] = str(gpus)
-        config["pod_spec_config"] = {
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-        }
+        config["pod_spec_config"]["tolerations"] = [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ]
     return config
 
 

@@ -199,7 +199,12 @@ def test_cluster_selects_the_k8s_executor_with_per_step_requests(cluster_env, mo
             assert limits == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}
             assert step["pod_spec_config"]["tolerations"][0]["key"] == "nvidia.com/gpu"
         else:
-            assert limits == {"cpu": "500m", "memory": "2Gi"} and "pod_spec_config" not in step
+            assert limits == {"cpu": "500m", "memory": "2Gi"} and "tolerations" not in step["pod_spec_config"]
+        # every step pod: no root, no privilege escalation, no capabilities
+        security = step["container_config"]["security_context"]
+        assert security["run_as_non_root"] and security["allow_privilege_escalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert step["pod_spec_config"]["security_context"]["run_as_user"] == 1000
 
     monkeypatch.setenv("OCM_TRAIN_GPUS", "0")
     cpu_only = k8s_executor_config(sorted(TRAIN_OPS), [])
