@@ -319,8 +319,38 @@ def build_resources(env: str | None = None) -> dict[str, Any]:
                 http_host=serve_host("cluster"),
                 http_port=env_port("OCM_SERVE_PORT", 8000),
             ),
+            **cluster_io_manager(),
         }
     raise ConfigurationError(f"OCM_ENV={env!r} is not one of {', '.join(ENVIRONMENTS)}")
+
+
+def cluster_io_manager() -> dict[str, Any]:
+    """``{"io_manager": S3IOManager}`` of the cluster path: step pods hand their outputs over through S3,
+    at ``s3://$OCM_IO_BUCKET/$OCM_IO_PREFIX`` (default: the bucket of ``OCM_CHECKPOINT_PATH``, prefix
+    ``dagster/io``), on ``OCM_S3_ENDPOINT``, with the S3 keys as ``dg.EnvVar``. With
+    ``OCM_EXECUTOR=in_process`` and no S3 bucket, Dagster's default filesystem IO manager stays."""
+    from ocm_resources.io import S3IOManager
+
+    bucket = os.environ.get("OCM_IO_BUCKET", "").strip()
+    checkpoints = os.environ.get("OCM_CHECKPOINT_PATH", "")
+    if not bucket and checkpoints.startswith("s3://"):
+        bucket = checkpoints.removeprefix("s3://").split("/", 1)[0]
+    if not bucket:
+        if os.environ.get("OCM_EXECUTOR", "").strip() == "in_process":
+            return {}
+        raise ConfigurationError(
+            "OCM_ENV=cluster runs each step in its own pod and needs an S3 bucket for the step outputs: set "
+            "OCM_IO_BUCKET (see README, 'The cluster path')"
+        )
+    return {
+        "io_manager": S3IOManager(
+            bucket=bucket,
+            prefix=os.environ.get("OCM_IO_PREFIX", "").strip() or "dagster/io",
+            endpoint_url=os.environ.get("OCM_S3_ENDPOINT") or None,
+            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
+            **_secrets(access_key_id="AWS_ACCESS_KEY_ID", secret_access_key="AWS_SECRET_ACCESS_KEY"),
+        )
+    }
 
 
 EXECUTORS = ("k8s", "multiprocess", "in_process")

@@ -74,7 +74,14 @@ def test_local_builds_the_embedded_stack(monkeypatch, tmp_path):
 
 def test_cluster_builds_remote_resources_from_the_environment(cluster_env):
     r = build_resources("cluster")
-    assert set(r) == {"registry", "ray_cluster", "mlflow", "checkpoints", "serve"}
+    assert set(r) == {"registry", "ray_cluster", "mlflow", "checkpoints", "serve", "io_manager"}
+
+    # step outputs on S3: OCM_IO_BUCKET unset, so the checkpoint bucket; keys only as EnvVar
+    io = r["io_manager"]
+    assert (io.bucket, io.prefix, io.endpoint_url, io.region) == (
+        "ocm-checkpoints", "dagster/io", "http://minio.ocm.svc.cluster.local:9000", "eu-west-1")
+    assert io.access_key_id == dg.EnvVar("AWS_ACCESS_KEY_ID")
+    assert io.secret_access_key == dg.EnvVar("AWS_SECRET_ACCESS_KEY")
 
     registry = r["registry"]
     assert type(registry) is DvcRegistry and registry.repo_url == dg.EnvVar("OCM_REGISTRY_URL")
@@ -285,3 +292,16 @@ def test_shell_env_for_dev_sh_and_a_clear_error_without_traceback():
                          env={**env, "OCM_RAY_PORT": "637a"}, capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "!! OCM_RAY_PORT='637a' is not a TCP port number"
+
+
+def test_cluster_needs_a_bucket_for_step_outputs(cluster_env, monkeypatch):
+    monkeypatch.setenv("OCM_CHECKPOINT_PATH", "/data/ray-results")
+    with pytest.raises(ConfigurationError, match="OCM_IO_BUCKET"):
+        build_resources("cluster")
+    monkeypatch.setenv("OCM_IO_BUCKET", "io-bucket")
+    monkeypatch.setenv("OCM_IO_PREFIX", "/runs/")
+    io = build_resources("cluster")["io_manager"]
+    assert (io.bucket, io.prefix) == ("io-bucket", "/runs/")
+    monkeypatch.delenv("OCM_IO_BUCKET")
+    monkeypatch.setenv("OCM_EXECUTOR", "in_process")  # one process: Dagster's filesystem IO manager works
+    assert "io_manager" not in build_resources("cluster")

@@ -259,6 +259,12 @@ def test_config_map_builds_the_cluster_resources(monkeypatch, config):
     assert type(resources["ray_cluster"]).__name__ == "RayHead"
     assert type(resources["mlflow"]).__name__ == "RemoteMlflow"
     assert resources["registry"].remote == config["OCM_DVC_REMOTE"] == "s3remote"
+    # step pods hand outputs over through S3 (the bucket deploy/minio.yaml creates)
+    io = resources["io_manager"]
+    assert type(io).__name__ == "S3IOManager"
+    assert (io.bucket, io.prefix, io.endpoint_url) == ("ocm-dagster-io", "dagster/io", config["OCM_S3_ENDPOINT"])
+    buckets = " ".join(containers(manifests()[("Job", "minio-buckets")])[0]["args"])
+    assert f"ocm/{io.bucket}" in buckets
 
 
 def test_no_secret_values_are_committed():
