@@ -398,12 +398,20 @@ def _summarize(result, settings: SearchSettings) -> TrialSummary:
     )
 
 
-def _local_checkpoint_dir(checkpoint, fallback_parent: str) -> str:
+def _local_checkpoint_dir(checkpoint, fallback_parent: str | None) -> str:
+    """Where the best checkpoint stays for the steps after the search: in the checkpoint storage, where Tune
+    wrote it, never in a temp folder of the process (or pod) that ran the search. A checkpoint on the local
+    filesystem is its folder under ``storage_path``; one on remote storage (S3 on the cluster) is its URI,
+    ``s3://bucket/key``, which a reader copies into a temporary folder of its own and removes after use
+    (``pyarrow.fs.copy_files`` with the ``CheckpointStorage`` filesystem). ``fallback_parent`` is unused and
+    kept for callers."""
     import pyarrow.fs
 
+    del fallback_parent
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         return checkpoint.path
-    return checkpoint.to_directory(tempfile.mkdtemp(prefix="ocm-best-", dir=fallback_parent))
+    scheme = checkpoint.filesystem.type_name  # "s3", "gcs", ...
+    return f"{scheme}://{checkpoint.path.lstrip('/')}"
 
 
 def run_search(
