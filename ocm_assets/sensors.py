@@ -1,9 +1,33 @@
 """Per-family sensors on the data registry: a new tag becomes a partition and a retraining run; and an
 optional cron schedule that retrains the newest version (off until someone turns it on).
 
-The cursor is ``{"tags": {tag: commit}, "malformed": [...]}``. A run request's ``run_key`` is
-``<tag>@<commit>``, so a moved tag (same name, new commit) asks for a new run and a re-tick asks for none.
-Deleted and malformed tags are reported in the tick's log and skip reason; they never fail the tick.
+Registry sensor
+---------------
+Each tick lists the registry's tags once (``git ls-remote``, bounded by ``DvcRegistry.git_timeout_s``) and
+asks for at most ``max_runs_per_tick`` runs (default :data:`MAX_RUNS_PER_TICK`): first retries, then moved
+tags, then new tags, each oldest semver first. Tags left over are not written to the cursor, so the next
+tick takes them.
+
+Run keys are ``<tag>@<commit>`` for the first run of a commit and ``<tag>@<commit>#<n>`` for the n-th: a
+retry after a failure, or the same commit again after the tag moved away and back (A→B→A). The number comes
+from the run keys this sensor already used for that tag and commit, read from the instance (the daemon
+creates a tick's runs before the next tick), so it also holds after a tag was deleted and re-created.
+
+Retries are the sensor's own, not Dagster's run retries (``dagster/max_retries`` + the instance's
+``run_retries``): those need a setting in every instance (embedded sqlite and the Helm values) and the
+daemon's retry loop, and they re-execute a run as it was, even when its tag has since moved. The sensor
+instead watches the newest run of each run key it asked for (re-executions and Dagster retries keep the
+run key tag, so a successful manual re-execution counts as a success). When that run failed, it asks again
+with the next run key, up to ``max_retries`` times (default :data:`MAX_RETRIES`) per tag and commit; then it
+logs that it gave up until the tag moves. A cancelled run is someone's decision and is not retried.
+
+The cursor is ``{"tags": {tag: commit requested}, "malformed": [...], "watch": {tag: {"run_key", "attempt"}}}``
+(``watch``: runs not yet seen to succeed, fail for good or be cancelled). A cursor of the earlier format
+(no ``watch``) is read as one first run ``<tag>@<commit>`` per tag, so a run that failed before the upgrade
+is retried too. Deleted and malformed tags are reported in the tick's log and skip reason; they never fail
+the tick. A registry that cannot be listed (unreachable, black-holed, asks for credentials) fails the tick
+with the RegistryError: Dagster shows the failed tick and its message, keeps the cursor, and tries again
+on the next tick, where a skip would read as "nothing new".
 """
 
 
@@ -15,50 +39,162 @@ from ocm_assets.families import Family
 from ocm_resources.registry import DataRegistry
 
 SENSOR_INTERVAL_SECONDS = 30
+#: Run requests per registry-sensor tick (retries, moved and new tags together); the rest wait for later ticks.
+MAX_RUNS_PER_TICK = 5
+#: Runs the sensor asks for again after a run of a tag@commit failed (so at most 1 + MAX_RETRIES runs).
+MAX_RETRIES = 2
+
+RUN_KEY_TAG = "dagster/run_key"  # set by the sensor daemon, kept by re-executions and run retries
+SENSOR_NAME_TAG = "dagster/sensor_name"
+_IN_FLIGHT = {
+    dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.MANAGED,
+    dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING,
+}
+
+
+def run_key_for(tag: str, commit: str, n: int) -> str:
+    return f"{tag}@{commit}" if n == 1 else f"{tag}@{commit}#{n}"
+
+
+def _key_number(run_key: str) -> int:
+    _, _, n = run_key.rpartition("#")
+    return int(n) if "#" in run_key and n.isdigit() else 1
 
 
 def _load_cursor(raw: str | None) -> dict:
-    if not raw:
-        return {"tags": {}, "malformed": []}
-    try:
-        cursor = json.loads(raw)
-    except json.JSONDecodeError:
-        return {"tags": {}, "malformed": []}
+    cursor = {}
+    if raw:
+        try:
+            cursor = json.loads(raw)
+        except json.JSONDecodeError:
+            cursor = {}
     cursor.setdefault("tags", {})
     cursor.setdefault("malformed", [])
+    if "watch" not in cursor:  # earlier format: every known tag had one run, keyed <tag>@<commit>
+        cursor["watch"] = {tag: {"run_key": run_key_for(tag, commit, 1), "attempt": 1}
+                           for tag, commit in cursor["tags"].items()}
     return cursor
 
 
-def build_registry_sensor(fam: Family, job) -> dg.SensorDefinition:
+def _instance(context: dg.SensorEvaluationContext) -> dg.DagsterInstance | None:
+    try:
+        return context.instance
+    except dg.DagsterInvariantViolationError:  # evaluated without an instance
+        return None
+
+
+def _newest_runs(instance: dg.DagsterInstance, sensor_name: str, run_keys: list[str]) -> dict[str, dg.DagsterRun]:
+    """The newest run (a re-execution or retry included) of each run key this sensor asked for."""
+    if not run_keys:
+        return {}
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={SENSOR_NAME_TAG: sensor_name, RUN_KEY_TAG: run_keys}))
+    newest: dict[str, dg.DagsterRun] = {}
+    for run in runs:  # newest first
+        newest.setdefault(run.tags[RUN_KEY_TAG], run)
+    return newest
+
+
+def _used_key_numbers(instance: dg.DagsterInstance, sensor_name: str, tags: list[str]) -> dict[tuple[str, str], int]:
+    """(tag, commit) → the highest run-key number this sensor has used for it."""
+    if not tags:
+        return {}
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={SENSOR_NAME_TAG: sensor_name, "ocm/registry_tag": tags}))
+    used: dict[tuple[str, str], int] = {}
+    for run in runs:
+        key = run.tags.get(RUN_KEY_TAG)
+        tag, commit = run.tags.get("ocm/registry_tag"), run.tags.get("ocm/registry_commit")
+        if key and tag and commit:
+            used[(tag, commit)] = max(used.get((tag, commit), 0), _key_number(key))
+    return used
+
+
+def build_registry_sensor(
+    fam: Family, job, max_runs_per_tick: int = MAX_RUNS_PER_TICK, max_retries: int = MAX_RETRIES
+) -> dg.SensorDefinition:
+    if max_runs_per_tick < 1 or max_retries < 0:
+        raise dg.DagsterInvalidDefinitionError(
+            f"registry sensor of {fam.name}: max_runs_per_tick must be >= 1 and max_retries >= 0, "
+            f"got {max_runs_per_tick} and {max_retries}"
+        )
+
     @dg.sensor(
         name=fam.sensor_name,
         job=job,
         minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Watches the registry for `{fam.dataset}-v<semver>` tags; each new or moved tag "
-        f"becomes a partition of {fam.partitions_name} and a run of {job.name}.",
+        f"becomes a partition of {fam.partitions_name} and a run of {job.name} (at most {max_runs_per_tick} "
+        f"per tick; a failed run is asked for again up to {max_retries} times).",
     )
     def registry_sensor(context: dg.SensorEvaluationContext, registry: DataRegistry) -> dg.SensorResult:
         cursor = _load_cursor(context.cursor)
         known: dict[str, str] = cursor["tags"]
         scan = registry.scan(fam.dataset)
-        current = {v.tag: v.commit for v in scan.versions}
+        current = {v.tag: v.commit for v in scan.versions}  # oldest semver first
+        order = {tag: i for i, tag in enumerate(current)}
+        instance = _instance(context)
+
+        # The runs asked for earlier: still going, done, or failed (then retried while retries are left).
+        watch: dict[str, dict] = {}
+        retries: list[str] = []
+        watched = {tag: w for tag, w in cursor["watch"].items() if tag in current and current[tag] == known.get(tag)}
+        newest = (
+            _newest_runs(instance, fam.sensor_name, [w["run_key"] for w in watched.values()]) if instance else {}
+        )
+        for tag, w in watched.items():
+            run = newest.get(w["run_key"])
+            if instance is None or (run is not None and run.status in _IN_FLIGHT):
+                watch[tag] = w
+            elif run is None:
+                pass  # no run with that key (the daemon never created it, or the run was deleted)
+            elif run.status == dg.DagsterRunStatus.FAILURE:
+                if w["attempt"] <= max_retries:
+                    retries.append(tag)
+                    watch[tag] = w  # until the retry is asked for (it may wait for a later tick)
+                else:
+                    context.log.warning(
+                        f"{w['run_key']}: run {run.run_id} failed; {tag} at {current[tag][:10]} has now failed "
+                        f"{w['attempt']} time(s), so the sensor gives up until the tag moves (re-execute by hand)"
+                    )
+            elif run.status == dg.DagsterRunStatus.CANCELED:
+                context.log.info(f"{w['run_key']}: run {run.run_id} was cancelled; not retried")
 
         new_tags = [tag for tag in current if tag not in known]
         moved = [tag for tag in current if tag in known and known[tag] != current[tag]]
         deleted = sorted(set(known) - set(current))
         new_malformed = sorted(set(scan.malformed) - set(cursor["malformed"]))
 
-        run_requests = [
-            dg.RunRequest(
-                run_key=f"{tag}@{current[tag]}",
+        wanted = [*sorted(retries, key=order.__getitem__), *moved, *new_tags]
+        chosen, waiting = wanted[:max_runs_per_tick], wanted[max_runs_per_tick:]
+        fresh = [tag for tag in chosen if tag not in retries]
+        used = _used_key_numbers(instance, fam.sensor_name, fresh) if instance else {}
+
+        run_requests = []
+        tags_next = {tag: commit for tag, commit in known.items() if tag in current}
+        for tag in chosen:
+            commit = current[tag]
+            if tag in retries:
+                previous = watch[tag]
+                n, attempt, trigger = _key_number(previous["run_key"]) + 1, previous["attempt"] + 1, "retry"
+                context.log.info(f"{previous['run_key']} failed: asking again as attempt {attempt}")
+            else:
+                n = used.get((tag, commit), 0) + 1
+                attempt, trigger = 1, "new" if tag in new_tags else "moved"
+            key = run_key_for(tag, commit, n)
+            run_requests.append(dg.RunRequest(
+                run_key=key,
                 partition_key=tag,
-                tags={"ocm/registry_tag": tag, "ocm/registry_commit": current[tag], "ocm/trigger": "new" if tag in new_tags else "moved"},
-            )
-            for tag in [*new_tags, *moved]
-        ]
+                tags={"ocm/registry_tag": tag, "ocm/registry_commit": commit, "ocm/trigger": trigger,
+                      "ocm/attempt": str(attempt)},
+            ))
+            tags_next[tag] = commit
+            watch[tag] = {"run_key": key, "attempt": attempt}
         for tag in moved:
-            context.log.info(f"tag {tag} moved {known[tag][:10]} -> {current[tag][:10]}: requesting a new run")
+            context.log.info(f"tag {tag} moved {known[tag][:10]} -> {current[tag][:10]}"
+                             + (": requesting a new run" if tag in chosen else ": run requested on a later tick"))
+        if waiting:
+            context.log.info(f"{len(waiting)} more run(s) wait for later ticks (at most {max_runs_per_tick} per "
+                             f"tick), starting with {waiting[0]}")
         for tag in deleted:
             context.log.warning(f"tag {tag} was deleted from the registry; its partition and history are kept")
         for tag in new_malformed:
@@ -67,16 +203,18 @@ def build_registry_sensor(fam: Family, job) -> dg.SensorDefinition:
             )
 
         # Every tag that gets a run needs its partition: new tags, and tags whose partition someone deleted.
-        wanted = [r.partition_key for r in run_requests]
-        try:
-            existing = set(context.instance.get_dynamic_partitions(fam.partitions_name))
-            to_add = [tag for tag in wanted if tag not in existing]
-        except dg.DagsterInvariantViolationError:  # evaluated without an instance
-            to_add = new_tags
+        partitions = [r.partition_key for r in run_requests]
+        if instance is not None:
+            existing = set(instance.get_dynamic_partitions(fam.partitions_name))
+            to_add = [tag for tag in partitions if tag not in existing]
+        else:
+            to_add = [tag for tag in partitions if tag in new_tags]
 
         skip_reason = None
         if not run_requests:
             notes = [f"{len(current)} versions of {fam.dataset}, none new or moved"]
+            if watch:
+                notes.append(f"{len(watch)} run(s) still queued or running")
             if deleted:
                 notes.append(f"deleted: {', '.join(deleted)}")
             if scan.malformed:
@@ -88,7 +226,7 @@ def build_registry_sensor(fam: Family, job) -> dg.SensorDefinition:
                 [dg.AddDynamicPartitionsRequest(fam.partitions_name, to_add)] if to_add else []
             ),
             skip_reason=skip_reason,
-            cursor=json.dumps({"tags": current, "malformed": list(scan.malformed)}, sort_keys=True),
+            cursor=json.dumps({"tags": tags_next, "malformed": list(scan.malformed), "watch": watch}, sort_keys=True),
         )
 
     return registry_sensor
