@@ -137,6 +137,7 @@ def build_registry_sensor(
         # The runs asked for earlier: still going, done, or failed (then retried while retries are left).
         watch: dict[str, dict] = {}
         retries: list[str] = []
+        gave_up: list[str] = []
         watched = {tag: w for tag, w in cursor["watch"].items() if tag in current and current[tag] == known.get(tag)}
         newest = (
             _newest_runs(instance, fam.sensor_name, [w["run_key"] for w in watched.values()]) if instance else {}
@@ -152,6 +153,7 @@ def build_registry_sensor(
                     retries.append(tag)
                     watch[tag] = w  # until the retry is asked for (it may wait for a later tick)
                 else:
+                    gave_up.append(w["run_key"])
                     context.log.warning(
                         f"{w['run_key']}: run {run.run_id} failed; {tag} at {current[tag][:10]} has now failed "
                         f"{w['attempt']} time(s), so the sensor gives up until the tag moves (re-execute by hand)"
@@ -166,8 +168,7 @@ def build_registry_sensor(
 
         wanted = [*sorted(retries, key=order.__getitem__), *moved, *new_tags]
         chosen, waiting = wanted[:max_runs_per_tick], wanted[max_runs_per_tick:]
-        fresh = [tag for tag in chosen if tag not in retries]
-        used = _used_key_numbers(instance, fam.sensor_name, fresh) if instance else {}
+        used = _used_key_numbers(instance, fam.sensor_name, chosen) if instance else {}
 
         run_requests = []
         tags_next = {tag: commit for tag, commit in known.items() if tag in current}
@@ -175,7 +176,8 @@ def build_registry_sensor(
             commit = current[tag]
             if tag in retries:
                 previous = watch[tag]
-                n, attempt, trigger = _key_number(previous["run_key"]) + 1, previous["attempt"] + 1, "retry"
+                n = max(used.get((tag, commit), 0), _key_number(previous["run_key"])) + 1
+                attempt, trigger = previous["attempt"] + 1, "retry"
                 context.log.info(f"{previous['run_key']} failed: asking again as attempt {attempt}")
             else:
                 n = used.get((tag, commit), 0) + 1
@@ -215,6 +217,8 @@ def build_registry_sensor(
             notes = [f"{len(current)} versions of {fam.dataset}, none new or moved"]
             if watch:
                 notes.append(f"{len(watch)} run(s) still queued or running")
+            if gave_up:
+                notes.append(f"failed {max_retries + 1} times, not asked again: {', '.join(gave_up)}")
             if deleted:
                 notes.append(f"deleted: {', '.join(deleted)}")
             if scan.malformed:

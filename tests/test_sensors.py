@@ -200,6 +200,7 @@ def test_failed_run_is_retried_with_a_new_run_key_until_the_retries_run_out(regi
     finish(instance, result.run_requests[0], ok=False)
     gave_up = tick(reg, instance, result.cursor)
     assert gave_up.run_requests == [] and watch_of(gave_up) == {}
+    assert f"failed {MAX_RETRIES + 1} times, not asked again: {keys[-1]}" in gave_up.skip_message
     assert tick(reg, instance, gave_up.cursor).run_requests == []
 
 
