@@ -103,7 +103,10 @@ def test_lineage_tags_are_the_design_tags_with_defaults(tmp_path):
     tags = tracking.lineage_tags("md5-abc", "c0ffee", "run-1", "fashion-mnist-v1.0.0")
     assert set(tags) == DESIGN_TAGS == set(LINEAGE_TAGS)
     assert tags["docker_image_tag"] == "local"
-    assert tags["code_version"] == metadata.version("ocm")
+    # issue 12: the git commit of the code location (the package version says nothing about the code)
+    from ocm_resources.mlflow import git_code_version
+
+    assert tags["code_version"] == git_code_version() and tags["code_version"] != metadata.version("ocm")
     assert tags["dagster_partition"] == "fashion-mnist-v1.0.0"
 
     tagged = LocalMlflow(home=str(tmp_path), docker_image_tag="ghcr.io/x/ocm:abc")
