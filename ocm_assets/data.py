@@ -17,9 +17,9 @@ from typing import Any
 import dagster as dg
 
 from ocm_assets.families import Family
+from ocm_ml.contract import SPLITS
 from ocm_resources.registry import DataRegistry, RegistryError, RegistryVersion
 
-SPLITS = ("train", "val")
 BATCH_ROWS = 8192
 NORMALIZATION_TOLERANCE = 1e-3
 

@@ -22,19 +22,12 @@ from typing import TYPE_CHECKING, Any
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
+from ocm_ml.contract import LINEAGE_TAGS  # the run tags every ocm training run carries (DESIGN.md)
+
 if TYPE_CHECKING:
     from mlflow import ActiveRun, MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-#: The run tags every ocm training run carries (DESIGN.md, "Contracts").
-LINEAGE_TAGS = (
-    "dvc_data_version",
-    "dvc_commit",
-    "dagster_run_id",
-    "dagster_partition",
-    "docker_image_tag",
-    "code_version",
-)
 
 
 class MlflowError(RuntimeError):

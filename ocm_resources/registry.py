@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -28,8 +27,7 @@ from typing import IO, Any
 import dagster as dg
 from pydantic import Field
 
-TAG_RE = re.compile(r"^(?P<dataset>[a-z0-9][a-z0-9._-]*?)-v(?P<version>\d+\.\d+\.\d+)$")
-SPLITS = ("train", "val")
+from ocm_ml.contract import TAG_RE  # the registry vocabulary has one home
 
 
 class RegistryError(RuntimeError):

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ocm_ml.contract import LINEAGE_TAGS, TAG_RE
 from ocm_ml.serve.validation import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_TEXT_LENGTH,
@@ -40,9 +41,6 @@ from ocm_ml.serve.validation import (
 KINDS = ("image", "text")
 BATCHERS = ("adaptive", "serve")
 CHALLENGER_MODES = ("canary", "shadow")
-TAG_RE = re.compile(r"^(?P<dataset>[a-z0-9][a-z0-9._-]*?)-v(?P<version>\d+\.\d+\.\d+)$")
-LINEAGE_TAGS = ("dvc_data_version", "dvc_commit", "dagster_run_id", "dagster_partition", "docker_image_tag",
-                "code_version")
 
 
 class LoadError(RuntimeError):
