@@ -32,12 +32,55 @@ ROOT = Path(__file__).resolve().parent.parent
 QUIET_LOGS = {"console": {"config": {"log_level": "WARNING"}}}
 
 
+class Console:
+    """The demo's own lines go to the terminal (and the log); everything else goes only to the log.
+
+    Ray, Lightning, Tune and MLflow write tips, warnings, worker output and progress bars straight to file
+    descriptors 1 and 2 (from C++, forwarded worker logs and subprocesses), so the redirect is at the fd level.
+    """
+
+    def __init__(self) -> None:
+        self.term = None
+        self.log = None
+        self.log_path: Path | None = None
+
+    def start(self, log_dir: Path) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.term = os.fdopen(os.dup(1), "w", buffering=1)
+        self.log = open(self.log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the demo
+        os.dup2(self.log.fileno(), 1)
+        os.dup2(self.log.fileno(), 2)
+
+    def show(self, *parts, end: str = "\n") -> None:
+        text = " ".join(str(p) for p in parts) + end
+        for stream in (self.term or sys.stdout, self.log):
+            if stream is not None:
+                stream.write(text)
+                stream.flush()
+
+
+CONSOLE = Console()
+show = CONSOLE.show
+
+
 def say(msg: str) -> None:
-    print(f"\n=== {msg}", flush=True)
+    show(f"\n=== {msg}")
+
+
+def run_shown(cmd: list[str]) -> None:
+    """Run a command; its output is shown (it is the demo's own CLI), its errors too."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        show(line)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed with exit status {proc.returncode} (see {CONSOLE.log_path})")
 
 
 def ocm(*args: str) -> None:
-    subprocess.run([str(Path(sys.executable).parent / "ocm"), *args], check=True)
+    run_shown([str(Path(sys.executable).parent / "ocm"), *args])
 
 
 def http(url: str, body=None):
@@ -77,13 +120,13 @@ def run_job(defs, instance, job_name: str, *, partition: str | None = None, tags
     took = time.perf_counter() - t
     mats = {e.asset_key.to_user_string(): e.materialization for e in result.get_asset_materialization_events()}
     checks = {f"{e.asset_key.path[-1]}:{e.check_name}": e.passed for e in result.get_asset_check_evaluations()}
-    print(f"  {job_name}{f' [{partition}]' if partition else ''}: run {result.run_id[:8]} "
+    show(f"  {job_name}{f' [{partition}]' if partition else ''}: run {result.run_id[:8]} "
           f"{'succeeded' if result.success else 'FAILED'} in {took:.0f}s; checks: "
-          + (", ".join(f"{k}={'pass' if v else 'FAIL'}" for k, v in checks.items()) or "-"), flush=True)
+          + (", ".join(f"{k}={'pass' if v else 'FAIL'}" for k, v in checks.items()) or "-"))
     if not result.success:
         for event in result.all_events:
             if event.is_step_failure:
-                print("    ", event.step_key, ":", event.step_failure_data.error.to_string().strip().splitlines()[-1])
+                show("    ", event.step_key, ":", event.step_failure_data.error.to_string().strip().splitlines()[-1])
     return result, mats, took
 
 
@@ -104,7 +147,7 @@ def show_endpoint(fam, registry, tag: str, url: str) -> dict:
     import pyarrow.parquet as pq
 
     info = http(f"{url}/info")
-    print(f"  GET {url}/info -> model {info.get('model_uri')} (registry v{info.get('model_version')}), "
+    show(f"  GET {url}/info -> model {info.get('model_uri')} (registry v{info.get('model_version')}), "
           f"data {info.get('data_version')} @ {str(info.get('dvc_commit'))[:10]}, MLflow run {str(info.get('run_id'))[:8]}, "
           f"Dagster run {str(info.get('dagster_run_id'))[:8]}")
     version = registry.resolve(tag)
@@ -116,13 +159,13 @@ def show_endpoint(fam, registry, tag: str, url: str) -> dict:
         names = info.get("output_classes") or []
         for p, y in zip(out["predictions"], labels, strict=True):
             truth = names[y] if y < len(names) else y
-            print(f"    image (true {truth!s:<12}) -> {p['class_name']:<12} {p['confidence']:.2f}")
+            show(f"    image (true {truth!s:<12}) -> {p['class_name']:<12} {p['confidence']:.2f}")
     else:
         texts = rows.column("text").to_pylist()
         out = http(f"{url}/predict", {"texts": texts})
         label_map = info.get("label_map") or {}
         for p, y in zip(out["predictions"], labels, strict=True):
-            print(f"    {p['text'][:60]!r:<64} true {label_map.get(str(y), y):<8} -> {p['label']:<8} "
+            show(f"    {p['text'][:60]!r:<64} true {label_map.get(str(y), y):<8} -> {p['label']:<8} "
                   f"{p['confidence']:.2f}")
     return info
 
@@ -137,8 +180,10 @@ def main() -> int:
     from ocm_resources.env import ensure_dagster_home, local_paths
 
     ensure_dagster_home()
+    CONSOLE.start(local_paths().home / "logs")
+    show(f"(Ray, Lightning and MLflow output goes to {CONSOLE.log_path})")
     say("1. local Ray head with Serve HTTP on 127.0.0.1:8000")
-    subprocess.run([str(ROOT / "scripts" / "dev.sh"), "ray-up"], check=True)
+    run_shown([str(ROOT / "scripts" / "dev.sh"), "ray-up"])
 
     import dagster as dg
 
@@ -160,9 +205,9 @@ def main() -> int:
         cursors[fam.name] = tick.cursor
         cursors_file.write_text(json.dumps(cursors))
         if not tick.run_requests:
-            print(f"  {fam.sensor_name}: {tick.skip_message}")
+            show(f"  {fam.sensor_name}: {tick.skip_message}")
         for req in tick.run_requests:
-            print(f"  {fam.sensor_name} requested run_key {req.run_key}")
+            show(f"  {fam.sensor_name} requested run_key {req.run_key}")
             # The run carries the sensor's run key and name, as a daemon-launched run would: when `make dev`
             # starts the daemon later, its sensor sees this request as already done.
             tags = {**req.tags, "dagster/run_key": req.run_key, "dagster/sensor_name": fam.sensor_name}
@@ -180,13 +225,13 @@ def main() -> int:
                 if evaluation is not None:
                     seconds = evaluation.metadata["evaluation_seconds"].value
                     timings[f"{req.partition_key} evaluation"] = seconds
-                    print(f"  evaluation on the same rows ({evaluation.metadata['holdout_rows'].value} holdout, "
+                    show(f"  evaluation on the same rows ({evaluation.metadata['holdout_rows'].value} holdout, "
                           f"{evaluation.metadata['val_rows'].value} validation), {seconds:.0f}s:")
                     for line in evaluation.metadata["comparison"].value.splitlines():
-                        print("   ", line)
+                        show("   ", line)
                 if champion is not None:
                     decision = champion.metadata["decision"].value
-                    print(f"  gate: {'PROMOTED' if decision == 'promoted' else 'kept the champion'} "
+                    show(f"  gate: {'PROMOTED' if decision == 'promoted' else 'kept the champion'} "
                           f"v{champion.metadata['challenger_version'].value}: "
                           + champion.metadata["reasons"].value.replace("\n", " "))
             rows.append((fam, req.partition_key, model, endpoint))
@@ -197,16 +242,16 @@ def main() -> int:
         model = rows[-1][2] if rows and rows[-1][0] == fam else None
         if model is not None and fam.kind == "text":
             md = model.metadata
-            print(f"  best model on the real validation split ({md['eval_rows'].value} tweets): accuracy "
+            show(f"  best model on the real validation split ({md['eval_rows'].value} tweets): accuracy "
                   f"{md['val_accuracy'].value:.3f}, macro F1 {md['val_macro_f1'].value:.3f}; majority-class "
                   f"baseline accuracy {md['majority_baseline_accuracy'].value:.3f}")
         elif model is not None:
-            print(f"  validation accuracy on the real {8000 if not args.quick else 'validation'} images: "
+            show(f"  validation accuracy on the real {8000 if not args.quick else 'validation'} images: "
                   f"{model.metadata['val_accuracy'].value:.4f}")
         try:
             show_endpoint(fam, registry, f"{fam.dataset}-v1.0.0", f"http://127.0.0.1:8000/{fam.name}")
         except OSError as exc:
-            print(f"  endpoint not answering: {exc}")
+            show(f"  endpoint not answering: {exc}")
 
     fashion = family("fashion_mnist")
     new_tag = f"{fashion.dataset}-v{args.new_version}"
@@ -218,7 +263,7 @@ def main() -> int:
     except OSError as exc:
         before = {"model_uri": f"(not serving: {exc})"}
     if any(v.tag == new_tag for v in registry.list_versions(fashion.dataset)):
-        print(f"  {new_tag} already published")
+        show(f"  {new_tag} already published")
     else:
         t_tag = time.perf_counter()
         ocm("registry", "publish", fashion.dataset, args.new_version, "--resplit-seed", "1",
@@ -226,25 +271,39 @@ def main() -> int:
         timings["publish"] = time.perf_counter() - t_tag
     retrain_and_roll_out(fashion, epochs=2)
     after = http(f"{url}/info")
-    print(f"  /info before: {before.get('model_uri')} on {before.get('data_version')}")
-    print(f"  /info after:  {after.get('model_uri')} on {after.get('data_version')}")
+    show(f"  /info before: {before.get('model_uri')} on {before.get('data_version')}")
+    show(f"  /info after:  {after.get('model_uri')} on {after.get('data_version')}")
     show_endpoint(fashion, registry, new_tag, url)
 
     say("5. summary")
-    print(f"  {'partition':<26}{'val acc':>8}{'registered':>12}{'serves':>10}  {'endpoint'}")
+    show(f"  {'partition':<26}{'val acc':>8}{'registered':>12}{'serves':>10}  {'endpoint'}")
     for fam, tag, model, endpoint in rows:
         acc = f"{model.metadata['val_accuracy'].value:.4f}" if model else "-"
         reg = f"v{model.metadata['registered_version'].value}" if model else "-"
         champ = f"v{endpoint.metadata['champion_version'].value}" if endpoint else "-"
-        print(f"  {tag:<26}{acc:>8}{reg:>12}{champ:>10}  http://127.0.0.1:8000/{fam.name}/")
+        show(f"  {tag:<26}{acc:>8}{reg:>12}{champ:>10}  http://127.0.0.1:8000/{fam.name}/")
     for what, took in timings.items():
-        print(f"  {what:<40}{took:>7.0f}s")
-    print(f"\n  demo finished in {time.perf_counter() - started:.0f}s. The endpoints keep running:")
-    print("    curl http://127.0.0.1:8000/fashion_mnist/info ; curl http://127.0.0.1:8000/tweet_sentiment/health")
-    print("  Browse lineage and runs: `make dev` (Dagster http://127.0.0.1:3000, MLflow http://127.0.0.1:5000,")
-    print("  Ray dashboard http://127.0.0.1:8265). Stop everything: `make stop`.")
+        show(f"  {what:<40}{took:>7.0f}s")
+    show(f"\n  demo finished in {time.perf_counter() - started:.0f}s. The endpoints keep running:")
+    show("    curl http://127.0.0.1:8000/fashion_mnist/info ; curl http://127.0.0.1:8000/tweet_sentiment/health")
+    show("  Browse lineage and runs: `make dev` (Dagster http://127.0.0.1:3000, MLflow http://127.0.0.1:5000,")
+    show("  Ray dashboard http://127.0.0.1:8265). Stop everything: `make stop`.")
     return 0
 
 
+def run() -> int:
+    try:
+        return main()
+    except BaseException as exc:
+        if CONSOLE.log is None:
+            raise
+        import traceback
+
+        traceback.print_exc(file=CONSOLE.log)
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+        show(f"\n  demo stopped: {what}\n  full output and traceback: {CONSOLE.log_path}")
+        return 130 if isinstance(exc, KeyboardInterrupt) else 1
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run())
