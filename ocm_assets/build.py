@@ -1,12 +1,27 @@
-"""Builds the code location from the family table."""
+"""Builds the code location from the family table.
+
+Per family: the assets, the jobs (``<family>_ingest``: the dataset, what the registry sensor asks for;
+``<family>_retrain`` and ``<family>_rollout`` for runs by hand, the demo and the schedule), the registry sensor,
+the schedule, and the automation conditions of every asset below the dataset with the two sensors that
+evaluate them (``ocm_assets.sensors``). The conditions are applied here, once, so the asset factories stay
+free of scheduling policy.
+"""
 
 from __future__ import annotations
 
 import dagster as dg
 
 from ocm_assets import data, serving, text, training
+from ocm_assets.evaluation import evaluation_key
 from ocm_assets.families import FAMILIES, Family
-from ocm_assets.sensors import build_registry_sensor, build_retrain_schedule, build_rollout_sensor
+from ocm_assets.sensors import (
+    build_automation_sensors,
+    build_registry_sensor,
+    build_retrain_schedule,
+    endpoint_condition,
+    rollout_condition,
+    training_condition,
+)
 
 
 def family_assets(fam: Family) -> list[dg.AssetsDefinition]:
@@ -28,6 +43,37 @@ def retrain_job(fam: Family, assets: list[dg.AssetsDefinition]):
     )
 
 
+def ingest_job(fam: Family):
+    return dg.define_asset_job(
+        f"{fam.name}_ingest",
+        selection=dg.AssetSelection.assets(data.dataset_key(fam)),
+        description=f"Resolve and validate one {fam.name} registry version (partition); what follows runs by "
+        "its automation conditions.",
+        tags={"ocm/family": fam.name},
+    )
+
+
+def automation_conditions(fam: Family) -> dict[dg.AssetKey, dg.AutomationCondition]:
+    """Every asset below the dataset and its condition; the dataset itself is asked for by the registry sensor
+    (a moved tag is invisible to conditions: only the sensor lists the registry)."""
+    below = [data.preprocessing_key(fam), training.model_key(fam), evaluation_key(fam)]
+    if fam.kind == "text":
+        below.append(text.hpo_key(fam))
+    return {
+        **{key: training_condition() for key in below},
+        serving.champion_key(fam): rollout_condition(),
+        serving.endpoint_key(fam): endpoint_condition(),
+    }
+
+
+def with_conditions(assets: list[dg.AssetsDefinition], conditions: dict[dg.AssetKey, dg.AutomationCondition]):
+    def apply(spec: dg.AssetSpec) -> dg.AssetSpec:
+        condition = conditions.get(spec.key)
+        return spec if condition is None else spec.replace_attributes(automation_condition=condition)
+
+    return [a.map_asset_specs(apply) for a in assets]
+
+
 def is_training_step(asset: dg.AssetsDefinition) -> bool:
     """Steps that train (torch): they get the training pod size (and GPUs) under the k8s executor."""
     return any("pytorch" in spec.kinds for spec in asset.specs)
@@ -38,12 +84,16 @@ def build_definitions(resources: dict | None = None, families: tuple[Family, ...
 
     assets, jobs, sensors, schedules = [], [], [], []
     for fam in families:
-        fam_assets = family_assets(fam)
-        job = retrain_job(fam, fam_assets)
-        rollout = serving.rollout_job(fam)
-        assets += fam_assets + serving.build_serving_assets(fam)
-        jobs += [job, rollout]
-        sensors += [build_registry_sensor(fam, job), build_rollout_sensor(fam, job, rollout)]
+        conditions = automation_conditions(fam)
+        fam_assets = with_conditions(family_assets(fam), conditions)
+        job, ingest = retrain_job(fam, fam_assets), ingest_job(fam)
+        assets += fam_assets + with_conditions(serving.build_serving_assets(fam), conditions)
+        jobs += [job, ingest, serving.rollout_job(fam)]
+        rollout_keys = [evaluation_key(fam), serving.champion_key(fam), serving.endpoint_key(fam)]
+        sensors += [
+            build_registry_sensor(fam, ingest),
+            *build_automation_sensors(fam, [k for k in conditions if k not in rollout_keys], rollout_keys),
+        ]
         schedules.append(build_retrain_schedule(fam, job))
     return dg.Definitions(
         assets=assets,

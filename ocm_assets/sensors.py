@@ -34,6 +34,7 @@ on the next tick, where a skip would read as "nothing new".
 import json
 
 import dagster as dg
+from dagster import AutomationCondition
 
 from ocm_assets.families import Family
 from ocm_resources.registry import DataRegistry
@@ -236,30 +237,70 @@ def build_registry_sensor(
     return registry_sensor
 
 
-def build_rollout_sensor(fam: Family, retrain_job, rollout_job) -> dg.RunStatusSensorDefinition:
-    """When a retrain run of the family succeeds, ask for the rollout (champion gate, then endpoint)."""
+# -- declarative automation downstream of the dataset ----------------------------------------------------
 
-    @dg.run_status_sensor(
-        name=f"{fam.name}_rollout_sensor",
-        run_status=dg.DagsterRunStatus.SUCCESS,
-        monitored_jobs=[retrain_job],
-        request_job=rollout_job,
-        default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"After a successful {retrain_job.name} run: run {rollout_job.name} for the same partition "
-        "(evaluation against the champion, the gate, then the endpoint rolls over when the challenger passes).",
-    )
-    def rollout_sensor(context: dg.RunStatusSensorContext):
-        run = context.dagster_run
-        partition = run.tags.get("dagster/partition")
-        if not partition:
-            return dg.SkipReason(f"run {run.run_id} has no partition: a rollout judges one data version's model")
-        return dg.RunRequest(
-            run_key=f"rollout-after-{run.run_id}",
-            partition_key=partition,
-            tags={"ocm/after_run": run.run_id, "ocm/registry_tag": partition},
-        )
+#: How often the daemon evaluates the automation conditions (Dagster's default is 30 s).
+AUTOMATION_INTERVAL_SECONDS = 30
 
-    return rollout_sensor
+
+def training_condition() -> dg.AutomationCondition:
+    """Partitioned steps after the dataset (preprocessing, hpo, model, evaluation): Dagster's ``eager()``
+    (a new partition, or a dependency updated in another run; nothing missing or in progress upstream),
+    and only while every blocking check of the dependencies passed. A failed ``schema`` check leaves the
+    dataset materialized but stops everything below it, with no code of ocm's."""
+    return (AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()).with_label(
+        "eager_after_blocking_checks")
+
+
+def rollout_condition() -> dg.AutomationCondition:
+    """The champion (one per family) after an evaluation partition. Not ``eager()``: that also fires when
+    the evaluation *will be requested* on the same tick, and the champion, unpartitioned, would then run in
+    a run of its own beside the evaluation it is meant to judge. This waits for the evaluation to be
+    materialized (by any run), for no evaluation to be in progress, and for blocking checks upstream."""
+    evaluated = AutomationCondition.any_deps_match(AutomationCondition.newly_updated()).with_label(
+        "an_evaluation_updated")
+    return (
+        evaluated.since_last_handled()
+        & ~AutomationCondition.any_deps_in_progress()
+        & ~AutomationCondition.in_progress()
+        & AutomationCondition.all_deps_blocking_checks_passed()
+    ).with_label("after_an_evaluation")
+
+
+def endpoint_condition() -> dg.AutomationCondition:
+    """The endpoint after the champion: ``eager()``, so both land in the same run of the same tick."""
+    return AutomationCondition.eager()
+
+
+def build_automation_sensors(
+    fam: Family, training: list[dg.AssetKey], rollout: list[dg.AssetKey]
+) -> list[dg.AutomationConditionSensorDefinition]:
+    """The daemon's evaluators of the conditions above, RUNNING by default. Two per family, for their run
+    tags: runs of the rollout part (evaluation, champion, endpoint) carry ``ocm/rollout=<family>``, which
+    the instance's run queue limits to one at a time per family (``ocm_resources.env``); training runs
+    carry only ``ocm/family`` and may run beside a rollout."""
+    from ocm_resources.env import ROLLOUT_TAG
+
+    return [
+        dg.AutomationConditionSensorDefinition(
+            f"{fam.name}_training_automation",
+            target=dg.AssetSelection.assets(*training),
+            run_tags={"ocm/family": fam.name},
+            default_status=dg.DefaultSensorStatus.RUNNING,
+            minimum_interval_seconds=AUTOMATION_INTERVAL_SECONDS,
+            description=f"Evaluates the automation conditions of {fam.name}'s preprocessing and training: "
+            "each runs once its dataset partition is new or updated and its blocking checks passed.",
+        ),
+        dg.AutomationConditionSensorDefinition(
+            f"{fam.name}_rollout_automation",
+            target=dg.AssetSelection.assets(*rollout),
+            run_tags={"ocm/family": fam.name, ROLLOUT_TAG: fam.name},
+            default_status=dg.DefaultSensorStatus.RUNNING,
+            minimum_interval_seconds=AUTOMATION_INTERVAL_SECONDS,
+            description=f"Evaluates the automation conditions of {fam.name}'s evaluation, champion gate and "
+            f"endpoint; its runs carry {ROLLOUT_TAG}={fam.name} (one rollout of the family at a time).",
+        ),
+    ]
 
 
 def build_retrain_schedule(fam: Family, job) -> dg.ScheduleDefinition:

@@ -56,12 +56,16 @@ class ChampionConfig(dg.Config):
         return replace(default, **overrides)
 
 
-def rollout_partition(context: dg.AssetExecutionContext) -> str:
+def rollout_partition(context: dg.AssetExecutionContext, fam: Family | None = None) -> str:
     """The data version this rollout judges: the run's partition, else its ``ocm/registry_tag`` tag (a run of
-    the champion and endpoint alone, launched from the UI with that tag)."""
+    the champion and endpoint alone, launched from the UI with that tag), else (a run its automation
+    condition asked for) the partition of the newest evaluation."""
     if context.has_partition_key:
         return context.partition_key
     tag = context.run.tags.get("dagster/partition") or context.run.tags.get("ocm/registry_tag")
+    if not tag and fam is not None:
+        records = context.instance.fetch_materializations(evaluation_key(fam), limit=1).records
+        tag = records[0].partition_key if records else None
     if not tag:
         raise dg.Failure(
             "the rollout judges one data version's challenger: launch it for a partition (the registry tag), "
@@ -105,7 +109,7 @@ def build_champion_asset(fam: Family) -> dg.AssetsDefinition:
         from ocm_ml.promotion import decide
 
         gate = config.gate(fam.gate)
-        partition = rollout_partition(context)
+        partition = rollout_partition(context, fam)
         record = latest_evaluation(context.instance, fam, partition)
         current = mlflow.get_alias(fam.dataset, ALIAS)
         current_version = int(current.version) if current is not None else None
