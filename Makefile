@@ -19,11 +19,14 @@ install:
 demo: install
 	@$(PY) -m scripts.demo
 
+# Every test, the slow ones included, once, in a shuffled order (its seed is printed: pass
+# PYTEST_ARGS=--randomly-seed=N to repeat an order, or TEST_ORDER= for file order).
+TEST_ORDER ?= -p randomly
 test: install
-	@$(PY) -m pytest -m "not slow and not k8s and not gpu" -p no:cacheprovider $(PYTEST_ARGS)
+	@$(PY) -m pytest -p no:cacheprovider $(TEST_ORDER) $(PYTEST_ARGS)
 
 test-slow: install
-	@$(PY) -m pytest -m slow -p no:cacheprovider $(PYTEST_ARGS)
+	@$(PY) -m pytest -m slow -p no:cacheprovider --durations=0 $(PYTEST_ARGS)
 
 dev: install
 	@scripts/dev.sh start

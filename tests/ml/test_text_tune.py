@@ -43,15 +43,6 @@ def make_texts(n: int, seed: int) -> tuple[list[str], list[int]]:
 # --- fixtures -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory):
     import pandas as pd

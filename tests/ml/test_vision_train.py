@@ -46,18 +46,6 @@ def data(tmp_path_factory):
     return {"train": train, "val": val, "val_images": val_images, "val_labels": val_labels}
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def train_worker_pids() -> list[int]:
     """PIDs of this test's Ray Train worker processes (descendants of this process; the machine is shared)."""
     import psutil

@@ -35,18 +35,20 @@ def closed_port() -> int:
 
 
 @pytest.fixture
-def no_ray():
-    """Each test starts from a process without Ray; the session's shared Ray (if it ran) comes back after."""
+def no_ray(request):
+    """A process without Ray, which the test may start and stop: the test is marked ``own_process`` and its
+    body runs in a child process (tests/conftest.py); the session's Ray is never touched."""
     import ray
 
-    from tests.conftest import init_local_ray
+    from tests.conftest import in_own_process
 
-    had_ray = ray.is_initialized()
-    ray.shutdown()
+    assert request.node.get_closest_marker("own_process"), "a test using no_ray must be marked own_process"
+    if not in_own_process(request.node):
+        yield  # this process only waits for the child
+        return
+    assert not ray.is_initialized()
     yield
     ray.shutdown()
-    if had_ray:
-        init_local_ray()
 
 
 @dg.asset
@@ -81,6 +83,7 @@ def test_importing_the_module_does_not_import_ray():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PROJECT_ROOT, timeout=120)
 
 
+@pytest.mark.own_process
 @pytest.mark.parametrize(("keep_ms", "all_kept"), [(None, True), (1000, False)])
 def test_in_process_ray_keeps_idle_workers_for_the_next_epoch(no_ray, keep_ms, all_kept):
     """Ray ends idle worker processes beyond one per CPU after 1 s; the next data read (every training epoch)
@@ -106,6 +109,7 @@ def test_in_process_ray_keeps_idle_workers_for_the_next_epoch(no_ray, keep_ms, a
         ray.shutdown()
 
 
+@pytest.mark.own_process
 def test_repeated_materializations_start_reuse_and_stop_only_their_own_ray(no_ray):
     """Two Ray starts in all: each costs seconds (tens on a loaded machine)."""
     import ray
@@ -130,6 +134,7 @@ def test_repeated_materializations_start_reuse_and_stop_only_their_own_ray(no_ra
     assert ray.is_initialized()
 
 
+@pytest.mark.own_process
 @pytest.mark.parametrize("scheme", ["", "ray://"])
 def test_unreachable_address_fails_fast_with_a_clear_message(no_ray, scheme):
     import ray
@@ -146,6 +151,7 @@ def test_unreachable_address_fails_fast_with_a_clear_message(no_ray, scheme):
     assert not ray.is_initialized()
 
 
+@pytest.mark.own_process
 def test_auto_uses_ray_address_and_reports_it(no_ray, monkeypatch):
     address = f"127.0.0.1:{closed_port()}"
     monkeypatch.setenv("RAY_ADDRESS", address)
@@ -153,6 +159,7 @@ def test_auto_uses_ray_address_and_reports_it(no_ray, monkeypatch):
         RayHead(address="auto", connect_timeout=1).connect(dg.build_init_resource_context())
 
 
+@pytest.mark.own_process
 def test_auto_without_a_live_head(no_ray, monkeypatch, tmp_path):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     temp_dir = tmp_path / "ray"
@@ -227,6 +234,7 @@ def test_kuberay_factory_rejects_bad_arguments():
         kuberay_resource(kind="serverless")  # type: ignore[arg-type]
 
 
+@pytest.mark.own_process
 @pytest.mark.slow
 def test_connects_to_a_token_protected_ray_start_head(no_ray, monkeypatch):
     """`ray start --head` (Ray 2.60: token auth on) and an explicit address: RayHead enables token mode."""
