@@ -11,6 +11,7 @@ from pydantic import Field
 
 from ocm_assets.data import iter_batches, iter_parquet, partitions_for
 from ocm_assets.families import Family
+from ocm_assets.reuse import serves_partition
 from ocm_assets.training import log_bytes, markdown_png, model_key
 from ocm_resources.mlflow import MlflowTracking
 from ocm_resources.registry import DataRegistry, RegistryVersion
@@ -38,7 +39,7 @@ def challenger_version(context: dg.AssetExecutionContext, mlflow: MlflowTracking
         registered = mat.metadata.get("registered_version") if mat else None
         if registered is not None:
             version = mlflow.version(fam.dataset, registered.value)
-            if version.tags.get("dagster_partition") != partition:
+            if not serves_partition(version, partition):  # registered for it, or reused for it
                 raise dg.Failure(f"version {version.version} of {version.name} is tagged with partition "
                                  f"{version.tags.get('dagster_partition')!r}, not {partition!r}")
             return version

@@ -17,6 +17,7 @@ from ocm_assets.data import (
     require_data_checks_passed,
 )
 from ocm_assets.families import Family
+from ocm_assets.reuse import lookup, reuse_metadata
 from ocm_resources.mlflow import MlflowTracking
 from ocm_resources.storage import CheckpointStorage
 
@@ -92,6 +93,9 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
         from ocm_ml.vision.train import TrainSettings, train_fashion_mnist, validate_settings
 
         require_data_checks_passed(context, fam)
+        reuse = lookup(context, fam, mlflow, dataset, preprocessing, config.model_dump())
+        if reuse.version is not None:  # same data, preprocessing, code and config: nothing to train
+            return dg.MaterializeResult(metadata=reuse_metadata(context, mlflow, reuse))
         settings = TrainSettings(**config.model_dump())
         resources = ray_cluster_resources(ray_cluster)
         validate_settings(settings, resources)
@@ -143,7 +147,8 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
             mlflow_lib.set_tag("checkpoint_path", result.checkpoint_path)
 
         version = mlflow.register(model_info.model_uri, fam.dataset,
-                                  tags={**tags, "data_version": tag, "val_accuracy": f"{result.val_accuracy:.6f}"})
+                                  tags={**tags, **reuse.tags, "data_version": tag,
+                                        "val_accuracy": f"{result.val_accuracy:.6f}"})
         url = mlflow.run_url(run_id, run.info.experiment_id)
         return dg.MaterializeResult(
             metadata={
@@ -154,6 +159,8 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
                 "registered_model": version.name,
                 "registered_version": int(version.version),
                 "model_uri": f"models:/{version.name}/{version.version}",
+                "reused": False,
+                "training_key": reuse.key,
                 "checkpoint_path": result.checkpoint_path,
                 "images_per_second": dg.MetadataValue.float(result.images_per_second),
                 "workers": result.num_workers,
