@@ -85,7 +85,7 @@ def test_new_tag_becomes_partition_and_run(registry, instance):
     pub, reg, v1, _ = registry
     result = tick(reg, instance)
     assert [(r.partition_key, r.run_key) for r in result.run_requests] == [(v1.tag, f"{v1.tag}@{v1.commit}")]
-    assert result.run_requests[0].job_name in (None, FASHION.retrain_job_name)
+    assert result.run_requests[0].job_name in (None, f"{FASHION.name}_ingest")  # the dataset only
     (request,) = result.dynamic_partitions_requests
     assert request.partitions_def_name == FASHION.partitions_name and list(request.partition_keys) == [v1.tag]
     assert json.loads(result.cursor)["tags"] == {v1.tag: v1.commit}
