@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -67,6 +68,19 @@ class Backend(Protocol):
 
 def _json(content: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
+
+
+def _request_id_only(request_id: str | None, *_: Any) -> str:
+    return request_id or uuid.uuid4().hex
+
+
+def _with_request_id(response: Response, echo: bool, request_id: str) -> Response:
+    """``X-Request-Id`` on the answer, unless the server in front already sets it (Ray Serve's
+    RequestIdMiddleware, in its proxy and in direct ingress, puts an id on every request that has none
+    and echoes it on the response)."""
+    if echo:
+        response.headers["X-Request-Id"] = request_id
+    return response
 
 
 def _error(status_code: int, detail: str, headers: dict[str, str] | None = None) -> Response:
@@ -135,6 +149,11 @@ def create_app(backend: Backend, *, title: str | None = None) -> FastAPI:
     @app.exception_handler(QueueFull)
     async def _queue_full(_: Request, exc: QueueFull) -> Response:
         return _error(503, exc.message, {"Retry-After": str(exc.retry_after_s)})
+
+    # The prediction log and request id (one call per answered request); a backend without a log (the
+    # naive baseline) still answers with a request id.
+    log_prediction = getattr(backend, "log_prediction", None) or _request_id_only
+    echo_request_id = not getattr(backend, "server_sets_request_id", False)
 
     def _not_loaded() -> Response:
         return _error(503, redact_credentials(backend.last_reload_error) or "no model is loaded yet")
@@ -223,7 +242,9 @@ def create_app(backend: Backend, *, title: str | None = None) -> FastAPI:
                 {"class_id": int(i), "class_name": classes[i], "confidence": float(c)}
                 for i, c in zip(ids.tolist(), confs.tolist(), strict=True)
             ]
-            return _json(
+            request_id = log_prediction(request.headers.get("x-request-id"), pixels, bundle,
+                                        [p["class_name"] for p in predictions], confs, ids)
+            return _with_request_id(_json(
                 {
                     "predictions": predictions,
                     "model_uri": bundle.model_uri,
@@ -231,7 +252,7 @@ def create_app(backend: Backend, *, title: str | None = None) -> FastAPI:
                     "timestamp": datetime.now(UTC).isoformat(),
                     "processing_time_ms": round((time.perf_counter() - started) * 1000, 3),
                 }
-            )
+            ), echo_request_id, request_id)
 
     else:
 
@@ -255,8 +276,9 @@ def create_app(backend: Backend, *, title: str | None = None) -> FastAPI:
                 {"text": t, "label": label, "confidence": float(c)}
                 for t, label, c in zip(texts, labels, confs, strict=True)
             ]
-            return _json(
+            request_id = log_prediction(request.headers.get("x-request-id"), texts, bundle, labels, confs)
+            return _with_request_id(_json(
                 {"predictions": predictions, "model_uri": bundle.model_uri, "data_version": bundle.data_version}
-            )
+            ), echo_request_id, request_id)
 
     return app

@@ -47,6 +47,7 @@ import logging
 import random
 import re
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
@@ -58,6 +59,7 @@ from ray import serve
 from ocm_ml.serve.app import create_app
 from ocm_ml.serve.batching import AdaptiveBatcher, QueueFull
 from ocm_ml.serve.loading import LoadError, ModelBundle, ServeConfig, load_bundle, resolve_model
+from ocm_ml.serve.prediction_log import LogSettings, PredictionRecorder
 from ocm_ml.serve.validation import redact_credentials, url_credentials
 
 logger = logging.getLogger("ray.serve")
@@ -84,6 +86,8 @@ class _Classifier:
     """Shared replica logic; the concrete deployments only fix ``kind``."""
 
     kind: ClassVar[str] = ""
+    #: Serve's RequestIdMiddleware (proxy and direct ingress) returns X-Request-Id: the app must not add one.
+    server_sets_request_id: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.started_at = time.monotonic()
@@ -108,9 +112,25 @@ class _Classifier:
         self._rng = random.Random()
         self.challenger_stats = _new_challenger_stats()
         self._challenger_logged_at = 0.0
+        self.prediction_log = PredictionRecorder()
 
     def __serve_build_asgi_app__(self):
         return create_app(self)
+
+    def log_prediction(self, request_id: str | None, inputs: Any, bundle: ModelBundle, predictions: Any,
+                       confidences: Any, class_ids: Any = None) -> str:
+        """The app's one call per answered request: the request id (the incoming ``X-Request-Id``, else
+        Serve's own id of this request) and, when sampled, a prediction-log record."""
+        if not request_id:
+            request_id = _serve_request_id() or uuid.uuid4().hex
+        if self.prediction_log.sampled():
+            self.prediction_log.record(request_id, bundle, inputs, predictions, confidences, class_ids)
+        return request_id
+
+    def __del__(self) -> None:  # Serve calls it when the replica shuts down: write what is buffered
+        recorder = getattr(self, "prediction_log", None)
+        if recorder is not None:
+            recorder.close()
 
     # --- inference ------------------------------------------------------------------------------------
 
@@ -340,6 +360,7 @@ class _Classifier:
             self.last_reload_error = None
             self.applied_hash = config_hash(user_config)
             self.failed_hash = None
+            self.prediction_log.configure(LogSettings.from_config(config.prediction_log), _replica_id())
 
     # --- introspection (for /info and the control helpers) --------------------------------------------
 
@@ -357,6 +378,7 @@ class _Classifier:
             "max_queued_items": self._adaptive.max_queued_items if self.config.batcher == "adaptive" else None,
             "torch_threads": torch.get_num_threads(),
             "replica_id": _replica_id(),
+            "prediction_log": self.prediction_log.info(),
             **({"batches": batcher} if batcher else {}),
             **({"challenger": self.challenger_info()} if self.challenger is not None else {}),
         }
@@ -408,6 +430,16 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank quantile of an already sorted, non-empty list."""
     index = min(len(sorted_values) - 1, max(0, int(np.ceil(q * len(sorted_values))) - 1))
     return float(sorted_values[index])
+
+
+def _serve_request_id() -> str | None:
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        context = _get_serve_request_context()
+        return context.request_id if context is not None else None
+    except Exception:
+        return None
 
 
 def _replica_id() -> str | None:

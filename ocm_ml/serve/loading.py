@@ -89,6 +89,8 @@ class ServeConfig:
     challenger_uri: str | None = None
     challenger_mode: str = "canary"
     challenger_share: float = 0.0
+    #: The replica's prediction log (:class:`ocm_ml.serve.prediction_log.LogSettings`); None: off.
+    prediction_log: dict[str, Any] | None = None
 
     MODEL_KEYS = ("kind", "model_uri", "tracking_uri", "registry_uri", "registry_url")
     URI_KEYS = ("model_uri", "tracking_uri", "registry_uri", "registry_url", "challenger_uri")
@@ -136,6 +138,9 @@ class ServeConfig:
                 or self.max_queued_items < 1):
             raise ValueError(f"max_queued_items must be a positive integer, got {self.max_queued_items!r}")
         self.limits  # noqa: B018 - validates the limits
+        from ocm_ml.serve.prediction_log import LogSettings
+
+        LogSettings.from_config(self.prediction_log)
 
     @classmethod
     def from_user_config(cls, user_config: dict[str, Any] | None) -> ServeConfig:

@@ -1,0 +1,153 @@
+"""The replica's prediction log on a real Serve endpoint: rows with the model version and request id,
+request ids returned (an incoming one honoured), files partitioned by date and hour."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import numpy as np
+import pytest
+
+from ocm_ml.serve.prediction_log import LogSettings, PredictionRecorder, read_log
+from tests.serve.conftest import IMAGE_MODEL, TEST_ACTOR_OPTIONS, TEXT_MODEL, wait_healthy
+
+LOGGED_IMAGES = "serve_tests_logged_images"
+LOGGED_TEXTS = "serve_tests_logged_texts"
+
+
+def _wait_rows(root: str, family: str, n: int, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    now = datetime.now(UTC)
+    while True:
+        table = read_log(root, family, now - timedelta(hours=1), now + timedelta(hours=1))
+        if table.num_rows >= n or time.monotonic() > deadline:
+            return table
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def logged_app(serve_http, serve_env, tmp_path_factory):
+    from ray import serve
+
+    from ocm_ml.serve.deployments import build_app, deploy, endpoint_urls
+
+    root = str(tmp_path_factory.mktemp("prediction-log"))
+    log = {"root": root, "family": LOGGED_IMAGES, "sample_rate": 1.0, "flush_interval_s": 0.3}
+    deploy(build_app("image", serve_env.user_config("image", f"models:/{IMAGE_MODEL}/1", prediction_log=log),
+                     ray_actor_options=TEST_ACTOR_OPTIONS), LOGGED_IMAGES)
+    url = f"{serve_http}/{LOGGED_IMAGES}"
+    wait_healthy(url)
+    yield {"url": url, "root": root, "direct": endpoint_urls(LOGGED_IMAGES)["direct"]}
+    serve.delete(LOGGED_IMAGES)
+
+
+def test_requests_produce_log_rows_with_model_version_and_request_id(logged_app):
+    url, root = logged_app["url"], logged_app["root"]
+    image = [100] + [0] * 783
+    given = httpx.post(f"{url}/predict", json={"images": [image, image]}, headers={"X-Request-Id": "trace-me-1"})
+    assert given.status_code == 200, given.text
+    assert given.headers.get_list("x-request-id") == ["trace-me-1"]
+    fresh = httpx.post(f"{url}/predict", json={"images": [image]})
+    fresh_ids = fresh.headers.get_list("x-request-id")
+    assert len(fresh_ids) == 1 and fresh_ids[0] and fresh_ids[0] != "trace-me-1"
+
+    table = _wait_rows(root, LOGGED_IMAGES, 3)
+    rows = table.to_pylist()
+    assert len(rows) == 3, rows
+    by_id = {}
+    for row in rows:
+        by_id.setdefault(row["request_id"], []).append(row)
+    assert sorted(by_id) == sorted(["trace-me-1", fresh_ids[0]])
+    traced = by_id["trace-me-1"]
+    assert [r["item"] for r in traced] == [0, 1]
+    for row in rows:
+        assert row["model_version"] == "1"
+        assert row["model_name"] == IMAGE_MODEL
+        assert row["data_version"] == "fashion-mnist-v1.0.0"
+        assert row["dvc_commit"] and len(row["dvc_commit"]) == 40
+        assert row["prediction"] == "Trouser" and row["class_id"] == 1  # the known answer of image v1
+        assert 0 < row["confidence"] <= 1
+        assert row["pixel_mean"] == pytest.approx(100 / 784 / 255, rel=1e-4)
+        assert len(row["hist"]) == 16 and sum(row["hist"]) == pytest.approx(1.0)
+    files = [f for f in (p for p in __import__("pathlib").Path(root).rglob("*.parquet"))]
+    hour = datetime.now(UTC)
+    assert files and all(f"date={hour:%Y-%m-%d}" in str(f) and "/hour=" in str(f) for f in files)
+
+
+def test_direct_ingress_returns_and_logs_the_request_id(logged_app):
+    if not logged_app["direct"]:
+        pytest.skip("the session cluster runs without direct ingress")
+    direct = logged_app["direct"][0]
+    image = [0] * 784
+    r = httpx.post(f"{direct}/predict", json={"images": [image]}, headers={"X-Request-Id": "direct-7"})
+    assert r.status_code == 200, r.text
+    assert r.headers.get_list("x-request-id") == ["direct-7"]
+    r2 = httpx.post(f"{direct}/predict", json={"images": [image]})
+    (generated,) = r2.headers.get_list("x-request-id")
+    table = _wait_rows(logged_app["root"], LOGGED_IMAGES, 1)
+    deadline = time.monotonic() + 20
+    while not {"direct-7", generated} <= set(table["request_id"].to_pylist()) and time.monotonic() < deadline:
+        time.sleep(0.3)
+        table = _wait_rows(logged_app["root"], LOGGED_IMAGES, 1)
+    assert {"direct-7", generated} <= set(table["request_id"].to_pylist())
+
+
+def test_text_rows_carry_length_and_token_count(serve_http, serve_env, tmp_path):
+    from ray import serve
+
+    from ocm_ml.serve.deployments import build_app, deploy
+
+    root = str(tmp_path)
+    log = {"root": root, "family": LOGGED_TEXTS, "flush_interval_s": 0.3}
+    deploy(build_app("text", serve_env.user_config("text", f"models:/{TEXT_MODEL}/1", prediction_log=log),
+                     ray_actor_options=TEST_ACTOR_OPTIONS), LOGGED_TEXTS)
+    try:
+        url = f"{serve_http}/{LOGGED_TEXTS}"
+        wait_healthy(url)
+        r = httpx.post(f"{url}/predict", json={"texts": ["a good day", "meh"]})
+        assert r.status_code == 200, r.text
+        rows = _wait_rows(root, LOGGED_TEXTS, 2).to_pylist()
+        assert [(x["prediction"], x["text_length"], x["token_count"]) for x in rows] == [
+            ("positive", 10, 3), ("negative", 3, 1)]
+        assert all(x["request_id"] == r.headers["x-request-id"] for x in rows)
+    finally:
+        serve.delete(LOGGED_TEXTS)
+
+
+def test_bad_settings_are_refused_with_a_reason(serve_env):
+    from ocm_ml.serve.deployments import build_app
+
+    with pytest.raises(ValueError, match="sample_rate must be within 0-1"):
+        build_app("image", serve_env.user_config("image", f"models:/{IMAGE_MODEL}/1",
+                                                 prediction_log={"root": "/tmp/x", "family": "f", "sample_rate": 2}))
+    with pytest.raises(ValueError, match="unknown prediction_log key"):
+        LogSettings.from_config({"root": "/tmp/x", "family": "f", "rate": 1})
+    with pytest.raises(ValueError, match="credentials"):
+        LogSettings.from_config({"root": "s3://key:secret@bucket/x", "family": "f"})
+
+
+class _Bundle:
+    kind = "image"
+    model_uri = "models:/m/3"
+    data_version = "fashion-mnist-v1.0.0"
+
+    class resolved:  # noqa: N801 - the attribute shape of ResolvedModel
+        model_name, model_version, run_id = "m", "3", "run"
+        run_tags = {"dvc_commit": "c" * 40}
+
+
+def test_sampling_rate_and_a_failing_store_never_raise(tmp_path):
+    rec = PredictionRecorder()
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the log folder should be")
+    rec.configure(LogSettings(root=str(blocker), family="f", flush_interval_s=60))
+    pixels = np.zeros((1, 784), dtype=np.float32)
+    rec.record("r1", _Bundle, pixels, ["T-shirt/top"], [0.5], [0])
+    assert rec.flush() == 0  # the write failed: counted, logged, not raised
+    assert rec.stats["write_errors"] == 1 and rec.stats["rows_dropped"] == 1
+    rec.configure(LogSettings(root=str(tmp_path / "log"), family="f", sample_rate=0.25, flush_interval_s=60))
+    sampled = sum(rec.sampled() for _ in range(4000))
+    assert 800 < sampled < 1200
+    rec.close()
