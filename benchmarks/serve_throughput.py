@@ -179,7 +179,10 @@ def main() -> None:
             import ray
             from ray import serve
 
-            from ocm_ml.serve.deployments import build_app, deploy, endpoint_urls, reconfigure
+            from ocm_ml.serve.deployments import build_app, config_hash, rebuild_app
+            from ocm_resources.serve_control import ServeControl
+
+            control = ServeControl(address=None)
 
             ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2,
                      log_to_driver=False)
@@ -187,8 +190,9 @@ def main() -> None:
             user_config = {"kind": "image", "model_uri": model["model_uri"], "tracking_uri": model["tracking_uri"],
                            "registry_url": model["registry_url"], "torch_threads": args.torch_threads,
                            "max_batch_size": args.max_batch_size}
-            deploy(build_app("image", user_config, max_ongoing_requests=128), "fashion_mnist")
-            found = endpoint_urls("fashion_mnist")
+            control.run("fashion_mnist", build_app("image", user_config, max_ongoing_requests=128, version="bench"),
+                        config_hash(user_config))
+            found = control.urls("fashion_mnist")
             urls["serve-direct"] = urls["serve-batch"] = found["direct"][0] if found["direct"] else found["proxy"]
             urls["serve-proxy"] = found["proxy"]
             wait_http(f"{found['proxy']}/health")
@@ -205,8 +209,8 @@ def main() -> None:
                 wanted = "serve" if name == "serve-batch" else "adaptive"
                 if name.startswith("serve") and wanted != batcher:
                     # Ray's batcher with the wait FACTS.md measured (2 ms); the adaptive one never waits.
-                    reconfigure("fashion_mnist", {"batcher": wanted,
-                                                  "batch_wait_timeout_s": 0.002 if wanted == "serve" else 0.0})
+                    control.reconfigure("fashion_mnist", {"batcher": wanted, "batch_wait_timeout_s": 0.002
+                                                          if wanted == "serve" else 0.0}, rebuild_app)
                     batcher = wanted
                 url = f"{urls[name]}/predict"
                 wrk(url, lua, level, 2)  # warm-up

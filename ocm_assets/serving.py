@@ -12,9 +12,6 @@ the instance's run queue limits to one run per value (``ocm_resources.env.LOCAL_
 values). Each rollout judges the challenger its own partition registered.
 """
 
-import json
-import urllib.error
-import urllib.request
 from typing import Any
 
 import dagster as dg
@@ -25,7 +22,7 @@ from ocm_assets.families import Family
 from ocm_resources.env import ROLLOUT_TAG
 from ocm_resources.mlflow import MlflowTracking
 from ocm_resources.registry import DataRegistry, RegistryVersion
-from ocm_resources.serve_control import ServeControl
+from ocm_resources.serve_control import ServeControl, ServeError
 
 ALIAS = CHAMPION
 CHALLENGER = "challenger"
@@ -220,132 +217,6 @@ class RolloutError(RuntimeError):
     """A step of the rollout failed; the endpoint is restored to the served champion."""
 
 
-def _http_json(url: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
-    """(status, parsed body); status 0 with the reason when nothing answered (refused, timed out, reset)."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
-    except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as exc:
-        return 0, f"no answer from {url}: {getattr(exc, 'reason', exc)}"
-
-
-def _validation_table(registry: DataRegistry, tag: str, commit: str, rows: int):
-    """The first ``rows`` validation rows of data version ``tag`` at registry commit ``commit``."""
-    import pyarrow.parquet as pq
-
-    from ocm_ml.contract import TAG_RE
-
-    match = TAG_RE.match(tag)
-    if not match:
-        raise RolloutError(f"the served model's data version {tag!r} is not a registry tag")
-    version = RegistryVersion(match["dataset"], match["version"], tag, commit)
-    with registry.open(version, f"{version.dataset}/val.parquet") as fh:
-        return pq.ParquetFile(fh).read_row_group(0).slice(0, rows)
-
-
-def _request_body(fam: Family, table) -> dict:
-    if fam.kind == "image":
-        return {"images": [list(map(int, row)) for row in table.column("image").to_pylist()]}
-    return {"texts": table.column("text").to_pylist()}
-
-
-def _known_answer(fam: Family, registry: DataRegistry, user_config: dict, url: str, rows: int):
-    """Validation rows of the model's own data version (at its commit), predicted offline by the registered
-    model loaded in this process and over HTTP: the class/label per row must agree."""
-    from ocm_ml.serve.loading import ServeConfig, load_bundle
-
-    bundle = load_bundle(ServeConfig.from_user_config({**user_config, "warmup": False}))
-    info = bundle.describe()
-    table = _validation_table(registry, info["data_version"], info["dvc_commit"], rows)
-    body = _request_body(fam, table)
-    if fam.kind == "image":
-        import numpy as np
-
-        offline = [int(c) for c in bundle.predict(np.asarray(body["images"], dtype=np.float32))[0]]
-        status, answer = _http_json(f"{url}/predict", body)
-        served = [p["class_id"] for p in answer["predictions"]] if status == 200 else None
-    else:
-        offline = list(bundle.predict(body["texts"])[0])
-        status, answer = _http_json(f"{url}/predict", body)
-        served = [p["label"] for p in answer["predictions"]] if status == 200 else None
-    return status, offline, served, info
-
-
-def _served_model_uri(serve: ServeControl, name: str) -> str | None:
-    """The model URI the running application answers with, or None when it is not deployed/answering."""
-    app = serve.application(name)
-    if app is None or "RUNNING" not in app["status"]:
-        return None
-    status, health = _http_json(f"{serve.url(name)}/health", timeout=10.0)
-    return health.get("model_uri") if status == 200 and isinstance(health, dict) else None
-
-
-def _progressive(context, fam: Family, config: EndpointConfig, serve: ServeControl, registry: DataRegistry,
-                 user_config: dict, served_uri: str, deploy) -> dict:
-    """Canary or shadow of ``user_config``'s model beside the served one; returns the record when it passed
-    (the new model then serves all traffic), raises :class:`RolloutError` otherwise (the caller restores)."""
-    from ocm_ml.serve.loading import ServeConfig, load_bundle
-    from ocm_ml.serve.rollout import run_canary, run_shadow, sum_replica_stats
-
-    policy = config.rollout_policy()
-    new_uri = user_config["model_uri"]
-    staged = {**user_config, "model_uri": served_uri, "challenger_uri": new_uri,
-              "challenger_mode": "shadow" if policy.strategy == "shadow" else "canary", "challenger_share": 0.0}
-    outcome = deploy(staged)
-    replica_urls = outcome["urls"].get("direct") or [serve.url(fam.name)]
-
-    def read_stats() -> dict:
-        per_replica = []
-        for url in replica_urls:
-            status, info = _http_json(f"{url}/info", timeout=10.0)
-            if status != 200 or not isinstance(info, dict):
-                raise RolloutError(f"the replica stats at {url}/info did not answer ({status}: {info})")
-            per_replica.append((info.get("serving") or {}).get("challenger") or {})
-        return sum_replica_stats(per_replica)
-
-    send_probe = None
-    if config.rollout_probe:
-        info = load_bundle(ServeConfig.from_user_config({**user_config, "warmup": False})).describe()
-        body = _request_body(fam, _validation_table(registry, info["data_version"], info["dvc_commit"], 1))
-        proxy = serve.url(fam.name)
-
-        def send_probe() -> None:
-            _http_json(f"{proxy}/predict", body, timeout=10.0)
-
-    log = context.log.info
-    if policy.strategy == "canary":
-        result = run_canary(policy, lambda share: deploy({**staged, "challenger_share": share}), read_stats,
-                            send_probe, log)
-    else:
-        result = run_shadow(policy, read_stats, send_probe, log)
-    record = {"strategy": policy.strategy, "from": served_uri, "to": new_uri, "passed": result.passed,
-              "reasons": result.reasons, "steps": result.steps}
-    if not result.passed:
-        raise RolloutError(f"{policy.strategy} of {new_uri} failed: {'; '.join(result.reasons)}")
-    for reason in result.reasons:
-        log(reason)
-    return {**deploy(user_config), "rollout": record}
-
-
-def _verify(fam: Family, registry: DataRegistry, user_config: dict, url: str, rows: int) -> dict[str, Any]:
-    """/health names the model and /predict agrees with it offline; raises :class:`RolloutError` otherwise."""
-    health_status, health = _http_json(f"{url}/health")
-    healthy = health_status == 200 and isinstance(health, dict) and health.get("model_uri") == user_config["model_uri"]
-    if not healthy:
-        raise RolloutError(f"{url}/health does not report {user_config['model_uri']} as healthy "
-                           f"(HTTP {health_status}: {str(health)[:300]})")
-    ka_status, offline, served, info = _known_answer(fam, registry, user_config, url, rows)
-    if served != offline:
-        raise RolloutError(f"{url}/predict on {rows} validation rows of {info['data_version']} does not agree with "
-                           f"the registered model offline (HTTP {ka_status}; served {served}, offline {offline})")
-    return {"health": health, "known_answer": {"status_code": ka_status, "offline": offline, "served": served},
-            "data_version": info["data_version"]}
-
-
 def _user_config(fam: Family, config: EndpointConfig, mlflow: MlflowTracking, registry: DataRegistry,
                  model_uri: str) -> dict[str, Any]:
     return {
@@ -364,6 +235,114 @@ def _user_config(fam: Family, config: EndpointConfig, mlflow: MlflowTracking, re
     }
 
 
+class _Endpoint:
+    """One family's endpoint in one run: the application the core builds for a user_config (replicas, CPUs,
+    autoscaling and the code version of this run), handed to :class:`ServeControl`."""
+
+    def __init__(self, fam: Family, config: EndpointConfig, serve: ServeControl, registry: DataRegistry,
+                 mlflow: MlflowTracking, user_config: dict[str, Any]):
+        from ocm_resources.mlflow import git_code_version
+
+        self.fam, self.config, self.serve, self.registry, self.user_config = fam, config, serve, registry, user_config
+        self.code_version = getattr(mlflow, "code_version", None) or git_code_version()
+
+    def run(self, user_config: dict[str, Any]) -> dict[str, Any]:
+        from ocm_ml.serve.deployments import build_app, config_hash
+
+        c = self.config
+        autoscaling = ({"min_replicas": c.autoscaling_min_replicas or 1, "max_replicas": c.autoscaling_max_replicas}
+                       if c.autoscaling_max_replicas else None)
+        app = build_app(self.fam.kind, user_config, num_replicas=c.num_replicas, autoscaling_config=autoscaling,
+                        max_ongoing_requests=c.max_ongoing_requests, ray_actor_options={"num_cpus": c.replica_cpus},
+                        version=self.code_version)
+        return self.serve.run(self.fam.name, app, config_hash(user_config))
+
+    def validation(self, rows: int):
+        """The registered model loaded here, its lineage, and ``rows`` rows of its own data version's
+        validation split (at its commit) as a /predict body."""
+        from ocm_ml.contract import TAG_RE
+        from ocm_ml.serve.loading import ServeConfig, load_bundle
+        from ocm_ml.serve.rollout import request_body
+
+        bundle = load_bundle(ServeConfig.from_user_config({**self.user_config, "warmup": False}))
+        info = bundle.describe()
+        match = TAG_RE.match(info["data_version"])
+        if not match:
+            raise RolloutError(f"the served model's data version {info['data_version']!r} is not a registry tag")
+        version = RegistryVersion(match["dataset"], match["version"], info["data_version"], info["dvc_commit"])
+        with self.registry.open(version, f"{version.dataset}/val.parquet") as fh:
+            return bundle, info, request_body(self.fam.kind, fh, rows)
+
+    def verify(self) -> dict[str, Any]:
+        """/health names the model and /predict agrees with it offline; raises :class:`RolloutError` otherwise."""
+        from ocm_ml.serve.rollout import offline_answers, served_answers
+
+        uri, name, rows = self.user_config["model_uri"], self.fam.name, self.config.known_answer_rows
+        code, health = self.serve.health(name)
+        if not (code == 200 and isinstance(health, dict) and health.get("model_uri") == uri):
+            raise RolloutError(f"{self.serve.url(name)}/health does not report {uri} as healthy "
+                               f"(HTTP {code}: {str(health)[:300]})")
+        bundle, info, body = self.validation(rows)
+        offline = offline_answers(self.fam.kind, bundle, body)
+        code, answer = self.serve.predict(name, body)
+        served = served_answers(self.fam.kind, answer) if code == 200 else None
+        if served != offline:
+            raise RolloutError(f"{self.serve.url(name)}/predict on {rows} validation rows of {info['data_version']} "
+                               f"does not agree with the registered model offline (HTTP {code}; served {served}, "
+                               f"offline {offline})")
+        return {"health": health, "known_answer": {"status_code": code, "offline": offline, "served": served},
+                "data_version": info["data_version"]}
+
+    def progressive(self, log, served_uri: str) -> dict[str, Any]:
+        """Canary or shadow of the new model beside the served one; returns the outcome when it passed (the new
+        model then serves all traffic), raises :class:`RolloutError` otherwise (the caller restores)."""
+        from ocm_ml.serve.rollout import run_canary, run_shadow, sum_replica_stats
+
+        policy, new_uri = self.config.rollout_policy(), self.user_config["model_uri"]
+        staged = {**self.user_config, "model_uri": served_uri, "challenger_uri": new_uri, "challenger_share": 0.0,
+                  "challenger_mode": "shadow" if policy.strategy == "shadow" else "canary"}
+        replica_urls = self.run(staged)["urls"].get("direct") or [self.serve.url(self.fam.name)]
+
+        def read_stats() -> dict:
+            try:
+                return sum_replica_stats(self.serve.replica_stats(replica_urls))
+            except ServeError as exc:
+                raise RolloutError(str(exc)) from None
+
+        probe = self.serve.probe(self.fam.name, self.validation(1)[2]) if self.config.rollout_probe else None
+        if policy.strategy == "canary":
+            result = run_canary(policy, lambda share: self.run({**staged, "challenger_share": share}), read_stats,
+                                probe, log)
+        else:
+            result = run_shadow(policy, read_stats, probe, log)
+        if not result.passed:
+            raise RolloutError(f"{policy.strategy} of {new_uri} failed: {'; '.join(result.reasons)}")
+        for reason in result.reasons:
+            log(reason)
+        return {**self.run(self.user_config), "rollout": {
+            "strategy": policy.strategy, "from": served_uri, "to": new_uri, "passed": result.passed,
+            "reasons": result.reasons, "steps": result.steps}}
+
+    def restore(self, champion: dict, log) -> str:
+        """Put the endpoint back on the champion it served (or take down a first deployment that never served
+        a champion); returns what was done, for the failure message."""
+        previous, name = champion["champion_uri"], self.fam.name
+        try:
+            if previous is None:
+                self.serve.delete(name)
+                done = f"{name} had no champion, so its endpoint was removed; alias {ALIAS} is unset"
+            else:
+                self.run({**self.user_config, "model_uri": previous})
+                if self.serve.served_model_uri(name) != previous:
+                    raise RolloutError(f"{previous} does not answer /health after the rollback")
+                done = f"{name} serves the champion {previous} again; alias {ALIAS} unchanged"
+        except Exception as exc:
+            done = (f"the rollback failed too ({exc}): {name}'s endpoint may not serve the champion {previous}; "
+                    f"re-run the rollout for {champion['partition']} to redeploy it")
+        log(done)
+        return done
+
+
 def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
     key = endpoint_key(fam)
 
@@ -378,7 +357,7 @@ def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
         ],
         description=f"Ray Serve application `/{fam.name}` (FastAPI ingress, dynamic batching): serves the gate's "
         "challenger once it passes its checks (then alias `champion` moves to it), else keeps or restores the "
-        "champion; deployed once, then hot-reloaded through `reconfigure`.",
+        "champion; deployed once, then hot-reloaded (new replica settings and code versions applied too).",
         kinds={"ray", "fastapi"},
         tags={"ocm/family": fam.name},
     )
@@ -388,8 +367,7 @@ def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
     ):
         from ocm_ml.serve.loading import ServeConfig
 
-        promoted = champion["decision"] == "promoted"
-        target = champion["model_uri"]
+        promoted, target = champion["decision"] == "promoted", champion["model_uri"]
         try:
             if not target:
                 raise RolloutError(f"{fam.name} has no champion and the challenger v{champion['challenger_version']} "
@@ -402,91 +380,47 @@ def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
                 mlflow.delete_alias(fam.dataset, CHALLENGER)
             raise dg.Failure(f"{exc}; nothing was changed: {fam.name} stays on "
                              f"{champion['champion_uri'] or 'no model'}") from None
-        autoscaling = None
-        if config.autoscaling_max_replicas:
-            autoscaling = {"min_replicas": config.autoscaling_min_replicas or 1,
-                           "max_replicas": config.autoscaling_max_replicas}
-
-        def deploy(cfg: dict) -> dict:
-            return serve.deploy_or_reconfigure(
-                fam.name, fam.kind, cfg, num_replicas=config.num_replicas,
-                max_ongoing_requests=config.max_ongoing_requests, autoscaling_config=autoscaling,
-                ray_actor_options={"num_cpus": config.replica_cpus},
-            )
-
-        url = serve.url(fam.name)
-        served_uri = _served_model_uri(serve, fam.name)
-        if not promoted and served_uri == target:
-            outcome = {"action": "kept", "urls": serve.urls(fam.name), "rollout": {"strategy": "none"}}
-            checked = _verify(fam, registry, user_config, url, config.known_answer_rows)
-        else:
-            try:
-                if promoted and served_uri and config.rollout != "replace":
-                    outcome = _progressive(context, fam, config, serve, registry, user_config, served_uri, deploy)
-                else:
-                    outcome = {**deploy(user_config), "rollout": {"strategy": "replace"}}
-                checked = _verify(fam, registry, user_config, url, config.known_answer_rows)
-            except BaseException as exc:  # also a run termination (DagsterExecutionInterruptedError)
-                restored = _restore(context, fam, serve, mlflow, deploy, user_config, champion, promoted)
-                if not isinstance(exc, Exception):
-                    raise
-                raise dg.Failure(
-                    description=f"{'rollout of' if promoted else 'redeploy of'} {target} failed: {exc}. {restored}",
-                    metadata={"served_model_uri": champion["champion_uri"] or ""},
-                ) from None
+        live = _Endpoint(fam, config, serve, registry, mlflow, user_config)
+        served_uri = serve.served_model_uri(fam.name)
+        try:
+            if promoted and served_uri and config.rollout != "replace":
+                outcome = live.progressive(context.log.info, served_uri)
+            else:  # also when the champion is kept: replica settings or code may have changed
+                kept = not promoted and served_uri == target
+                outcome = {**live.run(user_config), **({"action": "kept"} if kept else {}),
+                           "rollout": {"strategy": "none" if kept else "replace"}}
+            checked = live.verify()
+        except BaseException as exc:  # also a run termination (DagsterExecutionInterruptedError)
+            if promoted:
+                mlflow.delete_alias(fam.dataset, CHALLENGER)
+            restored = live.restore(champion, context.log.error)
+            if not isinstance(exc, Exception):
+                raise
+            raise dg.Failure(
+                description=f"{'rollout of' if promoted else 'redeploy of'} {target} failed: {exc}. {restored}",
+                metadata={"served_model_uri": champion["champion_uri"] or ""}) from None
         if promoted:
             mlflow.set_alias(fam.dataset, ALIAS, champion["version"])
             mlflow.delete_alias(fam.dataset, CHALLENGER)
             context.log.info(f"alias {ALIAS} -> v{champion['version']} (served and checked)")
+        url = serve.url(fam.name)
         context.log.info(f"{outcome['action']} {url} -> {target}")
-        info_status, info = _http_json(f"{url}/info")
-        yield dg.Output(
-            {"url": url, "model_uri": target},
-            data_version=dg.DataVersion(target),
-            metadata={
-                "url": dg.MetadataValue.url(url),
-                "action": outcome["action"],
-                "model_uri": target,
-                "champion_version": champion["version"],
-                "data_version": checked["data_version"],
-                "info": dg.MetadataValue.json(info if info_status == 200 else {"status": info_status}),
-                "direct_ingress": dg.MetadataValue.json(outcome["urls"].get("direct", [])),
-                "rollout": dg.MetadataValue.json(outcome["rollout"]),
-            },
-        )
+        info_status, info = serve.info(fam.name)
+        yield dg.Output({"url": url, "model_uri": target}, data_version=dg.DataVersion(target), metadata={
+            "url": dg.MetadataValue.url(url), "action": outcome["action"], "model_uri": target,
+            "champion_version": champion["version"], "data_version": checked["data_version"],
+            "info": dg.MetadataValue.json(info if info_status == 200 else {"status": info_status}),
+            "direct_ingress": dg.MetadataValue.json(outcome["urls"].get("direct", [])),
+            "rollout": dg.MetadataValue.json(outcome["rollout"]),
+        })
         yield dg.AssetCheckResult(check_name="health", asset_key=key, passed=True,
                                   metadata={"body": dg.MetadataValue.json(checked["health"])})
         ka = checked["known_answer"]
-        yield dg.AssetCheckResult(
-            check_name="known_answer", asset_key=key, passed=True,
-            metadata={"status_code": ka["status_code"], "offline": dg.MetadataValue.json(ka["offline"]),
-                      "served": dg.MetadataValue.json(ka["served"])},
-        )
+        yield dg.AssetCheckResult(check_name="known_answer", asset_key=key, passed=True, metadata={
+            "status_code": ka["status_code"], "offline": dg.MetadataValue.json(ka["offline"]),
+            "served": dg.MetadataValue.json(ka["served"])})
 
     return endpoint
-
-
-def _restore(context, fam: Family, serve: ServeControl, mlflow: MlflowTracking, deploy, user_config: dict,
-             champion: dict, promoted: bool) -> str:
-    """Put the endpoint back on the champion it served (or take down a first deployment that never served a
-    champion), drop the ``challenger`` alias; returns what was done, for the failure message."""
-    previous = champion["champion_uri"]
-    if promoted:
-        mlflow.delete_alias(fam.dataset, CHALLENGER)
-    try:
-        if previous is None:
-            serve.delete(fam.name)
-            done = f"{fam.name} had no champion, so its endpoint was removed; alias {ALIAS} is unset"
-        else:
-            deploy({**user_config, "model_uri": previous})
-            if _served_model_uri(serve, fam.name) != previous:
-                raise RolloutError(f"{previous} does not answer /health after the rollback")
-            done = f"{fam.name} serves the champion {previous} again; alias {ALIAS} unchanged"
-    except Exception as exc:
-        done = (f"the rollback failed too ({exc}): {fam.name}'s endpoint may not serve the champion {previous}; "
-                f"re-run the rollout for {champion['partition']} to redeploy it")
-    context.log.error(done)
-    return done
 
 
 def build_serving_assets(fam: Family) -> list[dg.AssetsDefinition]:

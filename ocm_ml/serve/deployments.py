@@ -1,4 +1,6 @@
-"""Ray Serve deployments of the two families, and the helpers a Serve-control resource calls.
+"""Ray Serve deployments of the two families (the replica classes :class:`ImageEndpoint` and
+:class:`TextEndpoint`) and :func:`build_app`, which turns a user_config into the ``serve.Application`` that
+``ocm_resources.serve_control.ServeControl`` runs, updates and watches.
 
 Each replica loads its model bundle once (in ``reconfigure``, from the ``user_config``; see
 :class:`~ocm_ml.serve.loading.ServeConfig` for the keys), serves the FastAPI app of
@@ -9,8 +11,8 @@ default, or Ray's ``@serve.batch`` with ``batcher="serve"``) and runs inference 
 Hot reload: a new ``user_config`` reaches the live replicas through ``reconfigure``; the new bundle is
 loaded completely in a loader thread while the old one keeps answering, then swapped in with one
 assignment. A batch uses the bundle it started with, so every answer names the model that produced it.
-A failed reload keeps the old model and is reported by ``/health`` (``last_reload_error``) and by
-:func:`reconfigure`, which rolls the user_config back.
+A failed reload keeps the old model and is reported by ``/health`` (``last_reload_error``,
+``failed_revision``), which ``ServeControl.run`` reads before it rolls the user_config back.
 
 Canary / shadow: ``challenger_uri`` loads a second bundle into the same replicas. ``challenger_mode=
 "canary"`` answers ``challenger_share`` of the requests with it (the response's ``model_uri`` says so);
@@ -28,28 +30,27 @@ adaptive batcher (``max_queued_items``). No URL credentials: :class:`ServeConfig
 error text that reaches /health, /info or the log has URL user-info redacted.
 
 Throughput: start the cluster with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (direct ingress): each replica
-then also answers on its own port, without Serve's Python proxy; :func:`endpoint_urls` lists both.
+then also answers on its own port, without Serve's Python proxy; ``ServeControl.urls`` lists both.
 
 Usage (on a long-lived cluster, e.g. ``ray start --head``)::
 
-    app = build_app("image", {"model_uri": "models:/local.fashion-mnist-classifier@champion",
-                              "tracking_uri": "sqlite:////abs/mlflow.db", "registry_url": "/abs/registry"})
-    deploy(app, "fashion_mnist")                      # http://127.0.0.1:8000/fashion_mnist/predict
-    reconfigure("fashion_mnist", {"model_uri": "models:/local.fashion-mnist-classifier/4"})
+    user_config = {"model_uri": "models:/local.fashion-mnist-classifier@champion",
+                   "tracking_uri": "sqlite:////abs/mlflow.db", "registry_url": "/abs/registry"}
+    app = build_app("image", user_config, version=git_commit)
+    ServeControl(address="auto").run("fashion_mnist", app, config_hash(user_config))
+    # http://127.0.0.1:8000/fashion_mnist/predict
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import random
 import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -64,6 +65,7 @@ from ocm_ml.serve.validation import redact_credentials, url_credentials
 
 logger = logging.getLogger("ray.serve")
 
+#: Serve deployment names (stable: RayService configs and Serve's state use them).
 DEPLOYMENT_NAMES = {"image": "ImageClassifier", "text": "TextClassifier"}
 DEFAULT_RAY_ACTOR_OPTIONS = {"num_cpus": 1.0}
 #: Requests that may wait for a replica slot (per proxy/handle; per replica under direct ingress) before
@@ -72,10 +74,6 @@ DEFAULT_MAX_QUEUED_REQUESTS = 128
 #: Retry-After (seconds) on Serve's 503 when that queue is full.
 DEFAULT_RETRY_AFTER_S = 1.0
 _SECRET_ENV_RE = re.compile(r"PASSWORD|TOKEN|SECRET|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY", re.IGNORECASE)
-
-
-class ReloadError(RuntimeError):
-    """A reconfigure did not take effect on every replica; the message has the replica's reason."""
 
 
 def config_hash(user_config: dict[str, Any] | None) -> str:
@@ -452,32 +450,21 @@ def _replica_id() -> str | None:
 @serve.deployment(name=DEPLOYMENT_NAMES["image"], ray_actor_options=DEFAULT_RAY_ACTOR_OPTIONS,
                   max_ongoing_requests=64)
 @serve.ingress()
-class ImageClassifier(_Classifier):
+class ImageEndpoint(_Classifier):
     kind = "image"
 
 
 @serve.deployment(name=DEPLOYMENT_NAMES["text"], ray_actor_options=DEFAULT_RAY_ACTOR_OPTIONS,
                   max_ongoing_requests=64)
 @serve.ingress()
-class TextClassifier(_Classifier):
+class TextEndpoint(_Classifier):
     kind = "text"
 
 
-DEPLOYMENTS = {"image": ImageClassifier, "text": TextClassifier}
+DEPLOYMENTS = {"image": ImageEndpoint, "text": TextEndpoint}
 
 
-# --- building and controlling apps ------------------------------------------------------------------------
-
-
-def code_version() -> str:
-    """A hash of the ocm_ml sources: equal versions let Serve apply a user_config change in place
-    (``reconfigure`` on the live replicas); new code gets new replicas."""
-    digest = hashlib.sha1()
-    root = Path(__file__).resolve().parents[1]
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    return "ocm-" + digest.hexdigest()[:16]
+# --- building apps --------------------------------------------------------------------------------------
 
 
 def _normalized_actor_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -512,8 +499,9 @@ def build_app(
     ``max_queued_requests`` bounds the requests waiting for a replica slot (-1: unbounded); beyond it Serve
     answers 503 with ``Retry-After: retry_after_s`` (None: no header), through the proxy and under direct
     ingress alike.
-    With ``autoscaling_config``, ``num_replicas`` is ignored. ``version`` pins the code version (default:
-    :func:`code_version`); :func:`reconfigure` passes the running one so that it never restarts replicas.
+    With ``autoscaling_config``, ``num_replicas`` is ignored. ``version`` is the code version (the git
+    commit): the same version with another user_config or other options updates the live replicas in place
+    (a hot reload), another version rolls replicas onto the new code; None lets Serve pick a new one.
     """
     if kind not in DEPLOYMENTS:
         raise ValueError(f"kind must be one of {sorted(DEPLOYMENTS)}, got {kind!r}")
@@ -538,11 +526,29 @@ def build_app(
     else:
         options["num_replicas"] = num_replicas
     deployment = DEPLOYMENTS[kind].options(**options)
-    # Serve gives every `serve.run` a random code version, which replaces the replicas even when only the
-    # user_config changed. A version derived from the code lets a user_config change reach the live
-    # replicas through `reconfigure` (the hot reload); `Deployment.options(version=...)` was removed.
-    deployment._version = version or code_version()
-    return deployment.bind()
+    return (_with_code_version(deployment, version) if version else deployment).bind()
+
+
+def _with_code_version(deployment: serve.Deployment, version: str) -> serve.Deployment:
+    """``deployment`` with code version ``version``.
+
+    Ray 2.60: ``serve.run`` gives a deployment without a version a random one, so every update would replace
+    the replicas (no hot reload), and ``Deployment.options(version=...)`` raises ("removed"); Serve's
+    declarative config sets versions only through the dashboard's REST API. ``_internal=True`` is the
+    option path Serve itself uses for it: ocm's one private use of a Deployment."""
+    return deployment.options(version=version, _internal=True)
+
+
+def rebuild_app(deployed: dict[str, Any], user_config: dict[str, Any]) -> tuple[serve.Application, str]:
+    """The application that runs now (``ServeControl.deployed``: deployment, code version, options) with
+    ``user_config``, and the config revision its replicas will report: an update of the user_config alone,
+    in place. ``ServeControl.reconfigure`` calls it."""
+    kinds = {v: k for k, v in DEPLOYMENT_NAMES.items()}
+    if deployed["deployment"] not in kinds:
+        raise ValueError(f"{deployed['deployment']!r} is not an ocm endpoint deployment ({sorted(kinds)})")
+    options = {k: v for k, v in deployed["options"].items() if v is not None}
+    app = build_app(kinds[deployed["deployment"]], user_config, version=deployed["code_version"], **options)
+    return app, config_hash(user_config)
 
 
 def _refuse_secrets_in_actor_options(ray_actor_options: dict[str, Any] | None) -> None:
@@ -555,125 +561,3 @@ def _refuse_secrets_in_actor_options(ray_actor_options: dict[str, Any] | None) -
             "(Ray dashboard, serve status) would show them: set them in the Ray nodes' own environment "
             "(e.g. from a Kubernetes Secret) instead"
         )
-
-
-def deploy(app: serve.Application, name: str, route_prefix: str | None = None):
-    """Deploy (or update) ``app`` as Serve application ``name`` at ``/<name>``; returns its handle once the
-    application is RUNNING. Raises if it fails to deploy (e.g. the model cannot be loaded)."""
-    return serve.run(app, name=name, route_prefix=route_prefix or f"/{name}", blocking=False)
-
-
-def _app_details(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    from ray.serve.context import _get_global_client
-
-    details = _get_global_client().get_serve_details()
-    app = details.get("applications", {}).get(name)
-    if app is None:
-        raise ReloadError(f"no Serve application named {name!r}; deploy it first")
-    for dep_name, dep in app.get("deployments", {}).items():
-        if dep_name in DEPLOYMENT_NAMES.values():
-            return app, dep
-    raise ReloadError(f"application {name!r} has no ocm classifier deployment")
-
-
-def _health(url: str) -> dict[str, Any] | None:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=10) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:  # 503 while no model is loaded still has the body
-        try:
-            return json.loads(exc.read())
-        except ValueError:
-            return None
-    except (OSError, ValueError):
-        return None
-
-
-def _wait_applied(name: str, wanted: str, replicas: int, timeout_s: float) -> dict[str, Any]:
-    """Poll /health until ``replicas`` distinct replicas report config revision ``wanted``; through each
-    replica's own port under direct ingress, else through the proxy."""
-    seen: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        urls = endpoint_urls(name)
-        for url in urls["direct"] or [urls["proxy"]] * 4:
-            status = _health(url)
-            if not status or "config_revision" not in status:
-                continue
-            if status.get("failed_revision") == wanted:
-                raise ReloadError(
-                    f"replica {status.get('replica_id')} of {name!r} rejected the new user_config and still "
-                    f"serves {status.get('model_uri')}: {status.get('last_reload_error')}"
-                )
-            if status["config_revision"] == wanted:
-                seen[status.get("replica_id") or url] = status
-        if len(seen) >= replicas:
-            return next(iter(seen.values()))
-        time.sleep(0.25)
-    raise ReloadError(f"{len(seen)} of {replicas} replicas of {name!r} applied the new config within {timeout_s}s")
-
-
-def reconfigure(
-    name: str, user_config: dict[str, Any], *, merge: bool = True, timeout_s: float = 300.0
-) -> dict[str, Any]:
-    """Hot-reload application ``name`` with ``user_config`` (merged into the current one unless
-    ``merge=False``): the live replicas load the new model while serving the old one, then swap.
-
-    Returns a replica's status after the swap. On failure the previous user_config is restored and
-    :class:`ReloadError` says why.
-    """
-    app, dep = _app_details(name)
-    dep_config = dep["deployment_config"]
-    kind = next(k for k, v in DEPLOYMENT_NAMES.items() if v == dep["name"])
-    old_user_config = dict(dep_config.get("user_config") or {})
-    new_user_config = {**old_user_config, **user_config} if merge else dict(user_config)
-    options = dict(
-        num_replicas=dep_config.get("num_replicas") or 1,
-        max_ongoing_requests=dep_config.get("max_ongoing_requests", 64),
-        autoscaling_config=dep_config.get("autoscaling_config"),
-        ray_actor_options=dep_config.get("ray_actor_options"),
-        max_queued_requests=dep_config.get("max_queued_requests", -1),
-        retry_after_s=(dep_config.get("backpressure_config") or {}).get("retry_after_s"),
-    )
-    from ray.serve.context import _get_global_client
-
-    # The running code version, not the one on disk: a reconfigure changes the config, never the code.
-    options["version"] = _get_global_client().get_deployment_info(dep["name"], name)[0].version
-    route_prefix = app.get("route_prefix") or f"/{name}"
-    deploy(build_app(kind, new_user_config, **options), name, route_prefix)
-    replicas = max(1, int(dep.get("target_num_replicas") or options["num_replicas"]))
-    try:
-        return _wait_applied(name, config_hash(new_user_config), replicas, timeout_s)
-    except ReloadError:
-        if old_user_config != new_user_config:
-            deploy(build_app(kind, old_user_config, **options), name, route_prefix)
-        raise
-
-
-def endpoint_urls(name: str) -> dict[str, Any]:
-    """Where application ``name`` answers: ``proxy`` (Serve's HTTP proxy, the contract URL) and
-    ``direct`` (each replica's own port when the cluster runs direct ingress,
-    ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``; empty otherwise)."""
-    from ray.serve.context import _get_global_client
-
-    details = _get_global_client().get_serve_details()
-    app = details.get("applications", {}).get(name)
-    if app is None:
-        raise ReloadError(f"no Serve application named {name!r}")
-    prefix = (app.get("route_prefix") or "/").rstrip("/")
-    http = details.get("http_options") or {}
-    host = http.get("host") or "127.0.0.1"
-    loopback = host in ("127.0.0.1", "localhost", "::1")
-    proxy_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    proxy = f"http://{proxy_host}:{http.get('port', 8000)}{prefix}"
-    direct = []
-    for group in details.get("target_groups", []):
-        if group.get("app_name") == name and str(group.get("protocol", "")).upper().endswith("HTTP"):
-            for target in group.get("targets", []):
-                if target.get("port") != http.get("port"):
-                    # Replicas bind the proxy's host: on a loopback-only cluster their node IP is unreachable.
-                    direct.append(f"http://{host if loopback else target['ip']}:{target['port']}{prefix}")
-    return {"proxy": proxy, "direct": sorted(direct)}

@@ -15,7 +15,8 @@ Serve calls the builder named by ``import_path`` with the application's ``args``
 
 ``args`` holds the deployment's ``user_config`` keys (see :class:`~ocm_ml.serve.loading.ServeConfig`) plus
 the deployment options in :data:`OPTION_KEYS` (``max_queued_requests`` and ``retry_after_s``: Serve's 503
-with Retry-After once that many requests wait). URIs in ``args`` must not carry credentials: the builder
+with Retry-After once that many requests wait; ``code_version``: the git commit, as the endpoint asset sets
+it). URIs in ``args`` must not carry credentials: the builder
 refuses them, and the submitted Serve config itself is shown by the dashboard; the Ray pods' environment
 holds them (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``/``TOKEN``, git and DVC credential config). The applications are the ones ``ServeControl`` deploys
 (same deployments, same code version), so the endpoint asset can hot-reload them in place.
@@ -37,6 +38,7 @@ OPTION_KEYS = (
     "ray_actor_options",
     "max_queued_requests",
     "retry_after_s",
+    "code_version",
 )
 
 
@@ -49,6 +51,7 @@ def split_args(args: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, A
 
 def _build(kind: str, args: dict[str, Any] | None) -> serve.Application:
     user_config, options = split_args(args)
+    options["version"] = options.pop("code_version", None)
     if user_config.setdefault("kind", kind) != kind:
         raise ValueError(f"this builder serves kind={kind!r}; args say kind={user_config['kind']!r}")
     return build_app(kind, user_config, **options)

@@ -216,3 +216,33 @@ def sum_replica_stats(per_replica: list[dict[str, Any]]) -> dict[str, Any]:
         if stats.get("shadow_last_error"):
             total["shadow_last_error"] = stats["shadow_last_error"]
     return total
+
+
+# --- known answers and probe traffic: validation rows as /predict bodies -----------------------------------
+
+
+def request_body(kind: str, parquet_file: Any, rows: int) -> dict[str, Any]:
+    """The first ``rows`` rows of a validation split (an open parquet file) as a ``/predict`` body."""
+    import pyarrow.parquet as pq
+
+    if rows < 1:
+        raise ValueError(f"a probe or known-answer check needs at least 1 row, got {rows}")
+    table = pq.ParquetFile(parquet_file).read_row_group(0).slice(0, rows)
+    if kind == "image":
+        return {"images": [list(map(int, row)) for row in table.column("image").to_pylist()]}
+    return {"texts": table.column("text").to_pylist()}
+
+
+def offline_answers(kind: str, bundle: Any, body: dict[str, Any]) -> list[Any]:
+    """What the registered model (a loaded ``ModelBundle``) answers for ``body``: class ids or labels."""
+    if kind == "image":
+        import numpy as np
+
+        return [int(c) for c in bundle.predict(np.asarray(body["images"], dtype=np.float32))[0]]
+    return list(bundle.predict(body["texts"])[0])
+
+
+def served_answers(kind: str, response: dict[str, Any]) -> list[Any]:
+    """The class ids or labels of a ``/predict`` response."""
+    key = "class_id" if kind == "image" else "label"
+    return [p[key] for p in response["predictions"]]

@@ -183,9 +183,24 @@ def wait_healthy(url: str, timeout_s: float = 60) -> dict:
     raise AssertionError(f"{url} not healthy: {last}")
 
 
+def deploy(app, name: str) -> None:
+    """Run ``app`` as Serve application ``name`` at ``/<name>`` and wait until Serve says RUNNING."""
+    from ray import serve
+
+    serve.run(app, name=name, route_prefix=f"/{name}")
+
+
+def reconfigure(name: str, changes: dict, *, merge: bool = True, timeout_s: float = 300.0) -> dict:
+    """Hot-reload a test app through ServeControl (its code version and options kept); a replica's /health."""
+    from ocm_ml.serve.deployments import rebuild_app
+    from ocm_resources.serve_control import ServeControl
+
+    return ServeControl(address=None).reconfigure(name, changes, rebuild_app, merge=merge, timeout_s=timeout_s)
+
+
 @pytest.fixture(scope="session")
 def image_url(serve_http, serve_env):
-    from ocm_ml.serve.deployments import build_app, deploy
+    from ocm_ml.serve.deployments import build_app
 
     deploy(build_app("image", serve_env.user_config("image", f"models:/{IMAGE_MODEL}/1"),
                      max_ongoing_requests=64, ray_actor_options=TEST_ACTOR_OPTIONS), IMAGE_APP)
@@ -196,7 +211,7 @@ def image_url(serve_http, serve_env):
 
 @pytest.fixture(scope="session")
 def text_url(serve_http, serve_env):
-    from ocm_ml.serve.deployments import build_app, deploy
+    from ocm_ml.serve.deployments import build_app
 
     deploy(build_app("text", serve_env.user_config("text", f"models:/{TEXT_MODEL}/1", max_batch=16,
                                                    max_text_length=50), ray_actor_options=TEST_ACTOR_OPTIONS),

@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from tests.serve.conftest import IMAGE_APP, IMAGE_MODEL
+from tests.serve.conftest import IMAGE_APP, IMAGE_MODEL, reconfigure
 
 PIXEL_255 = {"images": [[255.0] + [0.0] * 783]}  # v1 answers class 0, v2 always class 7
 V1, V2 = f"models:/{IMAGE_MODEL}/1", f"models:/{IMAGE_MODEL}/2"
@@ -28,8 +28,6 @@ def challenger_info(url: str) -> dict | None:
 
 
 def test_canary_then_shadow_then_off(image_url):
-    from ocm_ml.serve.deployments import reconfigure
-
     try:
         reconfigure(IMAGE_APP, {"model_uri": V1, "challenger_uri": V2, "challenger_mode": "canary",
                                       "challenger_share": 1.0})

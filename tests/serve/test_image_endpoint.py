@@ -110,9 +110,9 @@ def test_wrong_method_and_path(image_url):
 
 
 def test_direct_ingress_serves_the_same_contract(image_url):
-    from ocm_ml.serve.deployments import endpoint_urls
+    from ocm_resources.serve_control import ServeControl
 
-    urls = endpoint_urls(IMAGE_APP)
+    urls = ServeControl(address=None).urls(IMAGE_APP)
     assert urls["proxy"] == image_url
     assert urls["direct"], "the test cluster runs with RAY_SERVE_THROUGHPUT_OPTIMIZED=1"
     r = httpx.post(f"{urls['direct'][0]}/predict", json={"images": [image(255.0)]}, timeout=30)

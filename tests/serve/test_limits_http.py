@@ -86,7 +86,8 @@ def flaky_models(serve_env) -> dict[str, str]:
 def limits_url(serve_http, serve_env):
     """A text app that holds one request at a time and queues one more; each request waits 1.5 s for its
     batch to fill, so a third concurrent request finds the queue full."""
-    from ocm_ml.serve.deployments import build_app, deploy
+    from ocm_ml.serve.deployments import build_app
+    from tests.serve.conftest import deploy
 
     deploy(build_app("text", serve_env.user_config("text", CHAMPION, max_batch=16, max_text_length=50,
                                                    batch_wait_timeout_s=1.5),
@@ -101,9 +102,9 @@ def limits_url(serve_http, serve_env):
 
 
 def _both_paths(name: str, proxy_url: str) -> list[str]:
-    from ocm_ml.serve.deployments import endpoint_urls
+    from ocm_resources.serve_control import ServeControl
 
-    direct = endpoint_urls(name)["direct"]
+    direct = ServeControl(address=None).urls(name)["direct"]
     assert direct, "the session Serve runs direct ingress: each replica has its own port"
     return [proxy_url, direct[0]]
 
@@ -210,7 +211,7 @@ def test_a_full_serve_queue_answers_503_with_retry_after(limits_url):
 
 
 def test_a_full_batcher_queue_answers_503_with_retry_after(text_url):
-    from ocm_ml.serve.deployments import reconfigure
+    from tests.serve.conftest import reconfigure
 
     reconfigure(TEXT_APP, {"batch_wait_timeout_s": 1.5, "max_queued_items": 2})
     try:
@@ -241,7 +242,7 @@ def _challenger(url: str) -> dict:
 
 
 def test_a_failing_challenger_answers_only_for_itself(text_url, flaky_models):
-    from ocm_ml.serve.deployments import reconfigure
+    from tests.serve.conftest import reconfigure
 
     flaky = flaky_models["flaky"]
     # One at a time first (the challenger answers some), then concurrently: batches of a few requests
@@ -304,7 +305,9 @@ def test_no_credential_reaches_health_info_serve_config_or_logs(text_url, serve_
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    from ocm_ml.serve.deployments import ReloadError, config_hash, reconfigure
+    from ocm_ml.serve.deployments import config_hash
+    from ocm_resources.serve_control import ReloadError, ServeControl
+    from tests.serve.conftest import reconfigure
 
     # 1. URIs with credentials never reach Serve: refused on the driver, with the secret redacted.
     for key, uri in (("tracking_uri", f"https://ocm:{SECRET}@mlflow.example.com"),
@@ -319,12 +322,13 @@ def test_no_credential_reaches_health_info_serve_config_or_logs(text_url, serve_
         reconfigure(TEXT_APP, {"model_uri": flaky_models["leaky"]}, timeout_s=120)
     assert SECRET not in str(info.value) and "https://***@vocab.example.com" in str(info.value)
     # The same failure as /health shows it while it stands (reconfigure above rolled the config back).
-    from ocm_ml.serve.deployments import _app_details, build_app, deploy
+    from ocm_ml.serve.deployments import build_app
+    from tests.serve.conftest import deploy
 
-    _, dep = _app_details(TEXT_APP)
-    good = dict(dep["deployment_config"]["user_config"])
+    deployed = ServeControl(address=None).deployed(TEXT_APP)
+    good = deployed["user_config"]
     leaky = {**good, "model_uri": flaky_models["leaky"]}
-    version = _get_global_client().get_deployment_info(dep["name"], TEXT_APP)[0].version
+    version = deployed["code_version"]
     deploy(build_app("text", leaky, ray_actor_options=TEST_ACTOR_OPTIONS, version=version), TEXT_APP)
     try:
         deadline = time.monotonic() + 120

@@ -31,7 +31,11 @@ def _wait_rows(root: str, family: str, n: int, timeout_s: float = 30.0):
 def logged_app(serve_http, serve_env, tmp_path_factory):
     from ray import serve
 
-    from ocm_ml.serve.deployments import build_app, deploy, endpoint_urls
+    from ocm_ml.serve.deployments import build_app
+    from ocm_resources.serve_control import ServeControl
+    from tests.serve.conftest import deploy
+
+    endpoint_urls = ServeControl(address=None).urls
 
     root = str(tmp_path_factory.mktemp("prediction-log"))
     log = {"root": root, "family": LOGGED_IMAGES, "sample_rate": 1.0, "flush_interval_s": 0.3}
@@ -97,7 +101,8 @@ def test_direct_ingress_returns_and_logs_the_request_id(logged_app):
 def test_text_rows_carry_length_and_token_count(serve_http, serve_env, tmp_path):
     from ray import serve
 
-    from ocm_ml.serve.deployments import build_app, deploy
+    from ocm_ml.serve.deployments import build_app
+    from tests.serve.conftest import deploy
 
     root = str(tmp_path)
     log = {"root": root, "family": LOGGED_TEXTS, "flush_interval_s": 0.3}

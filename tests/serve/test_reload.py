@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.serve.conftest import IMAGE_APP, IMAGE_MODEL, wait_healthy
+from tests.serve.conftest import IMAGE_APP, IMAGE_MODEL, reconfigure, wait_healthy
 
 PIXEL_255 = {"images": [[255.0] + [0.0] * 783]}
 
@@ -27,8 +27,9 @@ def _hammer(url: str, stop: threading.Event, results: list) -> None:
 
 
 def test_hot_reload_under_load(image_url, serve_env):
-    from ocm_ml.serve.deployments import endpoint_urls, reconfigure
+    from ocm_resources.serve_control import ServeControl
 
+    endpoint_urls = ServeControl(address=None).urls
     before = endpoint_urls(IMAGE_APP)
     replica_before = httpx.get(f"{image_url}/info", timeout=30).json()["serving"]["replica_id"]
     stop, results, direct_results = threading.Event(), [], []
@@ -82,7 +83,7 @@ def test_hot_reload_under_load(image_url, serve_env):
 
 
 def test_failed_reload_keeps_serving_and_rolls_back(image_url):
-    from ocm_ml.serve.deployments import ReloadError, reconfigure
+    from ocm_resources.serve_control import ReloadError
 
     uri = httpx.get(f"{image_url}/health", timeout=30).json()["model_uri"]
     with pytest.raises(ReloadError, match="99"):
