@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from ocm_assets import data, serving, text, training
+from ocm_assets import data, monitoring, serving, text, training
 from ocm_assets.evaluation import evaluation_key
 from ocm_assets.families import FAMILIES, Family
 from ocm_assets.sensors import (
@@ -74,6 +74,15 @@ def with_conditions(assets: list[dg.AssetsDefinition], conditions: dict[dg.Asset
     return [a.map_asset_specs(apply) for a in assets]
 
 
+def with_monitoring_defaults(resources: dict) -> dict:
+    """Explicit resources (tests, other code locations) without the monitoring ones get them switched off:
+    no prediction log, no alerts."""
+    from ocm_resources.alerts import WebhookAlerts
+    from ocm_resources.prediction_logs import PredictionLogStore
+
+    return {"prediction_logs": PredictionLogStore(root=None), "alerts": WebhookAlerts(), **resources}
+
+
 def is_training_step(asset: dg.AssetsDefinition) -> bool:
     """Steps that train (torch): they get the training pod size (and GPUs) under the k8s executor."""
     return any("pytorch" in spec.kinds for spec in asset.specs)
@@ -95,12 +104,15 @@ def build_definitions(resources: dict | None = None, families: tuple[Family, ...
             *build_automation_sensors(fam, [k for k in conditions if k not in rollout_keys], rollout_keys),
         ]
         schedules.append(build_retrain_schedule(fam, job))
+        watch_assets, watch_sensors = monitoring.build_monitoring(fam, job)
+        assets += watch_assets
+        sensors += watch_sensors
     return dg.Definitions(
         assets=assets,
         jobs=jobs,
         sensors=sensors,
         schedules=schedules,
-        resources=resources if resources is not None else build_resources(),
+        resources=with_monitoring_defaults(resources) if resources is not None else build_resources(),
         executor=build_executor(
             train_ops=[a.op.name for a in assets if is_training_step(a)],
             other_ops=[a.op.name for a in assets if not is_training_step(a)],

@@ -21,6 +21,7 @@ from ocm_assets.evaluation import CHAMPION, build_evaluation_asset, evaluation_k
 from ocm_assets.families import Family
 from ocm_resources.env import ROLLOUT_TAG
 from ocm_resources.mlflow import MlflowTracking
+from ocm_resources.prediction_logs import PredictionLogStore
 from ocm_resources.registry import DataRegistry, RegistryVersion
 from ocm_resources.serve_control import ServeControl, ServeError
 
@@ -363,7 +364,7 @@ def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
     )
     def endpoint(
         context: dg.AssetExecutionContext, config: EndpointConfig, mlflow: MlflowTracking,
-        serve: ServeControl, registry: DataRegistry, champion: dict,
+        serve: ServeControl, registry: DataRegistry, champion: dict, prediction_logs: PredictionLogStore,
     ):
         from ocm_ml.serve.loading import ServeConfig
 
@@ -374,6 +375,7 @@ def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
                                    "did not clear the gate: nothing to serve")
             config.validate()
             user_config = _user_config(fam, config, mlflow, registry, target)
+            user_config["prediction_log"] = prediction_logs.replica_settings(fam.name)  # docs/monitoring.md
             ServeConfig.from_user_config(user_config)
         except (ValueError, RolloutError) as exc:
             if promoted:
@@ -411,6 +413,7 @@ def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
             "champion_version": champion["version"], "data_version": checked["data_version"],
             "info": dg.MetadataValue.json(info if info_status == 200 else {"status": info_status}),
             "direct_ingress": dg.MetadataValue.json(outcome["urls"].get("direct", [])),
+            "metrics_url": dg.MetadataValue.url(prediction_logs.metrics_url or ""),  # Serve's Prometheus metrics
             "rollout": dg.MetadataValue.json(outcome["rollout"]),
         })
         yield dg.AssetCheckResult(check_name="health", asset_key=key, passed=True,

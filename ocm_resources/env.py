@@ -109,6 +109,7 @@ class LocalPorts:
     serve: int = 8000  # OCM_SERVE_PORT: Serve HTTP proxy
     dagster: int = 3000  # OCM_DAGSTER_PORT: Dagster webserver
     mlflow: int = 5000  # OCM_MLFLOW_PORT: MLflow UI/server
+    ray_metrics: int = 8080  # OCM_RAY_METRICS_PORT: Ray's Prometheus export (Serve request metrics)
 
     VARIABLES = {
         "ray": "OCM_RAY_PORT",
@@ -118,6 +119,7 @@ class LocalPorts:
         "serve": "OCM_SERVE_PORT",
         "dagster": "OCM_DAGSTER_PORT",
         "mlflow": "OCM_MLFLOW_PORT",
+        "ray_metrics": "OCM_RAY_METRICS_PORT",
     }
 
 
@@ -243,6 +245,53 @@ def _secrets(**fields: str) -> dict[str, Any]:
     return {field: dg.EnvVar(var) for field, var in fields.items() if os.environ.get(var)}
 
 
+def prediction_log_store(env: str | None = None):
+    """Where endpoint replicas write prediction logs (docs/monitoring.md): ``OCM_PREDICTION_LOG`` (a folder or
+    ``s3://bucket/prefix``; ``off`` turns logging off), default ``$OCM_HOME/prediction_log`` on ``local`` and
+    ``s3://<bucket of OCM_CHECKPOINT_PATH>/prediction_log`` on ``cluster``; ``OCM_PREDICTION_LOG_SAMPLE_RATE``
+    (default 1.0: every request)."""
+    from ocm_resources.prediction_logs import PredictionLogStore
+
+    env = env or ocm_env()
+    root = os.environ.get("OCM_PREDICTION_LOG", "").strip()
+    if root.lower() == "off":
+        return PredictionLogStore(root=None)
+    if not root:
+        if env == "local":
+            root = str(local_paths().home / "prediction_log")
+        else:
+            bucket = os.environ.get("OCM_CHECKPOINT_PATH", "").removeprefix("s3://").split("/")[0]
+            root = f"s3://{bucket}/prediction_log" if bucket else ""
+    raw_rate = os.environ.get("OCM_PREDICTION_LOG_SAMPLE_RATE", "1.0")
+    try:
+        rate = float(raw_rate)
+    except ValueError:
+        rate = -1.0
+    if not 0.0 <= rate <= 1.0:
+        raise ConfigurationError(f"OCM_PREDICTION_LOG_SAMPLE_RATE={raw_rate!r} must be a number within 0-1")
+    s3 = root.startswith("s3://")
+    return PredictionLogStore(
+        root=root or None, sample_rate=rate,
+        s3_endpoint=(os.environ.get("OCM_S3_ENDPOINT") or None) if s3 else None,
+        s3_region=(os.environ.get("AWS_REGION") or None) if s3 else None,
+        metrics_url=(f"http://{LOOPBACK}:{local_ports().ray_metrics}/metrics" if env == "local"
+                     else os.environ.get("OCM_METRICS_URL") or None),
+        **(_secrets(access_key_id="AWS_ACCESS_KEY_ID", secret_access_key="AWS_SECRET_ACCESS_KEY") if s3 else {}),
+    )
+
+
+def alerts_resource():
+    """The alert webhook (``OCM_ALERT_WEBHOOK_URL``, a Slack-compatible incoming webhook); off when unset."""
+    import dagster as dg
+
+    from ocm_resources.alerts import WebhookAlerts
+
+    if not os.environ.get("OCM_ALERT_WEBHOOK_URL"):
+        return WebhookAlerts()
+    return WebhookAlerts(webhook_url=dg.EnvVar("OCM_ALERT_WEBHOOK_URL"),
+                         channel=os.environ.get("OCM_ALERT_CHANNEL") or None)
+
+
 def build_resources(env: str | None = None) -> dict[str, Any]:
     """The resources of the code location for one environment (the only place that decides this)."""
     import dagster as dg
@@ -270,6 +319,8 @@ def build_resources(env: str | None = None) -> dict[str, Any]:
             "serve": ServeControl(
                 address="auto", temp_dir=str(paths.ray_temp), http_host=LOOPBACK, http_port=ports.serve
             ),
+            "prediction_logs": prediction_log_store(env),
+            "alerts": alerts_resource(),
         }
     if env == "cluster":
         missing = [v for v in CLUSTER_REQUIRED if not os.environ.get(v)]
@@ -319,6 +370,8 @@ def build_resources(env: str | None = None) -> dict[str, Any]:
                 http_host=serve_host("cluster"),
                 http_port=env_port("OCM_SERVE_PORT", 8000),
             ),
+            "prediction_logs": prediction_log_store(env),
+            "alerts": alerts_resource(),
             **cluster_io_manager(),
         }
     raise ConfigurationError(f"OCM_ENV={env!r} is not one of {', '.join(ENVIRONMENTS)}")

@@ -27,6 +27,7 @@ from ocm_assets.training import model_key
 from ocm_ml import sources
 from ocm_ml.promotion import Gate
 from ocm_resources.mlflow import LocalMlflow
+from ocm_resources.prediction_logs import PredictionLogStore
 from ocm_resources.serve_control import ServeControl
 from tests.registry_helpers import CLASSES, image_split, new_registry, publish_holdout
 
@@ -77,7 +78,8 @@ def stack(tmp_path_factory, serve_http):
     publish_holdout(pub, n=200)
     port = int(serve_http.rsplit(":", 1)[1])
     mlflow = LocalMlflow(home=str(root), env_name="e2e")
-    resources = {"mlflow": mlflow, "registry": reg, "serve": ServeControl(address=None, http_port=port)}
+    resources = {"mlflow": mlflow, "registry": reg, "serve": ServeControl(address=None, http_port=port),
+                 "prediction_logs": PredictionLogStore(root=None)}
     import mlflow as ml
 
     tracking = ml.get_tracking_uri()

@@ -1,0 +1,457 @@
+"""After deploy: ``<family>/served_traffic`` (hourly partitions of the endpoint's prediction log) and its
+checks, the drift-retrain sensor and the alert sensor.
+
+- ``served_traffic`` reads one hour of the replicas' parquet log (:mod:`ocm_ml.serve.prediction_log`) and
+  checks it: ``input_drift`` (PSI and KS per input summary feature against the training split of the data
+  version that served it), ``prediction_drift`` (served class shares against the holdout's labels) and
+  ``confidence_collapse``. Thresholds are run config; each check carries its figures and a plot, and a
+  failed one sends an alert (``WebhookAlerts``, off by default).
+- ``<family>_drift_retrain_sensor``: a failed drift check whose run had ``retrain_on_drift: true`` asks for
+  one run of ``<family>_retrain`` on the newest registry version (run key per drifted materialization),
+  which then goes through evaluation, the gate and the canary like any other.
+- ``<family>_alert_sensor``: a gate that kept the champion (``champion:promoted`` failed) and a failed
+  endpoint step (the endpoint restored the champion) each send one alert.
+"""
+
+import base64
+from datetime import datetime
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from ocm_assets.families import Family
+from ocm_resources.alerts import WebhookAlerts
+from ocm_resources.prediction_logs import PredictionLogStore
+from ocm_resources.registry import DataRegistry, RegistryVersion
+
+#: Hourly partitions (UTC) of the served traffic; the log's folders are ``date=YYYY-MM-DD/hour=HH``.
+HOURLY = dg.HourlyPartitionsDefinition(start_date="2026-11-01-00:00", timezone="UTC")
+DRIFT_CHECKS = ("input_drift", "prediction_drift")
+CHECKS = (*DRIFT_CHECKS, "confidence_collapse")
+
+
+def served_traffic_key(fam: Family) -> dg.AssetKey:
+    return dg.AssetKey([fam.name, "served_traffic"])
+
+
+class ServedTrafficConfig(dg.Config):
+    psi_threshold: float = Field(default=0.25, description="Input drift: PSI above this on any summary feature.")
+    ks_threshold: float = Field(default=0.3, description="Input drift: KS statistic above this on any feature.")
+    prediction_psi_threshold: float = Field(default=0.25,
+                                            description="Prediction drift: PSI of served class shares vs holdout.")
+    min_mean_confidence: float = Field(default=0.5, description="Confidence collapse: mean confidence below this.")
+    low_confidence: float = Field(default=0.5, description="Confidence collapse: what counts as a low confidence.")
+    max_low_confidence_share: float = Field(default=0.5,
+                                            description="Confidence collapse: share of low-confidence answers above this.")
+    min_rows: int = Field(default=30, description="Fewer served rows than this: too little to judge (checks pass).")
+    reference_rows: int = Field(default=2000, description="Training rows the reference summaries are computed on.")
+    retrain_on_drift: bool = Field(
+        default=False, description="A failed drift check asks for one retrain of the newest registry version "
+        "(through evaluation, gate and canary), by the drift-retrain sensor.")
+
+    def thresholds(self):
+        from ocm_ml.drift import DriftThresholds
+
+        try:
+            return DriftThresholds(psi=self.psi_threshold, ks=self.ks_threshold,
+                                   prediction_psi=self.prediction_psi_threshold,
+                                   min_mean_confidence=self.min_mean_confidence, low_confidence=self.low_confidence,
+                                   max_low_confidence_share=self.max_low_confidence_share, min_rows=self.min_rows)
+        except ValueError as exc:
+            raise dg.Failure(f"served_traffic config: {exc}") from None
+
+
+def _png_md(png: bytes, alt: str) -> dg.MetadataValue:
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
+def _figure(width: float = 7.0, height: float = 3.2):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, 1, figsize=(width, height), dpi=90)
+
+
+def _png(fig) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def input_drift_png(report: dict[str, Any], threshold: float, title: str) -> bytes:
+    fig, ax = _figure(max(6.0, 0.4 * len(report["features"]) + 2))
+    names = list(report["features"])
+    values = [report["features"][n]["psi"] for n in names]
+    ax.bar(range(len(names)), values, color=["tab:red" if report["features"][n]["drifted"] else "tab:blue"
+                                             for n in names])
+    ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold}")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_ylabel("PSI")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+def prediction_drift_png(report: dict[str, Any], title: str) -> bytes:
+    import numpy as np
+
+    fig, ax = _figure()
+    classes = list(report["reference_shares"])
+    x = np.arange(len(classes))
+    ax.bar(x - 0.2, [report["reference_shares"][c] for c in classes], 0.4, label="holdout")
+    ax.bar(x + 0.2, [report["served_shares"][c] for c in classes], 0.4, label="served")
+    ax.set_xticks(x, [c if len(c) <= 10 else c[:9] + "." for c in classes], rotation=60, fontsize=7)
+    ax.set_ylabel("share")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+def confidence_png(confidences, low: float, title: str) -> bytes:
+    fig, ax = _figure()
+    ax.hist(list(confidences), bins=20, range=(0, 1), color="tab:blue")
+    ax.axvline(low, color="black", linestyle="--", linewidth=1, label=f"low confidence < {low}")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("answers")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+def _version_of(tag: str, commit: str) -> RegistryVersion:
+    from ocm_ml.contract import TAG_RE
+
+    match = TAG_RE.match(tag or "")
+    if not match:
+        raise dg.Failure(f"the served rows name data version {tag!r}, which is not a registry tag")
+    return RegistryVersion(match["dataset"], match["version"], tag, commit)
+
+
+def _sample_rows(registry: DataRegistry, version: RegistryVersion, path: str, rows: int):
+    """Up to ``rows`` rows of ``path`` at ``version``, every k-th row (a split may be stored in label order)."""
+    import pyarrow.parquet as pq
+
+    with registry.open(version, path) as fh:
+        table = pq.read_table(fh)
+    step = max(1, table.num_rows // max(rows, 1))
+    return table.take(list(range(0, table.num_rows, step))[:rows])
+
+
+def reference_summaries(fam: Family, registry: DataRegistry, version: RegistryVersion, rows: int):
+    """The input summaries of the training split the served model learned from."""
+    import numpy as np
+
+    from ocm_ml.drift import summarize_images, summarize_texts
+
+    table = _sample_rows(registry, version, f"{version.dataset}/train.parquet", rows)
+    if fam.kind == "image":
+        column = table.column("image").combine_chunks()
+        if hasattr(column, "flatten"):
+            pixels = np.asarray(column.flatten(), dtype=np.float32).reshape(table.num_rows, -1)
+        else:  # binary images
+            pixels = np.stack([np.frombuffer(b, dtype=np.uint8) for b in column.to_pylist()]).astype(np.float32)
+        return summarize_images(pixels)
+    return summarize_texts(table.column("text").to_pylist())
+
+
+def served_summaries(fam: Family, table) -> dict[str, Any]:
+    import numpy as np
+
+    from ocm_ml.drift import HIST_BINS
+
+    if fam.kind == "image":
+        out = {"pixel_mean": np.asarray(table.column("pixel_mean").to_numpy(zero_copy_only=False), dtype=np.float64),
+               "pixel_std": np.asarray(table.column("pixel_std").to_numpy(zero_copy_only=False), dtype=np.float64)}
+        hist = np.asarray(table.column("hist").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                          dtype=np.float64).reshape(table.num_rows, HIST_BINS)
+        for i in range(HIST_BINS):
+            out[f"hist_{i:02d}"] = hist[:, i]
+        return out
+    return {name: np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
+            for name in ("text_length", "token_count", "oov_share") if name in table.column_names}
+
+
+def holdout_labels(fam: Family, registry: DataRegistry, metadata: dict[str, Any]) -> list[str] | None:
+    """The holdout's labels as the served log names them: class ids (images) or label names (texts)."""
+    import pyarrow.parquet as pq
+
+    from ocm_ml.contract import holdout_path
+
+    version = registry.holdout(fam.dataset)
+    if version is None:
+        return None
+    with registry.open(version, holdout_path(fam.dataset)) as fh:
+        labels = pq.read_table(fh, columns=["label"]).column("label").to_pylist()
+    if fam.kind == "image":
+        return [str(int(x)) for x in labels]
+    label_map = metadata.get("label_map") or {}
+    return [str(label_map.get(str(x), x)) for x in labels]
+
+
+def build_served_traffic_asset(fam: Family) -> dg.AssetsDefinition:
+    key = served_traffic_key(fam)
+    specs = [
+        dg.AssetCheckSpec("input_drift", asset=key, description="PSI/KS of every input summary feature against the "
+                          "training split of the served model's data version (thresholds in run config)"),
+        dg.AssetCheckSpec("prediction_drift", asset=key,
+                          description="PSI of the served class shares against the holdout's labels"),
+        dg.AssetCheckSpec("confidence_collapse", asset=key,
+                          description="Mean confidence and the share of low-confidence answers"),
+    ]
+
+    @dg.asset(
+        key=key,
+        group_name=fam.name,
+        partitions_def=HOURLY,
+        check_specs=specs,
+        description=f"One hour of what `/{fam.name}` served (the replicas' prediction log: model and data version, "
+        "request id, input summary, prediction, confidence), checked for input drift, prediction drift and "
+        "confidence collapse. With `retrain_on_drift`, a drift failure asks for one retrain of the newest version.",
+        kinds={"parquet"},
+        tags={"ocm/family": fam.name},
+        automation_condition=dg.AutomationCondition.on_cron("5 * * * *"),
+    )
+    def served_traffic(context: dg.AssetExecutionContext, config: ServedTrafficConfig,
+                       prediction_logs: PredictionLogStore, registry: DataRegistry, alerts: WebhookAlerts):
+        from collections import Counter
+
+        from ocm_ml.drift import confidence_collapse, input_drift, prediction_drift
+        from ocm_ml.serve.prediction_log import read_log
+
+        thresholds = config.thresholds()
+        window = context.partition_time_window
+        table = read_log(prediction_logs.base_path(), fam.name, window.start, window.end,
+                         filesystem=prediction_logs.filesystem())
+        partition = context.partition_key
+        if table.num_rows == 0:
+            context.log.info(f"no prediction-log rows for {fam.name} in {partition}")
+            yield dg.MaterializeResult(metadata={"rows": 0, "window_start": str(window.start)})
+            for name in CHECKS:
+                yield dg.AssetCheckResult(check_name=name, passed=True, description="no served traffic in this hour",
+                                          metadata={"rows": 0})
+            return
+        served_by = Counter(zip(table.column("model_version").to_pylist(), table.column("data_version").to_pylist(),
+                                table.column("dvc_commit").to_pylist(), strict=True))
+        (model_version, data_version, commit), _ = served_by.most_common(1)[0]
+        version = _version_of(data_version, commit)
+        metadata = registry.read_metadata(version)
+        reference = reference_summaries(fam, registry, version, config.reference_rows)
+        confidences = table.column("confidence").to_pylist()
+        served = (table.column("class_id").to_pylist() if fam.kind == "image"
+                  else table.column("prediction").to_pylist())
+        served = [str(x) for x in served]
+
+        inputs = input_drift(reference, served_summaries(fam, table), thresholds)
+        labels = holdout_labels(fam, registry, metadata)
+        predictions = prediction_drift(labels, served, thresholds) if labels else None
+        confidence = confidence_collapse(confidences, thresholds)
+        title = f"{fam.name} {partition}"
+        common = {"retrain_on_drift": config.retrain_on_drift, "served_model_version": str(model_version),
+                  "reference_data_version": data_version, "rows": table.num_rows}
+
+        yield dg.MaterializeResult(metadata={
+            "rows": table.num_rows,
+            "requests": len(set(table.column("request_id").to_pylist())),
+            "served_by": dg.MetadataValue.json({f"v{v} ({d})": n for (v, d, _), n in served_by.items()}),
+            "reference_data_version": data_version,
+            "reference_commit": commit,
+            "mean_confidence": confidence["mean_confidence"],
+            "window_start": str(window.start),
+        })
+
+        results = {
+            "input_drift": (inputs["passed"], dict(
+                common, max_psi=inputs["max_psi"], max_ks=inputs["max_ks"],
+                drifted=dg.MetadataValue.json(inputs["drifted"]), features=dg.MetadataValue.json(inputs["features"]),
+                thresholds=dg.MetadataValue.json({"psi": thresholds.psi, "ks": thresholds.ks}),
+                plot=_png_md(input_drift_png(inputs, thresholds.psi, f"input drift, {title}"), "PSI per feature")),
+                f"drifted: {', '.join(inputs['drifted'])}" if inputs["drifted"] else
+                f"max PSI {inputs['max_psi']}, max KS {inputs['max_ks']}"
+                + ("" if inputs["enough_rows"] else f" (only {inputs['rows']} rows: not judged)")),
+            "confidence_collapse": (confidence["passed"], dict(
+                common, **{k: v for k, v in confidence.items() if k not in ("passed",) and v is not None},
+                plot=_png_md(confidence_png(confidences, thresholds.low_confidence, f"confidence, {title}"),
+                             "confidence histogram")),
+                f"mean confidence {confidence['mean_confidence']}, low share {confidence['low_confidence_share']}"),
+        }
+        if predictions is None:
+            results["prediction_drift"] = (True, dict(common), "no holdout in the registry: nothing to compare with")
+        else:
+            results["prediction_drift"] = (predictions["passed"], dict(
+                common, psi=predictions["psi"], total_variation=predictions["total_variation"],
+                reference_shares=dg.MetadataValue.json(predictions["reference_shares"]),
+                served_shares=dg.MetadataValue.json(predictions["served_shares"]),
+                plot=_png_md(prediction_drift_png(predictions, f"predictions vs holdout, {title}"), "class shares")),
+                f"PSI {predictions['psi']} (threshold {thresholds.prediction_psi})")
+        for name in CHECKS:
+            passed, meta, description = results[name]
+            if not passed:
+                context.log.warning(f"{name} failed for {fam.name} {partition}: {description}")
+                alerts.notify("drift", f"{fam.name}: {name} failed ({partition})", description,
+                              {"served model": f"v{model_version}", "data version": data_version,
+                               "rows": table.num_rows, "retrain requested": config.retrain_on_drift},
+                              log=context.log)
+            yield dg.AssetCheckResult(check_name=name, passed=passed, severity=dg.AssetCheckSeverity.ERROR,
+                                      description=description, metadata=meta)
+
+    return served_traffic
+
+
+# --- sensors ---------------------------------------------------------------------------------------------
+
+
+def newest_partition(instance: dg.DagsterInstance, fam: Family) -> str | None:
+    from ocm_ml.contract import TAG_RE
+
+    keys = [k for k in instance.get_dynamic_partitions(fam.partitions_name) if TAG_RE.match(k)]
+
+    def semver(key: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in TAG_RE.match(key)["version"].split("."))
+
+    return max(keys, key=semver) if keys else None
+
+
+def _cursor(raw: str | None) -> dict[str, int]:
+    import json
+
+    try:
+        value = json.loads(raw) if raw else {}
+    except ValueError:
+        value = {}
+    return value if isinstance(value, dict) else {}
+
+
+def build_drift_retrain_sensor(fam: Family, retrain_job) -> dg.SensorDefinition:
+    check_keys = [dg.AssetCheckKey(served_traffic_key(fam), name) for name in DRIFT_CHECKS]
+
+    @dg.sensor(name=f"{fam.name}_drift_retrain_sensor", job=retrain_job, minimum_interval_seconds=60,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description=f"A failed drift check of {fam.name}/served_traffic that ran with retrain_on_drift asks "
+               f"for one {fam.retrain_job_name} run of the newest registry version.")
+    def drift_retrain(context: dg.SensorEvaluationContext):
+        import json
+
+        from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+        cursor = _cursor(context.cursor)
+        seen = cursor.get("id", 0)
+        storage = context.instance.event_log_storage
+        failed = []
+        for check_key in check_keys:
+            for record in storage.get_asset_check_execution_history(
+                    check_key, limit=50, status={AssetCheckExecutionRecordStatus.FAILED}):
+                if record.id > seen:
+                    failed.append(record)
+        newest_id = max([seen, *(r.id for r in failed)])
+        wanted = {}
+        for record in sorted(failed, key=lambda r: r.id):
+            evaluation = record.evaluation
+            meta = evaluation.metadata if evaluation is not None else {}
+            flag = meta.get("retrain_on_drift")
+            if flag is not None and getattr(flag, "value", flag) is True:
+                wanted.setdefault(record.run_id, record)  # both drift checks of one run: one retrain
+        partition = newest_partition(context.instance, fam)
+        context.update_cursor(json.dumps({"id": newest_id}))
+        if not wanted:
+            return dg.SkipReason("no failed drift check with retrain_on_drift since the last tick")
+        if partition is None:
+            return dg.SkipReason(f"drift asks for a retrain, but {fam.name} has no registry version (partition)")
+        requests = []
+        for run_id, record in wanted.items():
+            requests.append(dg.RunRequest(
+                run_key=f"drift:{run_id}", partition_key=partition,
+                tags={"ocm/family": fam.name, "ocm/trigger": "drift", "ocm/drift_run": run_id,
+                      "ocm/drift_check": record.key.name,
+                      "ocm/drift_partition": record.partition or ""}))
+        return requests
+
+    return drift_retrain
+
+
+def _step_failure_message(instance: dg.DagsterInstance, run_id: str) -> str:
+    from dagster._core.events import DagsterEventType
+
+    for entry in instance.all_logs(run_id, of_type=DagsterEventType.STEP_FAILURE):
+        data = entry.dagster_event.step_failure_data
+        if data.user_failure_data is not None and data.user_failure_data.description:
+            return data.user_failure_data.description
+        if data.error is not None:
+            return data.error.message.strip()
+    return "the endpoint step failed"
+
+
+def build_alert_sensor(fam: Family) -> dg.SensorDefinition:
+    from ocm_assets.serving import champion_key, endpoint_key
+
+    promoted = dg.AssetCheckKey(champion_key(fam), "promoted")
+
+    @dg.sensor(name=f"{fam.name}_alert_sensor", minimum_interval_seconds=30,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description=f"Sends a webhook alert (WebhookAlerts; off unless OCM_ALERT_WEBHOOK_URL is set) when "
+               f"{fam.name}'s gate keeps the champion or its endpoint step fails and restores the champion.")
+    def alert_sensor(context: dg.SensorEvaluationContext, alerts: WebhookAlerts):
+        import json
+
+        from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+        cursor = _cursor(context.cursor)
+        instance = context.instance
+        first_tick = not cursor  # start from now: no alerts for what happened before the sensor ran
+        sent = 0
+        gate_failures = sorted(instance.event_log_storage.get_asset_check_execution_history(
+            promoted, limit=20, status={AssetCheckExecutionRecordStatus.FAILED}), key=lambda r: r.id)
+        gate_seen = cursor.get("gate", 0)
+        for record in gate_failures:
+            if record.id <= gate_seen:
+                continue
+            gate_seen = record.id
+            if first_tick:
+                continue
+            evaluation = record.evaluation
+            sent += alerts.notify("gate_failed", f"{fam.name}: the gate kept the champion",
+                                  (evaluation.description if evaluation else None) or "the challenger did not pass",
+                                  {"run": record.run_id}, log=context.log)
+        fail_seen = cursor.get("endpoint", 0)
+        if first_tick:
+            latest = instance.fetch_failed_materializations(endpoint_key(fam), limit=1)
+            fail_seen = latest.records[0].storage_id if latest.records else 0
+        else:
+            result = instance.fetch_failed_materializations(
+                dg.AssetRecordsFilter(asset_key=endpoint_key(fam), after_storage_id=fail_seen), limit=20,
+                ascending=True)
+            for record in result.records:
+                fail_seen = max(fail_seen, record.storage_id)
+                message = _step_failure_message(instance, record.run_id)
+                sent += alerts.notify("rollback", f"{fam.name}: endpoint rollout failed, champion restored", message,
+                                      {"run": record.run_id}, log=context.log)
+        context.update_cursor(json.dumps({"gate": gate_seen, "endpoint": fail_seen}))
+        return dg.SkipReason(f"{sent} alert(s) sent" if alerts.enabled else "alerts are off (no webhook URL)")
+
+    return alert_sensor
+
+
+def build_monitoring(fam: Family, retrain_job) -> tuple[list[dg.AssetsDefinition], list[dg.SensorDefinition]]:
+    asset = build_served_traffic_asset(fam)
+    sensors = [
+        build_drift_retrain_sensor(fam, retrain_job),
+        build_alert_sensor(fam),
+        dg.AutomationConditionSensorDefinition(
+            f"{fam.name}_monitoring_automation", target=dg.AssetSelection.assets(asset.key),
+            default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=60),
+    ]
+    return [asset], sensors
+
+
+def window_of(partition: str) -> tuple[datetime, datetime]:
+    """The hour a served_traffic partition key (``YYYY-MM-DD-HH:00``) covers."""
+    window = HOURLY.time_window_for_partition_key(partition)
+    return window.start, window.end
