@@ -149,6 +149,7 @@ def build_dataset_asset(fam: Family) -> dg.AssetsDefinition:
         "schema",
         asset=key,
         blocking=True,
+        partitions_def=partitions_for(fam),  # one result per data version
         description=(
             "pandera schema on every row, streamed in batches: "
             + (
@@ -235,6 +236,7 @@ def build_preprocessing_asset(fam: Family) -> dg.AssetsDefinition:
         check_name,
         asset=key,
         blocking=True,
+        partitions_def=partitions_for(fam),  # one result per data version
         description=(
             "published mean/std agree with statistics recomputed from the training split"
             if fam.kind == "image"

@@ -76,6 +76,11 @@ def test_a_failed_schema_check_stops_the_chain_a_passing_one_starts_it(tmp_path,
     tables["train"] = tables["train"].set_column(0, "image", pa.array(pixels, type=pa.list_(pa.int64())))
     bad = pub.publish("fashion-mnist", "1.1.0", tables, metadata)
     defs = _defs(reg)
+    training = next(s for s in automation_sensors(defs) if s.name == f"{FASHION.name}_training_automation")
+    rollout = next(s for s in automation_sensors(defs) if s.name == f"{FASHION.name}_rollout_automation")
+    # the daemon's sensors tick all along: a first evaluation before any data
+    before = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=training.asset_selection)
+    assert before.total_requested == 0
 
     _, runs = _ingest(defs, instance)
     assert runs[good.tag].success and not runs[bad.tag].success
@@ -84,12 +89,11 @@ def test_a_failed_schema_check_stops_the_chain_a_passing_one_starts_it(tmp_path,
     assert instance.get_latest_materialization_event(dataset) is not None
     assert {e.check_name: e.passed for e in runs[bad.tag].get_asset_check_evaluations()} == {"schema": False}
 
-    training = next(s for s in automation_sensors(defs) if s.name == f"{FASHION.name}_training_automation")
-    first = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=training.asset_selection)
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=training.asset_selection,
+                                              cursor=before.cursor)
     for step in ("preprocessing", "model"):  # one run: the model waits on preprocessing within it
         assert first.get_requested_partitions(dg.AssetKey([FASHION.name, step])) == {good.tag}
     # the rollout part waits for a model; nothing asks for the bad version, now or on later ticks
-    rollout = next(s for s in automation_sensors(defs) if s.name == f"{FASHION.name}_rollout_automation")
     early = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=rollout.asset_selection)
     assert early.total_requested == 0
     again = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=training.asset_selection,
@@ -107,11 +111,13 @@ def test_a_moved_tag_with_the_schema_fixed_starts_the_chain(tmp_path, instance):
     broken = {**tables, "train": tables["train"].set_column(0, "image", pa.array(pixels, type=pa.list_(pa.int64())))}
     v1 = pub.publish("fashion-mnist", "1.0.0", broken, metadata)
     defs = _defs(reg)
-    cursor, runs = _ingest(defs, instance)
-    assert not runs[v1.tag].success
     preprocessing = dg.AssetKey([FASHION.name, "preprocessing"])
     selection = dg.AssetSelection.assets(preprocessing)
-    stopped = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
+    before = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
+    cursor, runs = _ingest(defs, instance)
+    assert not runs[v1.tag].success
+    stopped = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection,
+                                                cursor=before.cursor)
     assert stopped.total_requested == 0
 
     pub.publish("fashion-mnist", "1.0.0", tables, metadata, force=True)
