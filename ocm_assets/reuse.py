@@ -140,6 +140,16 @@ def reuse_metadata(context: dg.AssetExecutionContext, mlflow: MlflowTracking, re
         "registered_version": int(version.version),
         "model_uri": f"models:/{version.name}/{version.version}",
         "mlflow_run_id": version.run_id or "",
-        **({"val_accuracy": dg.MetadataValue.float(float(version.tags["val_accuracy"]))}
-           if "val_accuracy" in version.tags else {}),
+        **({"val_accuracy": float(version.tags["val_accuracy"])} if "val_accuracy" in version.tags else {}),
     }
+
+
+def reused_search(context: dg.AssetExecutionContext, mlflow: MlflowTracking, reuse: Reuse) -> dg.Output:
+    """The search step's output when a version is reused: the text model step then registers nothing."""
+    metadata = reuse_metadata(context, mlflow, reuse)
+    return dg.Output({"tag": context.partition_key, "reused": metadata}, metadata=metadata)
+
+
+def key_tags(search: dict[str, Any]) -> dict[str, str]:
+    """The training-key tag for what the text model step registers from a search's output."""
+    return {KEY_TAG: search["training_key"]} if "training_key" in search else {}

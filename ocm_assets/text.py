@@ -10,6 +10,7 @@ from pydantic import Field
 
 from ocm_assets.data import dataset_key, partitions_for, preprocessing_key, require_data_checks_passed
 from ocm_assets.families import Family
+from ocm_assets.reuse import key_tags, lookup, reused_search
 from ocm_assets.training import lineage, model_key, ray_cluster_resources
 from ocm_resources.mlflow import MlflowTracking
 from ocm_resources.storage import CheckpointStorage
@@ -138,6 +139,9 @@ def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
         from ocm_ml.text.tune import run_search
 
         require_data_checks_passed(context, fam)
+        reuse = lookup(context, fam, mlflow, dataset, preprocessing, config.model_dump())
+        if reuse.version is not None:  # same data, preprocessing, code and config: nothing to search
+            return reused_search(context, mlflow, reuse)
         settings = _settings(config)
         backbone = resolve_backbone(config.backbone)
         if settings.cpus_per_trial > ray_cluster_resources(ray_cluster).get("CPU", 0):
@@ -184,7 +188,7 @@ def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
             "parent_run_id": parent_id, "experiment_id": parent.info.experiment_id,
             "best_trial_id": result.best_trial_id, "best_config": result.best_config,
             "best_metrics": result.best_metrics, "best_checkpoint_dir": result.best_checkpoint_dir,
-            "backbone": config.backbone, "max_length": settings.max_length,
+            "backbone": config.backbone, "max_length": settings.max_length, "training_key": reuse.key,
         }
         return dg.Output(value, metadata={
             "trials": dg.MetadataValue.md(trials_table(result)),
@@ -229,6 +233,8 @@ def build_text_model_asset(fam: Family) -> dg.AssetsDefinition:
         from ocm_ml.text.pyfunc import log_text_model
         from ocm_ml.text.tune import evaluate, load_split, majority_baseline
 
+        if "reused" in hpo:  # the search step reused a registered version: nothing to register
+            return dg.MaterializeResult(metadata=hpo["reused"])
         if config.eval_rows is not None and config.eval_rows < 1:
             raise dg.Failure(f"eval_rows must be >= 1 or unset (the whole split), got {config.eval_rows}")
         dataset = hpo["dataset"]
@@ -242,7 +248,7 @@ def build_text_model_asset(fam: Family) -> dg.AssetsDefinition:
             f"best trial {hpo['best_trial_id']} on {len(texts)} validation rows: accuracy {scores['accuracy']:.4f}, "
             f"macro F1 {scores['macro_f1']:.4f} (majority baseline {baseline:.4f})"
         )
-        tags = lineage(mlflow, context, dataset)
+        tags = {**lineage(mlflow, context, dataset), **key_tags(hpo)}
         mlflow.configure()
         with mlflow_lib.start_run(run_id=hpo["parent_run_id"]):
             mlflow_lib.log_metrics({"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"],

@@ -1,6 +1,8 @@
-"""The loop, end to end on the real definitions: a new tag -> one sensor tick -> the retrain run it requests
-(executed in-process) -> the rollout sensor's run -> a new champion served, checked over HTTP. A bad
-version fails its blocking check and the endpoint keeps serving the old champion."""
+"""The loop, end to end on the real definitions: a new tag -> one registry-sensor tick -> its ingest run of the
+dataset -> the rest only by automation conditions (evaluated per automation sensor with Dagster's own helper,
+runs executed in-process as the daemon would launch them): preprocessing and training, evaluation, the gate
+and the endpoint -> a new champion served, checked over HTTP. A bad version fails its blocking check and the
+conditions ask for nothing more: the endpoint keeps serving the old champion."""
 
 import json
 import urllib.request
@@ -12,16 +14,22 @@ import pytest
 
 from ocm_assets.build import build_definitions
 from ocm_assets.families import Family
+from ocm_ml.promotion import Gate
+from ocm_resources.env import ROLLOUT_TAG
 from ocm_resources.mlflow import LocalMlflow
 from ocm_resources.ray import RayHead
 from ocm_resources.serve_control import ServeControl
 from ocm_resources.storage import CheckpointStorage
+from tests.automation_helpers import drive
 from tests.registry_helpers import image_version, new_registry, publish_holdout
 
 # An image family of its own (route /fashion_mnist_loop), so this test never touches other tests' apps.
-FASHION = Family("fashion_mnist_loop", "fashion-mnist", "image", "e2e loop test family")
+# Its gate has no floors (the synthetic data is small); a new version must still win by one point.
+FASHION = Family("fashion_mnist_loop", "fashion-mnist", "image", "e2e loop test family",
+                 gate=Gate(floors={"accuracy": 0.0}, win_margin=0.01))
 TRAIN = {"num_workers": 2, "batch_size": 32, "epochs": 2, "learning_rate": 3e-3, "seed": 0}
-GATE = {"floors": {"accuracy": 0.0}, "win_margin": 0.01}
+#: What a deployment sets as the launchpad defaults; automation runs take no other config.
+RUN_CONFIG = {"ops": {f"{FASHION.name}__model": {"config": TRAIN}}}
 
 
 def _get(url):
@@ -75,52 +83,58 @@ def tick(defs, instance, cursor):
     return result
 
 
-def run_requested(defs, instance, request):
-    job = defs.resolve_job_def(request.job_name or FASHION.retrain_job_name)
-    return job.execute_in_process(
-        instance=instance, partition_key=request.partition_key, tags=request.tags, raise_on_error=False,
-        run_config={"ops": {f"{FASHION.name}__model": {"config": TRAIN}}},
-    )
+def ingest(defs, instance, request):
+    """The registry sensor's run (the dataset alone), as the daemon launches it."""
+    job = defs.resolve_job_def(request.job_name or f"{FASHION.name}_ingest")
+    assert set(job.asset_layer.selected_asset_keys) == {dg.AssetKey([FASHION.name, "dataset"])}
+    return job.execute_in_process(instance=instance, partition_key=request.partition_key, tags=request.tags,
+                                  raise_on_error=False)
 
 
-def rollout_after(defs, instance, retrain):
-    """What the daemon does: evaluate the run-status sensor on the finished retrain run, then run its request."""
-    repo = defs.get_repository_def()
-    sensor = repo.get_sensor_def(f"{FASHION.name}_rollout_sensor")
-    run = instance.get_run_by_id(retrain.run_id)
-    event = next(e for e in retrain.all_events if e.event_type_value == "PIPELINE_SUCCESS")
-    ctx = dg.build_run_status_sensor_context(
-        sensor_name=sensor.name, dagster_event=event, dagster_instance=instance, dagster_run=run,
-        repository_def=repo)
-    request = sensor(ctx)
-    assert isinstance(request, dg.RunRequest)
-    job = defs.resolve_job_def(f"{FASHION.name}_rollout")
-    assert request.partition_key == run.tags["dagster/partition"]
-    return job.execute_in_process(
-        instance=instance, tags=request.tags, raise_on_error=False, partition_key=request.partition_key,
-        run_config={"ops": {f"{FASHION.name}__champion": {"config": GATE}}},
-    )
+def chain(ticks):
+    """(sensor, partition, assets, succeeded) of every run the conditions asked for, in order."""
+    return [run for tick in ticks for run in tick.runs]
+
+
+def expected_chain(tag):
+    training, rollout = f"{FASHION.name}_training_automation", f"{FASHION.name}_rollout_automation"
+    return [
+        (training, tag, (f"{FASHION.name}/model", f"{FASHION.name}/preprocessing"), True),
+        (rollout, tag, (f"{FASHION.name}/evaluation",), True),
+        (rollout, None, (f"{FASHION.name}/champion", f"{FASHION.name}/endpoint"), True),
+    ]
+
+
+def run_of(ticks, asset):
+    return next(r for tick in ticks for key, r in tick.results.items() if asset in key)
 
 
 def test_new_tag_retrains_promotes_and_serves_then_bad_tag_is_stopped(loop):
     pub, defs, instance, url = loop
+    cursors = {}
+    assert drive(defs, instance, cursors, RUN_CONFIG) == []  # the daemon ticks before any data: nothing to do
     v1 = pub.publish("fashion-mnist", "1.0.0", *noisy_version())
     first = tick(defs, instance, None)
     (request,) = first.run_requests
-    retrain = run_requested(defs, instance, request)
-    assert retrain.success
-    assert rollout_after(defs, instance, retrain).success
+    assert ingest(defs, instance, request).success
+    ticks = drive(defs, instance, cursors, RUN_CONFIG)
+    assert chain(ticks) == expected_chain(v1.tag)
+    for tick_ in ticks:
+        for key, result in tick_.results.items():
+            tags = instance.get_run_by_id(result.run_id).tags
+            assert (tags.get(ROLLOUT_TAG) == FASHION.name) == any(
+                part in key for part in ("evaluation", "champion", "endpoint")), (key, tags)
     info = _get(f"{url}/info")
     assert info["data_version"] == v1.tag and info["dvc_commit"] == v1.commit
-    assert info["dagster_run_id"] == retrain.run_id
+    assert info["dagster_run_id"] == run_of(ticks, "model").run_id
 
     v2 = pub.publish("fashion-mnist", "1.1.0", *image_version(n_train=320, n_val=80, seed=3))
     second = tick(defs, instance, first.cursor)
     assert [r.partition_key for r in second.run_requests] == [v2.tag]
-    retrain = run_requested(defs, instance, second.run_requests[0])
-    assert retrain.success
-    rollout = rollout_after(defs, instance, retrain)
-    assert rollout.success, [(e.check_name, e.passed) for e in rollout.get_asset_check_evaluations()]
+    assert ingest(defs, instance, second.run_requests[0]).success
+    ticks = drive(defs, instance, cursors, RUN_CONFIG)
+    rollout = run_of(ticks, "endpoint")
+    assert chain(ticks) == expected_chain(v2.tag), [(e.check_name, e.passed) for e in rollout.get_asset_check_evaluations()]
     info = _get(f"{url}/info")
     assert info["data_version"] == v2.tag and info["model_version"] in ("2", 2)
     pred = urllib.request.Request(f"{url}/predict", data=json.dumps({"images": [[0] * 784]}).encode(),
@@ -135,10 +149,12 @@ def test_new_tag_retrains_promotes_and_serves_then_bad_tag_is_stopped(loop):
         0, "image", pa.array(hot, type=pa.list_(pa.int64())))
     v3 = pub.publish("fashion-mnist", "1.2.0", bad_tables, metadata)
     third = tick(defs, instance, second.cursor)
-    retrain = run_requested(defs, instance, third.run_requests[0])
-    assert not retrain.success
-    checks = {e.check_name: e.passed for e in retrain.get_asset_check_evaluations()}
+    failed = ingest(defs, instance, third.run_requests[0])
+    assert not failed.success
+    checks = {e.check_name: e.passed for e in failed.get_asset_check_evaluations()}
     assert checks == {"schema": False}
-    # the rollout sensor only answers successful retrain runs, and the endpoint still serves v1.1.0
+    # the failed blocking check stops the chain: no condition asks for anything, and the endpoint still
+    # serves v1.1.0
+    assert drive(defs, instance, cursors, RUN_CONFIG) == []
     assert _get(f"{url}/info")["data_version"] == v2.tag
     assert v3.tag not in json.dumps(_get(f"{url}/info"))
