@@ -1,11 +1,12 @@
 """Dataset and preprocessing assets per family, with their blocking checks.
 
-``<family>/dataset`` resolves a registry tag (the partition key) to its commit, DVC URLs and md5s and
-validates the rows with pandera, batch by batch. Its data version is the DVC md5s, so re-tagging the same
-content is not new data and a moved tag with new content is.
+``<family>/dataset`` resolves a registry tag (the partition key) to a :class:`~ocm_ml.contract.DatasetVersion`
+(commit, DVC URLs and md5s, checked ``metadata.json``) and validates the rows with pandera, batch by batch.
+Its data version is the ``content_md5`` (the DVC md5s), so re-tagging the same content is not new data and a
+moved tag with new content is.
 
-``<family>/preprocessing`` reads ``metadata.json`` at that revision (normalization mean/std, or the label
-map) and checks it against statistics recomputed from the data.
+``<family>/preprocessing`` takes that version's metadata (normalization mean/std, or the label map), checks it
+against statistics recomputed from the data and returns it (a :class:`~ocm_ml.contract.DatasetMetadata`).
 """
 
 
@@ -17,10 +18,9 @@ from typing import Any
 import dagster as dg
 
 from ocm_assets.families import Family
-from ocm_ml.contract import SPLITS
-from ocm_resources.registry import DataRegistry, RegistryError, RegistryVersion
+from ocm_ml.contract import SPLITS, DatasetMetadata, DatasetVersion, split_path
+from ocm_resources.registry import DataRegistry, RegistryVersion
 
-BATCH_ROWS = 8192
 NORMALIZATION_TOLERANCE = 1e-3
 
 
@@ -70,46 +70,12 @@ def require_data_checks_passed(context: dg.AssetExecutionContext, fam: Family) -
 
 def iter_batches(registry: DataRegistry, version: RegistryVersion, split: str, columns=None) -> Iterator[Any]:
     """Stream a split's parquet from the registry in record batches (never the whole table at once)."""
-    yield from iter_parquet(registry, version, f"{version.dataset}/{split}.parquet", columns)
+    yield from registry.iter_batches(version, split_path(version.dataset, split), columns)
 
 
-def iter_parquet(registry: DataRegistry, version: RegistryVersion, path: str, columns=None) -> Iterator[Any]:
-    """Stream any registry parquet file (a split, the holdout) in record batches."""
-    import pyarrow.parquet as pq
-
-    with registry.open(version, path) as fh:
-        try:
-            parquet = pq.ParquetFile(fh)
-        except Exception as exc:
-            raise RegistryError(f"{path} at {version.tag} is not a readable parquet file: {exc}") from exc
-        yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)
-
-
-def _parquet_summary(registry: DataRegistry, version: RegistryVersion, split: str) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-
-    path = f"{version.dataset}/{split}.parquet"
-    with registry.open(version, path) as fh:
-        meta = pq.ParquetFile(fh).schema_arrow, pq.ParquetFile(fh).metadata.num_rows
-    return {"schema": meta[0], "rows": meta[1]}
-
-
-def _version_payload(registry: DataRegistry, version: RegistryVersion) -> dict[str, Any]:
-    files = {split: registry.file_info(version, f"{version.dataset}/{split}.parquet") for split in SPLITS}
-    return {
-        "dataset": version.dataset,
-        "tag": version.tag,
-        "version": version.version,
-        "commit": version.commit,
-        "files": {
-            split: {"path": f.path, "url": f.url, "md5": f.md5, "size": f.size} for split, f in files.items()
-        },
-    }
-
-
-def data_version_of(payload: dict[str, Any]) -> str:
-    """The DVC md5s of the splits: identical content under another tag gives the same data version."""
-    return "+".join(payload["files"][split]["md5"] for split in SPLITS)
+def registry_version(dataset: DatasetVersion) -> RegistryVersion:
+    """The registry's handle of a dataset version (to read its files again)."""
+    return RegistryVersion(dataset.dataset, dataset.version, dataset.registry_tag, dataset.commit)
 
 
 def _validate(fam: Family, registry: DataRegistry, version: RegistryVersion, label_ids: list[int]):
@@ -126,21 +92,6 @@ def _validate(fam: Family, registry: DataRegistry, version: RegistryVersion, lab
         except ValueError as exc:  # wrong columns: a schema failure, not a crash
             reports[split] = ValidationReport(rows=0, failures={str(exc): 0})
     return reports
-
-
-def label_ids_from_metadata(fam: Family, metadata: dict[str, Any], tag: str) -> list[int]:
-    if fam.kind == "image":
-        classes = metadata.get("classes")
-        if not isinstance(classes, list) or not classes:
-            raise RegistryError(f"metadata.json at {tag} needs a non-empty 'classes' list for an image dataset")
-        return list(range(len(classes)))
-    label_map = metadata.get("label_map")
-    if not isinstance(label_map, dict) or not label_map:
-        raise RegistryError(f"metadata.json at {tag} needs a non-empty 'label_map' object for a text dataset")
-    try:
-        return sorted(int(k) for k in label_map)
-    except ValueError as exc:
-        raise RegistryError(f"label_map keys at {tag} must be integer class ids, got {list(label_map)}") from exc
 
 
 def build_dataset_asset(fam: Family) -> dg.AssetsDefinition:
@@ -171,19 +122,17 @@ def build_dataset_asset(fam: Family) -> dg.AssetsDefinition:
     )
     def dataset(context: dg.AssetExecutionContext, registry: DataRegistry):
         version = registry.resolve(context.partition_key)
-        payload = _version_payload(registry, version)
-        metadata = registry.read_metadata(version)
-        label_ids = label_ids_from_metadata(fam, metadata, version.tag)
+        record = registry.dataset_version(version, fam.kind)
+        names = record.metadata.class_names
+        label_ids = list(range(len(names)))
 
         rows, columns = {}, None
         for split in SPLITS:
-            summary = _parquet_summary(registry, version, split)
-            rows[split] = summary["rows"]
-            columns = summary["schema"]
+            with registry.parquet(version, split_path(version.dataset, split)) as parquet:
+                rows[split], columns = parquet.metadata.num_rows, parquet.schema_arrow
         from ocm_ml.validation import label_counts
 
         balance = label_counts(iter_batches(registry, version, "train", columns=["label"]))
-        names = metadata.get("classes") or [metadata["label_map"][str(i)] for i in label_ids]
         balance_named = {
             str(names[i]) if 0 <= i < len(names) else f"unknown:{i}": n for i, n in balance.items()
         }
@@ -194,15 +143,14 @@ def build_dataset_asset(fam: Family) -> dg.AssetsDefinition:
             f"{version.tag} @ {version.commit[:10]}: "
             + "; ".join(f"{split} {r.summary()}" for split, r in reports.items())
         )
-        data_version = data_version_of(payload)
         yield dg.Output(
-            payload,
-            data_version=dg.DataVersion(data_version),
+            record,
+            data_version=dg.DataVersion(record.content_md5),
             metadata={
                 "tag": version.tag,
                 "commit": version.commit,
-                "dvc_md5": dg.MetadataValue.json({s: payload["files"][s]["md5"] for s in SPLITS}),
-                "file_urls": dg.MetadataValue.json({s: payload["files"][s]["url"] for s in SPLITS}),
+                "dvc_md5": dg.MetadataValue.json({s: record.files[s].md5 for s in SPLITS}),
+                "file_urls": dg.MetadataValue.json({s: record.url(s) for s in SPLITS}),
                 "rows_train": rows["train"],
                 "rows_val": rows["val"],
                 "class_balance_train": dg.MetadataValue.json(balance_named),
@@ -258,19 +206,24 @@ def build_preprocessing_asset(fam: Family) -> dg.AssetsDefinition:
         kinds={"dvc", "json"},
         tags={"ocm/family": fam.name},
     )
-    def preprocessing(context: dg.AssetExecutionContext, registry: DataRegistry, dataset: dict[str, Any]):
-        version = RegistryVersion(dataset["dataset"], dataset["version"], dataset["tag"], dataset["commit"])
-        metadata = registry.read_metadata(version)
+    def preprocessing(context: dg.AssetExecutionContext, registry: DataRegistry, dataset: DatasetVersion):
+        version = registry_version(dataset)
+        metadata = dataset.metadata
         if fam.kind == "image":
-            value, passed, check_meta = _normalization(registry, version, metadata)
+            passed, check_meta = _normalization_agrees(registry, version, metadata)
+            value = {"mean": metadata.normalization.mean, "std": metadata.normalization.std,
+                     "classes": list(metadata.class_names)}
             ui_meta = {"mean": value["mean"], "std": value["std"], "classes": dg.MetadataValue.json(value["classes"])}
         else:
-            value, passed, check_meta = _label_map(registry, version, metadata)
+            passed, check_meta = _label_map_agrees(registry, version, metadata)
+            value = {"label_map": dict(metadata.label_map)}
             ui_meta = {"label_map": dg.MetadataValue.json(value["label_map"]), "num_labels": len(value["label_map"])}
-        value = {**value, "tag": version.tag, "commit": version.commit, "data_version": data_version_of(dataset)}
-        digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-        context.log.info(f"{version.tag}: {json.dumps({k: v for k, v in value.items() if k != 'classes'})}")
-        yield dg.Output(value, data_version=dg.DataVersion(digest), metadata={**ui_meta, "tag": version.tag})
+        # content, not the tag: the same preprocessing of the same data is the same data version
+        digest = hashlib.sha256(json.dumps({**value, "content_md5": dataset.content_md5}, sort_keys=True)
+                                .encode()).hexdigest()[:16]
+        context.log.info(f"{version.tag} @ {version.commit[:10]}: "
+                         f"{json.dumps({k: v for k, v in value.items() if k != 'classes'})}")
+        yield dg.Output(metadata, data_version=dg.DataVersion(digest), metadata={**ui_meta, "tag": version.tag})
         yield dg.AssetCheckResult(
             check_name=check_name, asset_key=key, passed=passed, severity=dg.AssetCheckSeverity.ERROR,
             metadata=check_meta,
@@ -279,20 +232,13 @@ def build_preprocessing_asset(fam: Family) -> dg.AssetsDefinition:
     return preprocessing
 
 
-def _normalization(registry: DataRegistry, version: RegistryVersion, metadata: dict[str, Any]):
+def _normalization_agrees(registry: DataRegistry, version: RegistryVersion, metadata: DatasetMetadata):
+    """Whether the published mean/std agree with the training split's, recomputed streaming."""
     from ocm_ml.validation import pixel_stats_streaming
 
-    norm = metadata.get("normalization")
-    if not isinstance(norm, dict) or not {"mean", "std"} <= set(norm):
-        raise RegistryError(
-            f"metadata.json at {version.tag} needs 'normalization': {{'mean': …, 'std': …}} for an image dataset"
-        )
-    mean, std = float(norm["mean"]), float(norm["std"])
-    if not std > 0:
-        raise RegistryError(f"normalization std at {version.tag} must be positive, got {std}")
+    mean, std = metadata.normalization.mean, metadata.normalization.std
     stats = pixel_stats_streaming(iter_batches(registry, version, "train", columns=["image"]))
     passed = abs(stats.mean - mean) <= NORMALIZATION_TOLERANCE and abs(stats.std - std) <= NORMALIZATION_TOLERANCE
-    value = {"mean": mean, "std": std, "classes": list(metadata.get("classes") or [])}
     check_meta = {
         "published_mean": mean,
         "published_std": std,
@@ -300,19 +246,17 @@ def _normalization(registry: DataRegistry, version: RegistryVersion, metadata: d
         "recomputed_std": stats.std,
         "tolerance": NORMALIZATION_TOLERANCE,
     }
-    return value, passed, check_meta
+    return passed, check_meta
 
 
-def _label_map(registry: DataRegistry, version: RegistryVersion, metadata: dict[str, Any]):
+def _label_map_agrees(registry: DataRegistry, version: RegistryVersion, metadata: DatasetMetadata):
+    """Whether the label map names exactly the labels that occur in the splits."""
     from ocm_ml.validation import label_counts
 
-    label_map = metadata.get("label_map")
-    if not isinstance(label_map, dict) or not label_map:
-        raise RegistryError(f"metadata.json at {version.tag} needs a non-empty 'label_map' for a text dataset")
     seen: set[int] = set()
     for split in SPLITS:
         seen |= set(label_counts(iter_batches(registry, version, split, columns=["label"])))
-    published = {int(k) for k in label_map}
+    published = {int(k) for k in metadata.label_map}
     passed = seen == published
     check_meta = {
         "labels_in_map": dg.MetadataValue.json(sorted(published)),
@@ -320,4 +264,4 @@ def _label_map(registry: DataRegistry, version: RegistryVersion, metadata: dict[
         "unused_in_data": dg.MetadataValue.json(sorted(published - seen)),
         "missing_from_map": dg.MetadataValue.json(sorted(seen - published)),
     }
-    return {"label_map": {str(k): v for k, v in sorted(label_map.items(), key=lambda kv: int(kv[0]))}}, passed, check_meta
+    return passed, check_meta

@@ -9,7 +9,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from ocm_assets.data import iter_batches, iter_parquet, partitions_for
+from ocm_assets.data import iter_batches, partitions_for
 from ocm_assets.families import Family
 from ocm_assets.reuse import serves_partition
 from ocm_assets.training import log_bytes, markdown_png, model_key
@@ -63,18 +63,16 @@ def _streams(fam: Family, registry: DataRegistry, partition: str, val_rows: int 
     val_path = f"{fam.dataset}/val.parquet"
     total = _rows(registry, version, val_path) if val_rows else None
     streams = {
-        "holdout": lambda: arrow_batches(iter_parquet(registry, holdout, holdout_path(fam.dataset)), fam.kind),
-        "val": lambda: arrow_batches(iter_parquet(registry, version, val_path), fam.kind, limit=val_rows,
+        "holdout": lambda: arrow_batches(registry.iter_batches(holdout, holdout_path(fam.dataset)), fam.kind),
+        "val": lambda: arrow_batches(registry.iter_batches(version, val_path), fam.kind, limit=val_rows,
                                      total=total),
     }
     return streams, holdout.commit
 
 
 def _rows(registry: DataRegistry, version: RegistryVersion, path: str) -> int:
-    import pyarrow.parquet as pq
-
-    with registry.open(version, path) as fh:
-        return pq.ParquetFile(fh).metadata.num_rows
+    with registry.parquet(version, path) as parquet:
+        return parquet.metadata.num_rows
 
 
 def _majority(fam: Family, registry: DataRegistry, partition: str, scores: dict) -> dict[str, dict[str, float]]:

@@ -12,6 +12,7 @@ from ocm_assets.data import dataset_key, partitions_for, preprocessing_key, requ
 from ocm_assets.families import Family
 from ocm_assets.reuse import key_tags, lookup, reused_search
 from ocm_assets.training import lineage, model_key, ray_cluster_resources
+from ocm_ml.contract import DatasetMetadata, DatasetVersion
 from ocm_resources.mlflow import MlflowTracking
 from ocm_resources.storage import CheckpointStorage
 
@@ -130,8 +131,8 @@ def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
         ray_cluster: RayResource,
         mlflow: MlflowTracking,
         checkpoints: CheckpointStorage,
-        dataset: dict,
-        preprocessing: dict,
+        dataset: DatasetVersion,
+        preprocessing: DatasetMetadata,
     ):
         import mlflow as mlflow_lib
 
@@ -167,7 +168,7 @@ def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
             })
             context.log.info(f"searching {settings.num_trials} trials x {settings.max_epochs} epochs on {tag}")
             result = run_search(
-                dataset["files"]["train"]["url"], dataset["files"]["val"]["url"], preprocessing["label_map"],
+                dataset.url("train"), dataset.url("val"), dict(preprocessing.label_map),
                 backbone, settings, storage_path=storage_path, run_name=f"{fam.name}-{tag}",
             )
             child_ids = _log_child_runs(client, parent.info.experiment_id, parent_id, result, tags)
@@ -184,7 +185,7 @@ def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
             context.log.info(f"trial {t.trial_id}: {t.config} best {settings.metric}={t.best_metric} "
                              f"after {t.epochs_run} epochs{' (stopped by ASHA)' if t.stopped_early else ''}")
         value = {
-            "tag": tag, "commit": dataset["commit"], "dataset": dataset, "label_map": preprocessing["label_map"],
+            "tag": tag, "commit": dataset.commit, "dataset": dataset, "label_map": dict(preprocessing.label_map),
             "parent_run_id": parent_id, "experiment_id": parent.info.experiment_id,
             "best_trial_id": result.best_trial_id, "best_config": result.best_config,
             "best_metrics": result.best_metrics, "best_checkpoint_dir": result.best_checkpoint_dir,
@@ -238,8 +239,8 @@ def build_text_model_asset(fam: Family) -> dg.AssetsDefinition:
         if config.eval_rows is not None and config.eval_rows < 1:
             raise dg.Failure(f"eval_rows must be >= 1 or unset (the whole split), got {config.eval_rows}")
         dataset = hpo["dataset"]
-        texts, labels = load_split(dataset["files"]["val"]["url"], hpo["label_map"], row_limit=config.eval_rows)
-        train_texts, train_labels = load_split(dataset["files"]["train"]["url"], hpo["label_map"])
+        texts, labels = load_split(dataset.url("val"), hpo["label_map"], row_limit=config.eval_rows)
+        train_texts, train_labels = load_split(dataset.url("train"), hpo["label_map"])
         scores = evaluate(hpo["best_checkpoint_dir"], texts, labels)
         # the majority class of the training split, scored on the same validation rows
         majority = majority_baseline(train_labels)["label"]

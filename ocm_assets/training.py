@@ -2,22 +2,19 @@
 tracked and registered in MLflow. Thin: gather inputs from resources, call the ML core, report metadata."""
 
 import base64
+import dataclasses
 import time
-from typing import Any
+import typing
 
 import dagster as dg
+import pydantic
 from dagster_ray import RayResource
-from pydantic import Field
 
-from ocm_assets.data import (
-    data_version_of,
-    dataset_key,
-    partitions_for,
-    preprocessing_key,
-    require_data_checks_passed,
-)
+from ocm_assets.data import dataset_key, partitions_for, preprocessing_key, require_data_checks_passed
 from ocm_assets.families import Family
 from ocm_assets.reuse import lookup, reuse_metadata
+from ocm_ml.contract import CONTENT_MD5_TAG, DatasetMetadata, DatasetVersion
+from ocm_ml.vision.settings import TrainSettings
 from ocm_resources.mlflow import MlflowTracking
 from ocm_resources.storage import CheckpointStorage
 
@@ -26,41 +23,44 @@ def model_key(fam: Family) -> dg.AssetKey:
     return dg.AssetKey([fam.name, "model"])
 
 
-class VisionTrainConfig(dg.Config):
-    """Ray Train DDP settings; the defaults finish on 2 CPU cores."""
+def config_from_settings(settings_cls: type, doc: str) -> type[dg.Config]:
+    """A Dagster run config generated from a core settings dataclass: the same fields, defaults and
+    descriptions (``field(metadata={"description": ...})``), written once, in the core. ``config.settings()``
+    builds the dataclass back from a run's values."""
+    hints = typing.get_type_hints(settings_cls)
+    fields = {
+        f.name: (hints[f.name], pydantic.Field(default=f.default, description=f.metadata["description"]))
+        for f in dataclasses.fields(settings_cls)
+    }
+    name = settings_cls.__name__.replace("Settings", "Config")
+    config = pydantic.create_model(name, __base__=dg.Config, __doc__=doc, __module__=__name__, **fields)
 
-    num_workers: int = Field(default=2, description="Ray Train workers (DDP processes).")
-    cpus_per_worker: int = Field(default=1, description="CPUs reserved per worker.")
-    gpus_per_worker: int = Field(default=0, description="GPUs per worker (0: CPU training).")
-    batch_size: int = Field(default=128, description="Per-worker batch size.")
-    learning_rate: float = Field(default=1e-3, description="Adam learning rate.")
-    epochs: int = Field(default=1, description="Epochs over the training split.")
-    row_limit: int | None = Field(default=None, description="Train on the first N rows only (quick runs).")
-    seed: int = Field(default=0, description="Seed for weights, shuffling and sampling.")
-    max_failures: int = Field(default=2, description="Worker failures to recover from (from the last checkpoint).")
-    lr_schedule: str = Field(
-        default="onecycle", description="onecycle (warm up to learning_rate, cosine down to 1 %) or constant.")
-    gradient_compression: str = Field(
-        default="bf16",
-        description="Format DDP all-reduces gradients in: bf16 or fp16 (half the bytes per step, cast back to "
-        "float32 before Adam) or none (float32).")
-    prefetch_batches: int = Field(default=1, description="Batches Ray Data prepares ahead in each worker.")
+    def settings(self):
+        return settings_cls(**self.model_dump())
+
+    config.settings = settings
+    return config
+
+
+VisionTrainConfig = config_from_settings(
+    TrainSettings, "Ray Train DDP settings (``ocm_ml.vision.settings.TrainSettings``); the defaults finish on "
+    "2 CPU cores.")
 
 
 def markdown_png(png: bytes, alt: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
-def lineage(mlflow: MlflowTracking, context: dg.AssetExecutionContext, dataset: dict[str, Any]) -> dict[str, str]:
-    """DESIGN.md's lineage tags, plus the DVC md5s of the data (``dvc_md5``)."""
+def lineage(mlflow: MlflowTracking, context: dg.AssetExecutionContext, dataset: DatasetVersion) -> dict[str, str]:
+    """DESIGN.md's lineage tags (``dvc_data_version`` = the registry tag), plus the ``content_md5``."""
     return {
         **mlflow.lineage_tags(
-            dvc_data_version=dataset["tag"],
-            dvc_commit=dataset["commit"],
+            dvc_data_version=dataset.registry_tag,
+            dvc_commit=dataset.commit,
             dagster_run_id=context.run.run_id,
             dagster_partition=context.partition_key,
         ),
-        "dvc_md5": data_version_of(dataset),
+        CONTENT_MD5_TAG: dataset.content_md5,
     }
 
 
@@ -74,7 +74,6 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
         "logged and registered in MLflow.",
         kinds={"ray", "pytorch", "mlflow"},
         tags={"ocm/family": fam.name},
-        op_tags={"ocm/heavy": "train"},
     )
     def model(
         context: dg.AssetExecutionContext,
@@ -82,23 +81,22 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
         ray_cluster: RayResource,
         mlflow: MlflowTracking,
         checkpoints: CheckpointStorage,
-        dataset: dict,
-        preprocessing: dict,
+        dataset: DatasetVersion,
+        preprocessing: DatasetMetadata,
     ) -> dg.MaterializeResult:
         import mlflow as mlflow_lib
 
         from ocm_ml.plots import training_curve_png
         from ocm_ml.vision.predictor import ImagePredictor
         from ocm_ml.vision.registered import log_image_model
-        from ocm_ml.vision.train import TrainSettings, train_fashion_mnist, validate_settings
+        from ocm_ml.vision.train import train_fashion_mnist
 
         require_data_checks_passed(context, fam)
-        reuse = lookup(context, fam, mlflow, dataset, preprocessing, config.model_dump())
+        settings = config.settings()
+        reuse = lookup(context, fam, mlflow, dataset, preprocessing, dataclasses.asdict(settings))
         if reuse.version is not None:  # same data, preprocessing, code and config: nothing to train
             return dg.MaterializeResult(metadata=reuse_metadata(context, mlflow, reuse))
-        settings = TrainSettings(**config.model_dump())
-        resources = ray_cluster_resources(ray_cluster)
-        validate_settings(settings, resources)
+        norm = preprocessing.normalization
         tag = context.partition_key
         storage_path = checkpoints.path_for(fam.name, tag, context.run.run_id)
         tags = lineage(mlflow, context, dataset)
@@ -107,8 +105,8 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
 
         with mlflow.start_run(experiment, run_name=f"{tag} train {context.run.run_id[:8]}", tags=tags) as run:
             run_id = run.info.run_id
-            mlflow_lib.log_params({**config.model_dump(), "data_tag": tag, "mean": preprocessing["mean"],
-                                   "std": preprocessing["std"], "storage_path": storage_path})
+            mlflow_lib.log_params({**dataclasses.asdict(settings), "data_tag": tag, "mean": norm.mean,
+                                   "std": norm.std, "storage_path": storage_path})
 
             def on_epoch(record: dict) -> None:
                 epoch = int(record.get("epoch", 0))
@@ -121,10 +119,10 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
                 ])
 
             result = train_fashion_mnist(
-                dataset["files"]["train"]["url"],
-                dataset["files"]["val"]["url"],
-                preprocessing["mean"],
-                preprocessing["std"],
+                dataset.url("train"),
+                dataset.url("val"),
+                norm.mean,
+                norm.std,
                 settings,
                 storage_path=storage_path,
                 run_name=f"{fam.name}-{tag}",
@@ -141,8 +139,7 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
                 "images_per_second": result.images_per_second,
                 "worker_failures": len(result.failures),
             }, step=len(result.history))
-            predictor = ImagePredictor(result.load_model(), preprocessing["mean"], preprocessing["std"],
-                                       preprocessing["classes"])
+            predictor = ImagePredictor(result.load_model(), norm.mean, norm.std, list(preprocessing.class_names))
             model_info = log_image_model(predictor)
             mlflow_lib.set_tag("checkpoint_path", result.checkpoint_path)
 

@@ -189,7 +189,7 @@ def cmd_show(args) -> int:
     files = {
         split: registry.file_info(v, f"{v.dataset}/{split}.parquet").__dict__ for split in ("train", "val")
     }
-    print(json.dumps({"tag": v.tag, "commit": v.commit, "files": files, "metadata": registry.read_metadata(v)}, indent=2))
+    print(json.dumps({"tag": v.tag, "commit": v.commit, "files": files, "metadata": dict(registry.read_metadata(v).raw)}, indent=2))
     return 0
 
 

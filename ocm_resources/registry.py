@@ -8,7 +8,8 @@ Layout of a version (as in the seed registries)::
 
 ``DvcRegistry`` reads any such repo by path or URL (the embedded one under ``.ocm/registry`` or a team's
 own). ``RegistryPublisher`` creates and publishes to a working copy the way a data team would (parquet,
-``dvc add``, ``dvc push``, commit, annotated tag) and is what ``ocm registry`` runs.
+``dvc add``, ``dvc push``, commit, annotated tag) and is what ``ocm registry`` runs. The rules of the layout,
+the tags and ``metadata.json`` are :mod:`ocm_ml.contract`'s; this module applies them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from typing import IO, Any
 import dagster as dg
 from pydantic import Field
 
-from ocm_ml.contract import TAG_RE  # the registry vocabulary has one home
+import ocm_ml.contract as contract  # the registry vocabulary has one home
+from ocm_ml.contract import SPLITS, TAG_RE, ContractError, DatasetMetadata, DatasetVersion, SplitFile
+
+BATCH_ROWS = 8192  # rows per record batch when a registry parquet file is streamed
 
 
 class RegistryError(RuntimeError):
@@ -55,12 +59,8 @@ class TagScan:
     malformed: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class FileInfo:
-    path: str
-    url: str
-    md5: str
-    size: int
+#: One DVC-tracked file of a version (the contract's record).
+FileInfo = SplitFile
 
 
 def tag_for(dataset: str, version: str) -> str:
@@ -71,13 +71,11 @@ def tag_for(dataset: str, version: str) -> str:
 
 
 def parse_tag(tag: str) -> tuple[str, str]:
-    match = TAG_RE.match(tag)
-    if not match:
-        raise RegistryError(
-            f"{tag!r} is not a registry version tag: expected <dataset>-v<major>.<minor>.<patch>, "
-            "for example fashion-mnist-v1.0.0"
-        )
-    return match["dataset"], match["version"]
+    """:func:`ocm_ml.contract.parse_tag`, failing with a :class:`RegistryError`."""
+    try:
+        return contract.parse_tag(tag)
+    except ContractError as exc:
+        raise RegistryError(str(exc)) from None
 
 
 def _run(cmd: list[str], cwd: Path | None = None, what: str = "", timeout: float | None = None) -> str:
@@ -163,16 +161,43 @@ class DataRegistry(dg.ConfigurableResource):
         with self.open(version, path, mode="r") as fh:
             return fh.read()
 
-    def read_metadata(self, version: RegistryVersion) -> dict[str, Any]:
-        path = f"{version.dataset}/metadata.json"
-        text = self.read_text(version, path)
+    def read_metadata(self, version: RegistryVersion) -> DatasetMetadata:
+        """The version's ``metadata.json``, parsed and checked by :func:`ocm_ml.contract.parse_metadata`."""
+        path = contract.metadata_path(version.dataset)
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RegistryError(f"{path} at {version.tag} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise RegistryError(f"{path} at {version.tag} must be a JSON object, got {type(data).__name__}")
-        return data
+            return contract.parse_metadata(self.read_text(version, path), where=f"{path} at {version.tag}")
+        except ContractError as exc:
+            raise RegistryError(str(exc)) from None
+
+    @contextmanager
+    def parquet(self, version: RegistryVersion, path: str) -> Iterator[Any]:
+        """A registry parquet file (a split, the holdout) as a ``pyarrow.parquet.ParquetFile``: the one way
+        ocm opens one. Read row groups or batches from it inside the ``with``."""
+        import pyarrow.parquet as pq
+
+        with self.open(version, path) as fh:
+            try:
+                parquet = pq.ParquetFile(fh)
+            except Exception as exc:
+                raise RegistryError(f"{path} at {version.tag} is not a readable parquet file: {exc}") from exc
+            yield parquet
+
+    def iter_batches(self, version: RegistryVersion, path: str, columns: list[str] | None = None,
+                     batch_rows: int = BATCH_ROWS) -> Iterator[Any]:
+        """Stream a registry parquet file in record batches (never the whole table at once)."""
+        with self.parquet(version, path) as parquet:
+            yield from parquet.iter_batches(batch_size=batch_rows, columns=columns)
+
+    def dataset_version(self, version: RegistryVersion, kind: str) -> DatasetVersion:
+        """The typed record of ``version``: its split files (URL, md5) and its metadata, checked for a dataset
+        of ``kind`` (``image`` or ``text``)."""
+        metadata = self.read_metadata(version)
+        try:
+            metadata.require(kind, where=f"{contract.metadata_path(version.dataset)} at {version.tag}")
+        except ContractError as exc:
+            raise RegistryError(str(exc)) from None
+        files = {split: self.file_info(version, contract.split_path(version.dataset, split)) for split in SPLITS}
+        return DatasetVersion(registry_tag=version.tag, commit=version.commit, files=files, metadata=metadata)
 
     def holdout(self, dataset: str) -> RegistryVersion | None:
         """The dataset's fixed holdout (tag ``holdout/<dataset>``, file ``holdout/<dataset>.parquet``: rows no
@@ -317,9 +342,7 @@ class DvcRegistry(DataRegistry):
 
 
     def holdout(self, dataset: str) -> RegistryVersion | None:
-        from ocm_ml.contract import holdout_tag
-
-        tag = holdout_tag(dataset)
+        tag = contract.holdout_tag(dataset)
         commit = self._ls_remote_tags().get(tag)
         return None if commit is None else RegistryVersion(dataset, "holdout", tag, commit)
 
@@ -429,30 +452,24 @@ class RegistryPublisher:
 
     def _holdout_table(self, dataset: str):
         """The published holdout of ``dataset`` (read from git + the DVC cache at its tag), or None."""
-        import pyarrow.parquet as pq
-
-        from ocm_ml.contract import holdout_path, holdout_tag
-
-        tag = holdout_tag(dataset)
+        tag = contract.holdout_tag(dataset)
         if not self.has_tag(tag):
             return None
         reader = DvcRegistry(repo_url=str(self.root))
         version = RegistryVersion(dataset, "holdout", tag, self._git("rev-list", "-n", "1", tag).strip())
-        with reader.open(version, holdout_path(dataset)) as fh:
-            return pq.read_table(fh)
+        with reader.parquet(version, contract.holdout_path(dataset)) as parquet:
+            return parquet.read()
 
     def _refuse_holdout_overlap(self, dataset: str, train) -> None:
-        from ocm_ml.contract import holdout_tag, row_keys
-
         holdout = self._holdout_table(dataset)
         if holdout is None:
             return
-        held = set(row_keys(holdout))
-        overlap = [i for i, key in enumerate(row_keys(train)) if key in held]
+        held = set(contract.row_keys(holdout))
+        overlap = [i for i, key in enumerate(contract.row_keys(train)) if key in held]
         if overlap:
             raise RegistryError(
                 f"refusing to publish {dataset}: {len(overlap)} row(s) of the train split are in the holdout "
-                f"{holdout_tag(dataset)} (first train rows: {overlap[:5]}). No version may train on the "
+                f"{contract.holdout_tag(dataset)} (first train rows: {overlap[:5]}). No version may train on the "
                 "holdout: remove those rows (ocm's own versions are built from the data minus the holdout)."
             )
 
@@ -461,17 +478,15 @@ class RegistryPublisher:
         ``holdout/<dataset>``. A holdout is never replaced: every model is judged on the same rows."""
         import pyarrow.parquet as pq
 
-        from ocm_ml.contract import holdout_path, holdout_tag
-
         if not self.is_initialised():
             raise RegistryError(f"{self.root} is not a registry; run `ocm registry init` first")
-        tag = holdout_tag(dataset)
+        tag = contract.holdout_tag(dataset)
         if self.has_tag(tag):
             raise RegistryError(
                 f"{tag} already exists in {self.root}: a holdout is fixed, so that every model version of "
                 f"{dataset} is judged on the same rows"
             )
-        path = self.root / holdout_path(dataset)
+        path = self.root / contract.holdout_path(dataset)
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path, row_group_size=8192, compression="zstd")
         rel = str(path.relative_to(self.root))

@@ -52,10 +52,10 @@ def test_image_dataset_and_preprocessing(image_registry):
     assert [c.name for c in meta(ds, "dagster/column_schema").columns] == ["image", "label"]
     assert ds.tags["dagster/data_version"] == f"{md5['train']}+{md5['val']}"
     pre = mats[preprocessing_key(FASHION)]
-    published = reg.read_metadata(v1)["normalization"]
-    assert meta(pre, "mean") == pytest.approx(published["mean"]) and meta(pre, "std") == pytest.approx(published["std"])
+    published = reg.read_metadata(v1).normalization
+    assert meta(pre, "mean") == pytest.approx(published.mean) and meta(pre, "std") == pytest.approx(published.std)
     assert checks["schema"].passed and checks["normalization_matches_data"].passed
-    assert checks["normalization_matches_data"].metadata["recomputed_mean"].value == pytest.approx(published["mean"])
+    assert checks["normalization_matches_data"].metadata["recomputed_mean"].value == pytest.approx(published.mean)
 
 
 def test_data_version_follows_content_not_tag(image_registry):

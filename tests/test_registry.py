@@ -45,7 +45,7 @@ def test_publish_list_resolve_read(registry):
     assert pq.read_table(info.url).equals(tables["train"])
     with reg.open(v1, "fashion-mnist/val.parquet") as fh:
         assert pq.read_table(fh).num_rows == tables["val"].num_rows
-    assert reg.read_metadata(v1)["classes"][0] == "T-shirt/top"
+    assert reg.read_metadata(v1).classes[0] == "T-shirt/top"
 
 
 def test_versions_sorted_by_semver_and_malformed_reported(registry):
@@ -163,7 +163,7 @@ def test_cli_publishes_from_idx_files_and_csv(tmp_path):
     assert out.returncode == 0, out.stderr
     reg = DvcRegistry(repo_url=str(home / "registry"))
     v11 = reg.resolve("fashion-mnist-v1.1.0")
-    meta = reg.read_metadata(v11)
+    meta = reg.read_metadata(v11).raw
     assert meta["rows"] == {"train": 100, "val": 24} and "re-split with seed 3" in meta["source"]
     assert meta["normalization"]["mean"] == pytest.approx(train.images.mean() / 255, abs=0.05)
 
@@ -194,7 +194,7 @@ def test_text_versions_publish(tmp_path):
     pub, reg = new_registry(tmp_path)
     tables, metadata = text_version()
     v = pub.publish("tweet-sentiment", "1.0.0", tables, metadata)
-    assert reg.read_metadata(v)["label_map"]["2"] == "positive"
+    assert reg.read_metadata(v).label_map["2"] == "positive"
 
 
 # --- git without a terminal, with a deadline -------------------------------------------------------------

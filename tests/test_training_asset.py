@@ -83,7 +83,7 @@ def test_ddp_materialization_logs_registers_and_predicts(stack):
     images = image_split(5, 42).images
     out = loaded.predict(pd.DataFrame({"image": [img.tolist() for img in images]}))  # 28x28 nested lists
     assert list(out.columns) == ["class_id", "class_name", "confidence"] and len(out) == 5
-    assert set(out["class_name"]) <= set(reg.read_metadata(v1)["classes"])
+    assert set(out["class_name"]) <= set(reg.read_metadata(v1).classes)
     flat = loaded.predict(pd.DataFrame({"image": [img.reshape(-1).tolist() for img in images]}))
     assert flat["class_id"].tolist() == out["class_id"].tolist()
     assert version.tags["val_accuracy"] == f"{md['val_accuracy']:.6f}"

@@ -1,10 +1,10 @@
 """A plain LightningModule around the 1-channel ResNet18: Adam, cross-entropy, loss and accuracy.
 
-Optimizer: Adam (fused kernel, see ``build_optimizer``). Learning rate: ``lr_schedule="onecycle"`` (default
-when the number of steps is known) warms up linearly to ``learning_rate`` over the first quarter of the steps
-and anneals it with a cosine to 1 % at the last one — the weights a short run ends with are then those of a
-small learning rate, which is worth several points of accuracy after one epoch; ``"constant"`` keeps Adam at
-``learning_rate``.
+Optimizer: Adam (fused kernel, see ``build_optimizer``). Learning rate: ``lr_schedule="onecycle"`` (the
+default, as in ``TrainSettings``; it needs ``total_steps`` or batches with a length) warms up linearly to
+``learning_rate`` over the first quarter of the steps and anneals it with a cosine to 1 % at the last one — the
+weights a short run ends with are then those of a small learning rate, which is worth several points of
+accuracy after one epoch; ``"constant"`` keeps Adam at ``learning_rate``.
 
 Batches are ``(x, y)``: ``x`` float (N, 1, 28, 28) already normalized (see ``model.normalize_pixels``), ``y``
 int64 (N,). Nothing here knows about Ray: ``train.py`` wraps it in Ray's DDP strategy.
@@ -15,6 +15,7 @@ Logged metrics (epoch level, averaged over every worker): ``train_loss``, ``trai
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning
@@ -23,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ocm_ml.vision.model import build_resnet18
+from ocm_ml.vision.settings import DEFAULT_LR_SCHEDULE, LR_SCHEDULES
 
 LIGHTNING_CHECKPOINT_NAME = "checkpoint.ckpt"  # what ray.train.lightning.RayTrainReportCallback writes
 
@@ -42,8 +44,8 @@ class ImageClassifier(lightning.LightningModule):
     >>> logits = module(torch.zeros(2, 1, 28, 28))  # (2, 10)
     """
 
-    def __init__(self, num_classes: int = 10, learning_rate: float = 1e-3, lr_schedule: str = "constant",
-                 total_steps: int | None = None):
+    def __init__(self, num_classes: int = 10, learning_rate: float = 1e-3,
+                 lr_schedule: str = DEFAULT_LR_SCHEDULE, total_steps: int | None = None):
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
@@ -80,14 +82,17 @@ class ImageClassifier(lightning.LightningModule):
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.parameters(), self.hparams.learning_rate)
-        total = self.hparams.total_steps
-        if self.hparams.lr_schedule != "onecycle" or not total:
+        if self.hparams.lr_schedule != "onecycle":
             return optimizer
+        total = self.hparams.total_steps or self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
+            raise ValueError(
+                "lr_schedule='onecycle' needs the number of optimizer steps, and the training batches have no "
+                "length: pass total_steps=epochs * batches_per_epoch, or lr_schedule='constant'"
+            )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle(int(total)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-
-LR_SCHEDULES = ("onecycle", "constant")
 
 
 def build_optimizer(parameters, learning_rate: float) -> torch.optim.Optimizer:
@@ -102,8 +107,6 @@ def build_optimizer(parameters, learning_rate: float) -> torch.optim.Optimizer:
 def one_cycle(total_steps: int, warmup: float = 0.25, start: float = 0.1, end: float = 0.01):
     """Multiplier of the peak learning rate at each step: linear ``start`` -> 1 over ``warmup`` of the steps,
     cosine 1 -> ``end`` over the rest; ``end`` after ``total_steps`` (never fails on an extra step)."""
-    import math
-
     up = max(1, int(total_steps * warmup))
 
     def factor(step: int) -> float:

@@ -24,6 +24,8 @@ How it fits together:
   calling thread as records arrive.
 - A run is identified by ``storage_path/run_name``: starting a run whose folder already holds a Ray Train
   run resumes that run (Ray Train's behaviour), so give every new run a new name.
+- Settings travel whole: the driver checks :class:`~ocm_ml.vision.settings.TrainSettings` once
+  (``validate_settings``) and sends its fields; each worker rebuilds the same object from them.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import lightning
@@ -49,6 +50,9 @@ from torch import nn
 
 from ocm_ml.vision.lightning_module import LIGHTNING_CHECKPOINT_NAME, ImageClassifier, load_network
 from ocm_ml.vision.model import normalize_pixels
+from ocm_ml.vision.settings import GRADIENT_COMPRESSION, TrainSettings, validate_settings
+
+__all__ = ["EPOCH_KEYS", "TrainResult", "TrainSettings", "train_fashion_mnist", "validate_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,93 +72,6 @@ DATA_TASK_CPUS = 0  # logical CPUs per Ray Data read task; see _read_images
 DDP_KWARGS = {"gradient_as_bucket_view": True}
 # gradient_compression -> torch's DDP communication hook (default_hooks.<name>); "none": plain float32
 _COMM_HOOKS = {"bf16": "bf16_compress_hook", "fp16": "fp16_compress_hook", "none": None}
-GRADIENT_COMPRESSION = tuple(_COMM_HOOKS)
-
-
-@dataclass
-class TrainSettings:
-    """How to train: scale, batch and optimiser.
-
-    ``batch_size`` is per worker (the global batch is ``num_workers * batch_size``). ``row_limit`` caps the rows
-    read from each of the train and val files (for quick runs). ``max_failures`` is how many times Ray Train
-    restarts the worker group after a worker failure before giving up. ``gradient_compression`` is the format
-    DDP all-reduces gradients in (``bf16``/``fp16`` halve the bytes each step sends; the averaged gradient is
-    cast back to float32 before Adam; ``none`` sends float32), see ``comm_hook``. ``prefetch_batches`` is how
-    many batches Ray Data prepares ahead in each worker.
-    """
-
-    num_workers: int = 2
-    cpus_per_worker: int = 1
-    gpus_per_worker: int = 0
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    epochs: int = 1
-    row_limit: int | None = None
-    seed: int = 0
-    max_failures: int = 2
-    lr_schedule: str = "onecycle"
-    prefetch_batches: int = 1
-    gradient_compression: str = "bf16"
-
-
-def validate_settings(settings: TrainSettings, cluster_resources: dict) -> None:
-    """Fail fast, before anything is scheduled, on settings that cannot work on this cluster.
-
-    ``cluster_resources`` is what ``ray.cluster_resources()`` returns (``{"CPU": 2.0, ...}``). Raises
-    ``ValueError`` saying what was asked, what the cluster has and what to change.
-    """
-    problems: list[str] = []
-    if settings.num_workers < 1:
-        problems.append(
-            f"num_workers={settings.num_workers}: need at least 1 training worker; set num_workers >= 1."
-        )
-    if settings.cpus_per_worker < 0 or settings.gpus_per_worker < 0:
-        problems.append(
-            f"cpus_per_worker={settings.cpus_per_worker}, gpus_per_worker={settings.gpus_per_worker}: "
-            "resources per worker cannot be negative."
-        )
-    if settings.cpus_per_worker == 0 and settings.gpus_per_worker == 0:
-        problems.append("cpus_per_worker=0 and gpus_per_worker=0: each worker needs a CPU or a GPU.")
-    if settings.batch_size < 1:
-        problems.append(f"batch_size={settings.batch_size}: must be >= 1 (it is per worker).")
-    if settings.epochs < 1:
-        problems.append(f"epochs={settings.epochs}: must be >= 1.")
-    if not settings.learning_rate > 0:
-        problems.append(f"learning_rate={settings.learning_rate}: must be > 0.")
-    if settings.row_limit is not None and settings.row_limit < 1:
-        problems.append(f"row_limit={settings.row_limit}: must be >= 1, or None for every row.")
-    if settings.lr_schedule not in ("onecycle", "constant"):
-        problems.append(f"lr_schedule={settings.lr_schedule!r}: must be 'onecycle' or 'constant'.")
-    if settings.gradient_compression not in GRADIENT_COMPRESSION:
-        problems.append(
-            f"gradient_compression={settings.gradient_compression!r}: must be one of {', '.join(GRADIENT_COMPRESSION)}."
-        )
-    if settings.prefetch_batches < 0:
-        problems.append(f"prefetch_batches={settings.prefetch_batches}: must be >= 0.")
-    if settings.max_failures < -1:
-        problems.append(f"max_failures={settings.max_failures}: must be >= 0 (or -1 for unlimited retries).")
-    if problems:
-        raise ValueError("Invalid training settings: " + " ".join(problems))
-
-    workers = settings.num_workers
-    # The Train controller runs with num_cpus=0, so the driver side adds nothing to the request.
-    want_cpus = workers * settings.cpus_per_worker
-    have_cpus = float(cluster_resources.get("CPU", 0))
-    if want_cpus > have_cpus:
-        fit = int(have_cpus // settings.cpus_per_worker) if settings.cpus_per_worker else 0
-        raise ValueError(
-            f"Training asks for {want_cpus} CPUs ({workers} workers x {settings.cpus_per_worker} CPU each) but the "
-            f"Ray cluster has {have_cpus:g} CPUs in total. Lower num_workers to {max(fit, 0)} or fewer, lower "
-            "cpus_per_worker, or use a bigger cluster."
-        )
-    want_gpus = workers * settings.gpus_per_worker
-    have_gpus = float(cluster_resources.get("GPU", 0))
-    if want_gpus > have_gpus:
-        raise ValueError(
-            f"Training asks for {want_gpus} GPUs ({workers} workers x {settings.gpus_per_worker} GPU each) but the "
-            f"Ray cluster has {have_gpus:g} GPUs. Set gpus_per_worker=0 to train on CPUs, lower num_workers, or "
-            "use a cluster with GPUs."
-        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,7 +145,7 @@ def comm_hook(compression: str):
     return getattr(default_hooks, name) if name else None
 
 
-def _ddp_strategy(compression: str, ddp_kwargs: dict):
+def _ddp_strategy(compression: str, ddp_kwargs: dict | None = None):
     """Ray's DDP strategy with the gradient communication hook registered on any device.
 
     Lightning's ``DDPStrategy`` registers ``ddp_comm_hook`` only on CUDA; gloo (CPU) runs the same hooks.
@@ -242,17 +159,18 @@ def _ddp_strategy(compression: str, ddp_kwargs: dict):
             elif self._ddp_comm_hook is not None:  # CPU (gloo): DDP has no device_ids
                 self.model.register_comm_hook(self._ddp_comm_state, self._ddp_comm_hook)
 
-    return _RayDDPStrategy(ddp_comm_hook=comm_hook(compression), **ddp_kwargs)
+    return _RayDDPStrategy(ddp_comm_hook=comm_hook(compression), **(DDP_KWARGS if ddp_kwargs is None else ddp_kwargs))
+
+
+def worker_config(settings: TrainSettings, mean: float, std: float, total_steps: int | None) -> dict[str, Any]:
+    """What the driver sends every worker: the settings' fields whole, the normalization, the number of
+    classes and the schedule's step count (None: no schedule needs it)."""
+    return {"settings": asdict(settings), "mean": float(mean), "std": float(std), "num_classes": NUM_CLASSES,
+            "total_steps": total_steps}
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs in every Ray Train worker.
-
-    ``config`` keys: mean, std, batch_size (per worker), learning_rate, epochs, seed, num_classes,
-    cpus_per_worker, use_gpu; optional: prefetch_batches and gradient_compression (defaults: ``TrainSettings``'s),
-    lr_schedule, total_steps, and ddp_kwargs (extra ``DistributedDataParallel``
-    arguments, merged over ``DDP_KWARGS``).
-    """
+    """Runs in every Ray Train worker; ``config`` is :func:`worker_config`'s."""
     import ray.train
     from ray.train.lightning import (
         RayLightningEnvironment,
@@ -260,34 +178,28 @@ def train_loop_per_worker(config: dict) -> None:
         prepare_trainer,
     )
 
-    lightning.seed_everything(int(config["seed"]), workers=True, verbose=False)
+    settings = TrainSettings(**config["settings"])
+    lightning.seed_everything(settings.seed, workers=True, verbose=False)
     # Ray sets OMP_NUM_THREADS from the worker's CPUs; make torch agree even if it was imported earlier.
-    threads = max(int(config.get("cpus_per_worker", 1)), 1)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(max(settings.cpus_per_worker, 1))
 
     collate = ImageBatchCollate(config["mean"], config["std"])
-    batch_size = int(config["batch_size"])
     train_batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=batch_size,
-        collate_fn=collate,
-        prefetch_batches=int(config.get("prefetch_batches", TrainSettings.prefetch_batches)),
+        batch_size=settings.batch_size, collate_fn=collate, prefetch_batches=settings.prefetch_batches,
     )
     val_batches = ray.train.get_dataset_shard("val").iter_torch_batches(
-        batch_size=batch_size, collate_fn=collate
+        batch_size=settings.batch_size, collate_fn=collate
     )
 
     module = ImageClassifier(
-        num_classes=int(config.get("num_classes", NUM_CLASSES)), learning_rate=config["learning_rate"],
-        lr_schedule=config.get("lr_schedule", "constant"), total_steps=config.get("total_steps"),
+        num_classes=config["num_classes"], learning_rate=settings.learning_rate,
+        lr_schedule=settings.lr_schedule, total_steps=config["total_steps"],
     )
     trainer = lightning.Trainer(
-        max_epochs=int(config["epochs"]),
-        accelerator="gpu" if config.get("use_gpu") else "cpu",
+        max_epochs=settings.epochs,
+        accelerator="gpu" if settings.use_gpu else "cpu",
         devices="auto",
-        strategy=_ddp_strategy(
-            config.get("gradient_compression", TrainSettings.gradient_compression),
-            {**DDP_KWARGS, **config.get("ddp_kwargs", {})},
-        ),
+        strategy=_ddp_strategy(settings.gradient_compression),
         plugins=[RayLightningEnvironment()],
         callbacks=[_EpochThroughput(), RayTrainReportCallback()],
         enable_checkpointing=False,
@@ -386,12 +298,6 @@ class TrainResult:
         checkpoint = Checkpoint(self.checkpoint_path, filesystem=self.storage_filesystem)
         with checkpoint.as_directory() as folder:
             return load_network(folder)
-
-    def summary(self) -> dict[str, Any]:
-        """Plain, JSON-able fields (for metadata/MLflow params)."""
-        data = asdict(self)
-        data.pop("storage_filesystem", None)
-        return data
 
 
 def _data_filesystem(url: str, data_filesystem, storage_filesystem):
@@ -499,30 +405,15 @@ def train_fashion_mnist(
         rows = train_ds.count()
         total_steps = settings.epochs * max(1, math.ceil((rows // settings.num_workers) / settings.batch_size))
 
-    use_gpu = settings.gpus_per_worker > 0
     resources = {"CPU": settings.cpus_per_worker}
-    if use_gpu:
+    if settings.use_gpu:
         resources["GPU"] = settings.gpus_per_worker
     events = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "mean": float(mean),
-            "std": float(std),
-            "batch_size": settings.batch_size,
-            "learning_rate": settings.learning_rate,
-            "epochs": settings.epochs,
-            "seed": settings.seed,
-            "num_classes": NUM_CLASSES,
-            "cpus_per_worker": settings.cpus_per_worker,
-            "use_gpu": use_gpu,
-            "lr_schedule": settings.lr_schedule,
-            "total_steps": total_steps,
-            "prefetch_batches": settings.prefetch_batches,
-            "gradient_compression": settings.gradient_compression,
-        },
+        train_loop_config=worker_config(settings, mean, std, total_steps),
         scaling_config=ScalingConfig(
-            num_workers=settings.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=settings.num_workers, use_gpu=settings.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
             name=run_name,
@@ -642,8 +533,3 @@ def train_fashion_mnist(
         failures=failures,
         storage_filesystem=storage_filesystem,
     )
-
-
-def checkpoint_file(checkpoint_path: str | Path) -> Path:
-    """The Lightning ``.ckpt`` inside a local Ray Train checkpoint folder."""
-    return Path(checkpoint_path) / LIGHTNING_CHECKPOINT_NAME

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from ocm_ml.vision.train import TrainSettings, checkpoint_file, train_fashion_mnist
+    from ocm_ml.vision.lightning_module import LIGHTNING_CHECKPOINT_NAME
+    from ocm_ml.vision.train import TrainSettings, train_fashion_mnist
     from ocm_resources.storage import CheckpointStorage
 
     storage = CheckpointStorage(
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "workers_after": after,
         "storage_path": storage_path,
         "checkpoint_path": result.checkpoint_path,
-        "checkpoint_file": str(checkpoint_file(result.checkpoint_path)),
+        "checkpoint_file": f"{result.checkpoint_path}/{LIGHTNING_CHECKPOINT_NAME}",
         "loaded_parameters": sum(p.numel() for p in network.parameters()),
         "run_path": result.run_path,
         "num_workers": result.num_workers,

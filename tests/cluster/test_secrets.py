@@ -3,18 +3,12 @@
 (params, tags, metrics) or the MLflow server's log.
 
 The run uses the real cluster resources (OCM_ENV=cluster, build_resources) with a token and basic-auth
-credentials for MLflow and access keys for S3: RemoteMlflow against an `mlflow server` on 127.0.0.1 (slow:
+credentials for MLflow and access keys for S3: RemoteMlflow against a basic-auth `mlflow server` on 127.0.0.1 (slow:
 the server takes a minute to start on a loaded machine) or, in the quick variant, against a sqlite tracking
 URI; CheckpointStorage against an S3 server on 127.0.0.1; a git+DVC registry. It materializes the data assets and a probe
 that does what `fashion_mnist/model` does with these resources (lineage tags, the same MLflow params,
 a checkpoint folder on S3) without training."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 
 import dagster as dg
 import pytest
@@ -23,10 +17,12 @@ from dagster._serdes import serialize_value
 from ocm_assets.build import family_assets
 from ocm_assets.data import dataset_key, partitions_for, preprocessing_key
 from ocm_assets.families import family
+from ocm_ml.contract import DatasetMetadata, DatasetVersion
 from ocm_resources.env import build_resources
 from ocm_resources.mlflow import MlflowTracking
 from ocm_resources.storage import CheckpointStorage
 from tests.cluster.helpers import IDENTITIES, REGION, SECRETS, free_port, s3_keys, set_env
+from tests.mlflow_server import mlflow_server as mlflow_server_process
 from tests.registry_helpers import image_version, new_registry
 
 FASHION = family("fashion_mnist")
@@ -35,36 +31,11 @@ PROBE = dg.AssetKey(["fashion_mnist", "secrets_probe"])
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """`mlflow server` (sqlite backend, proxied local artifacts) on a free port; killed by process group."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = (root / "server.log").open("w")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-    server = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("mlflow server did not come up:\n" + (root / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
-        yield {"url": url, "log": root / "server.log"}
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-        log.close()
+    """A real `mlflow server` with MLflow's basic-auth app; its admin is the run's MLflow user."""
+    with mlflow_server_process(tmp_path_factory.mktemp("mlflow-server"),
+                               username=IDENTITIES["MLFLOW_TRACKING_USERNAME"],
+                               password=SECRETS["MLFLOW_TRACKING_PASSWORD"]) as server:
+        yield server
 
 
 @dg.asset(
@@ -74,7 +45,7 @@ def mlflow_server(tmp_path_factory):
 )
 def secrets_probe(
     context: dg.AssetExecutionContext, mlflow: MlflowTracking, checkpoints: CheckpointStorage,
-    dataset: dict, preprocessing: dict,
+    dataset: DatasetVersion, preprocessing: DatasetMetadata,
 ) -> dg.MaterializeResult:
     """The resource calls of fashion_mnist/model, minus training: lineage tags and the same params."""
     import mlflow as mlflow_lib
@@ -88,8 +59,8 @@ def secrets_probe(
         out.write(b"weights")
     tags = lineage(mlflow, context, dataset)
     with mlflow.start_run(f"{mlflow.env_name}.{FASHION.dataset}", run_name=f"{tag} probe", tags=tags) as run:
-        mlflow_lib.log_params({**VisionTrainConfig().model_dump(), "data_tag": tag, "mean": preprocessing["mean"],
-                               "std": preprocessing["std"], "storage_path": storage_path})
+        mlflow_lib.log_params({**VisionTrainConfig().model_dump(), "data_tag": tag, "mean": preprocessing.normalization.mean,
+                               "std": preprocessing.normalization.std, "storage_path": storage_path})
         mlflow_lib.log_metric("val_accuracy", 0.5)
     context.log.info(f"probe run {run.info.run_id} at {storage_path}")
     return dg.MaterializeResult(metadata={
@@ -102,7 +73,7 @@ def secrets_probe(
 def test_no_secret_in_logs_metadata_or_mlflow(tracking, request, s3, tmp_path, monkeypatch, capfd):
     if tracking == "server":
         server = request.getfixturevalue("mlflow_server")
-        tracking_uri, server_log = server["url"], server["log"].read_text
+        tracking_uri, server_log = server.url, server.log_text
     else:
         tracking_uri, server_log = f"sqlite:///{tmp_path / 'mlflow.db'}", None
     pub, _ = new_registry(tmp_path)
@@ -129,8 +100,8 @@ def test_no_secret_in_logs_metadata_or_mlflow(tracking, request, s3, tmp_path, m
         [*data_assets, secrets_probe], partition_key=version.tag, resources=resources, instance=instance,
     )
     assert result.success
-    # the secrets were really used: the MLflow client was handed the token, the checkpoint reached S3
-    assert os.environ["MLFLOW_TRACKING_TOKEN"] == SECRETS["MLFLOW_TRACKING_TOKEN"]
+    # the secrets were really used: the checkpoint reached S3, and (server) the basic-auth MLflow server, which
+    # answers 401 to anyone else, authenticated the run's requests as our user (checked below)
     probe = {e.asset_key: e.materialization for e in result.get_asset_materialization_events()}[PROBE]
     checkpoint = probe.metadata["checkpoint_path"].value
     assert s3_keys(s3, "ocm-checkpoints", checkpoint.split("/", 1)[1]) == [
@@ -160,7 +131,33 @@ def test_no_secret_in_logs_metadata_or_mlflow(tracking, request, s3, tmp_path, m
     assert run.data.tags["mlflow.user"] == IDENTITIES["MLFLOW_TRACKING_USERNAME"]  # MLflow's design
     if server_log is not None:
         assert "/api/2.0/mlflow/runs/create" in texts["mlflow server log"]
+        assert_credentials_travelled(tracking_uri, run.info.experiment_id)
     assert any("probe run" in (r.user_message or "") for r in records)
     # ... and no secret value in any of them
     leaks = [(where, name) for where, text in texts.items() for name, value in SECRETS.items() if value in text]
     assert leaks == []
+
+
+def assert_credentials_travelled(url: str, experiment_id: str) -> None:
+    """The server saw the run's credentials: the run exists on it, and it refuses a request for its
+    experiment without credentials or with a wrong password, and answers the right ones."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    def status(path: str, user: str | None, password: str | None) -> int:
+        request = urllib.request.Request(f"{url}{path}")
+        if user is not None:
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    user, password = IDENTITIES["MLFLOW_TRACKING_USERNAME"], SECRETS["MLFLOW_TRACKING_PASSWORD"]
+    path = f"/api/2.0/mlflow/experiments/get?experiment_id={experiment_id}"
+    assert status(path, None, None) == 401
+    assert status(path, user, "wrong-password") == 401
+    assert status(path, user, password) == 200

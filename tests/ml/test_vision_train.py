@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from ocm_ml.vision import train as train_module
+from ocm_ml.vision.lightning_module import LIGHTNING_CHECKPOINT_NAME
 from ocm_ml.vision.model import build_resnet18, normalize_pixels
 from ocm_ml.vision.predictor import ImagePredictor
 from ocm_ml.vision.synthetic import images_table, synthetic_images, write_synthetic_parquet
@@ -26,7 +27,6 @@ from ocm_ml.vision.train import (
     ImageBatchCollate,
     TrainSettings,
     aggregate_worker_metrics,
-    checkpoint_file,
     pixels_from_arrow,
     train_fashion_mnist,
     validate_settings,
@@ -257,7 +257,7 @@ def test_two_worker_ddp_training_reports_epochs_live_and_checkpoints(ray_local, 
     assert result.train_rows == 320
     assert result.failures == []
     assert result.images_per_second > 0 and result.elapsed_seconds > 0
-    assert checkpoint_file(result.checkpoint_path).is_file()
+    assert (Path(result.checkpoint_path) / LIGHTNING_CHECKPOINT_NAME).is_file()
     assert Path(result.checkpoint_path).parent == tmp_path / "ddp"
 
     # The predictor built from the best checkpoint reproduces the reported validation accuracy.
@@ -304,7 +304,7 @@ def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(ray_loca
     assert result.failures, "the worker failure was not recorded"
     assert any("rank" in failure for failure in result.failures)
     assert killed[0] not in train_worker_pids()
-    assert checkpoint_file(result.checkpoint_path).is_file()
+    assert (Path(result.checkpoint_path) / LIGHTNING_CHECKPOINT_NAME).is_file()
     assert result.val_accuracy > 0.5
 
 
