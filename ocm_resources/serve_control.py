@@ -74,6 +74,13 @@ def _serve_details(name: str | None = None) -> dict[str, Any]:
 
     client = _get_global_client()
     details = client.get_serve_details()
+    if not any(group.get("app_name") for group in details.get("target_groups") or []):
+        # Under HAProxy ingress (ocm's local default, docs/performance.md) HAProxy is the only target listed;
+        # the replicas' own direct-ingress ports are the target groups the controller gives HAProxy.
+        import ray
+
+        groups = ray.get(client._controller.get_target_groups.remote(from_proxy_manager=True))
+        details["target_groups"] = [group.model_dump(mode="json") for group in groups]
     app = (details.get("applications") or {}).get(name) if name else None
     for dep_name, dep in ((app or {}).get("deployments") or {}).items():
         dep["code_version"] = client.get_deployment_info(dep_name, name)[0].version
@@ -207,7 +214,8 @@ class ServeControl(dg.ConfigurableResource):
         for group in details.get("target_groups") or []:
             if group.get("app_name") == name and str(group.get("protocol", "")).upper().endswith("HTTP"):
                 for target in group.get("targets") or []:
-                    if target.get("port") != http.get("port"):
+                    if target.get("port") != http.get("port") and not str(target.get("name")).startswith(
+                            "SERVE_PROXY"):  # nor the fallback proxy HAProxy has while no replica runs
                         # Replicas bind the proxy's host: on a loopback-only cluster their node IP is unreachable.
                         direct.append(f"http://{host if loopback else target['ip']}:{target['port']}{prefix}")
         return {"proxy": f"http://{proxy_host}:{http.get('port', 8000)}{prefix}", "direct": sorted(direct)}

@@ -261,7 +261,8 @@ def ray_up(stack: Stack) -> None:
         (stack.ray_tmp / "ray_current_cluster").unlink(missing_ok=True)
         log = stack.logs / "ray-head.log"
         offset = log.stat().st_size if log.exists() else 0
-        # Serve's throughput-optimized direct ingress must be in the head's environment before it starts.
+        # Serve's ingress (HAProxy on the Serve port in front of the replicas' direct-ingress ports,
+        # ocm_resources.env.serve_ingress_environment) must be in the head's environment before it starts.
         # RAY_ADDRESS in the head's environment pins Ray's own helper processes (e.g. Train's placement-group
         # cleaner) to this cluster when other Ray instances run on the machine. Idle worker processes are
         # kept a minute (Ray: 1 s), so each training epoch's data read starts warm (IDLE_WORKER_KEEP_MS).
