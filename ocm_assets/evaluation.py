@@ -13,6 +13,7 @@ from ocm_assets.data import iter_batches, partitions_for
 from ocm_assets.families import Family
 from ocm_assets.reuse import serves_partition
 from ocm_assets.training import log_bytes, markdown_png, model_key
+from ocm_ml.evaluation import TFIDF_LR
 from ocm_resources.mlflow import MlflowTracking
 from ocm_resources.registry import DataRegistry, RegistryVersion
 
@@ -91,6 +92,29 @@ def _majority(fam: Family, registry: DataRegistry, partition: str, scores: dict)
     return out
 
 
+def _tfidf_baseline(registry: DataRegistry, partition: str, streams: dict, class_names: list[str],
+                    batch_size: int) -> dict:
+    """TF-IDF + logistic regression fitted on the partition's whole training split, scored on the same rows as
+    the models (the ``streams``)."""
+    from ocm_ml.evaluation import TfidfLogisticRegression, score_stream
+
+    texts: list[str] = []
+    labels: list[int] = []
+    for batch in iter_batches(registry, registry.resolve(partition), "train", columns=["text", "label"]):
+        texts.extend(batch.column("text").to_pylist())
+        labels.extend(batch.column("label").to_pylist())
+    reference = TfidfLogisticRegression.fit(texts, labels, class_names)
+    index = {name: i for i, name in enumerate(class_names)}
+
+    def to_ids(predicted):
+        import numpy as np
+
+        return np.asarray([index[p] for p in predicted], dtype=np.int64)
+
+    return {split: score_stream(reference.predict, open_stream(), class_names, to_ids=to_ids,
+                                batch_size=batch_size) for split, open_stream in streams.items()}
+
+
 def build_evaluation_asset(fam: Family) -> dg.AssetsDefinition:
     key = evaluation_key(fam)
 
@@ -131,8 +155,14 @@ def build_evaluation_asset(fam: Family) -> dg.AssetsDefinition:
         results = evaluate({f"v{versions[label].version} ({label})": bundle.predict for label, bundle in bundles.items()},
                            streams, class_names, kind=fam.kind, batch_size=config.batch_size)
         seconds = time.perf_counter() - start
-        baselines = _majority(fam, registry, partition, next(iter(results.values())))
-        table = comparison_markdown(results, SPLITS)
+        baselines = {"majority": _majority(fam, registry, partition, next(iter(results.values())))}
+        reference = {}
+        if fam.kind == "text":
+            reference = _tfidf_baseline(registry, partition, streams, class_names, config.batch_size)
+            baselines[TFIDF_LR] = {split: {"accuracy": s.accuracy, "macro_f1": s.macro_f1}
+                                   for split, s in reference.items()}
+        table = comparison_markdown({**results, **({"TF-IDF + LR (baseline)": reference} if reference else {})},
+                                    SPLITS)
         labels = dict(zip(versions, results, strict=True))
         record = {
             "partition": partition,
@@ -140,7 +170,7 @@ def build_evaluation_asset(fam: Family) -> dg.AssetsDefinition:
             "champion_version": int(champion.version) if champion is not None else None,
             "holdout_commit": holdout_commit,
             "scores": {role: {split: s.to_dict() for split, s in results[labels[role]].items()} for role in versions},
-            "baselines": {"majority": baselines},
+            "baselines": baselines,
             "seconds": seconds,
         }
         png = confusion_png({label: per["holdout"].confusion for label, per in results.items()}, class_names,
@@ -159,7 +189,13 @@ def build_evaluation_asset(fam: Family) -> dg.AssetsDefinition:
             "challenger_holdout_macro_f1": holdout["challenger"].macro_f1,
             **({"champion_holdout_accuracy": holdout["champion"].accuracy,
                 "champion_holdout_macro_f1": holdout["champion"].macro_f1} if "champion" in holdout else {}),
-            "majority_holdout_accuracy": baselines["holdout"]["accuracy"],
+            "majority_holdout_accuracy": baselines["majority"]["holdout"]["accuracy"],
+            **({"tfidf_lr_holdout_accuracy": baselines[TFIDF_LR]["holdout"]["accuracy"],
+                "tfidf_lr_holdout_macro_f1": baselines[TFIDF_LR]["holdout"]["macro_f1"],
+                "tfidf_lr_val_accuracy": baselines[TFIDF_LR]["val"]["accuracy"],
+                "tfidf_lr_val_macro_f1": baselines[TFIDF_LR]["val"]["macro_f1"]} if TFIDF_LR in baselines else {}),
+            "challenger_val_accuracy": results[labels["challenger"]]["val"].accuracy,
+            "challenger_val_macro_f1": results[labels["challenger"]]["val"].macro_f1,
             "holdout_rows": holdout["challenger"].rows,
             "val_rows": results[labels["challenger"]]["val"].rows,
             "evaluation_seconds": dg.MetadataValue.float(seconds),
@@ -187,6 +223,8 @@ def _log_evaluation_run(context, mlflow: MlflowTracking, fam: Family, record: di
                    for m in ("accuracy", "macro_f1", "ece", "latency_ms_per_batch")}
         metrics.update({f"majority_{split}_accuracy": b["accuracy"]
                         for split, b in record["baselines"]["majority"].items()})
+        metrics.update({f"{TFIDF_LR}_{split}_{m}": float(b[m])
+                        for split, b in record["baselines"].get(TFIDF_LR, {}).items() for m in ("accuracy", "macro_f1")})
         mlflow_lib.log_metrics(metrics)
         mlflow_lib.log_text(table, "comparison.md")
         mlflow_lib.log_text(json.dumps(record, indent=2), "evaluation.json")

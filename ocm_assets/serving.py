@@ -119,7 +119,7 @@ def build_champion_asset(fam: Family) -> dg.AssetsDefinition:
         challenger = record["challenger_version"]
         decision = decide(
             _holdout_figures(record, "challenger"), _holdout_figures(record, "champion"), gate,
-            baselines={"majority": record["baselines"]["majority"]["holdout"]} if gate.baseline_margins else None,
+            baselines={name: figures["holdout"] for name, figures in record["baselines"].items()},
             same_version=current_version == challenger,
         )
         name = mlflow.model_name(fam.dataset)

@@ -217,3 +217,41 @@ def comparison_markdown(results: dict[str, dict[str, Scores]], splits: Sequence[
 
 def _short(name: str) -> str:
     return name if len(name) <= 10 else name[:9] + "…"
+
+
+#: The text reference model every text evaluation scores: its name in ``baselines`` and in the gate.
+TFIDF_LR = "tfidf_lr"
+
+
+class TfidfLogisticRegression:
+    """TF-IDF of word 1-2-grams (sublinear tf, terms in >= 2 texts) + multinomial logistic regression, fitted
+    on a training split in seconds: the reference a text model must beat to be worth serving.
+
+    >>> ref = TfidfLogisticRegression.fit(train_texts, train_label_ids, class_names)
+    >>> ref.predict(["what a great day"])       # (label names, confidences), like a model bundle
+    (['positive'], [0.81])
+    """
+
+    def __init__(self, vectorizer, classifier, class_names: Sequence[str]):
+        self.vectorizer, self.classifier, self.class_names = vectorizer, classifier, list(class_names)
+
+    @classmethod
+    def fit(cls, texts: Sequence[str], labels: Sequence[int], class_names: Sequence[str], *, C: float = 1.0,
+            seed: int = 0) -> TfidfLogisticRegression:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(texts) != len(labels) or len(texts) == 0:
+            raise ValueError(f"TF-IDF baseline: {len(texts)} texts and {len(labels)} labels; need as many, > 0")
+        if len(np.unique(labels)) < 2:
+            raise ValueError("TF-IDF baseline: the training split has a single label; nothing to fit")
+        vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2 if len(texts) >= 100 else 1)
+        features = vectorizer.fit_transform([str(t) for t in texts])
+        classifier = LogisticRegression(C=C, max_iter=1000, random_state=seed).fit(features, labels)
+        return cls(vectorizer, classifier, class_names)
+
+    def predict(self, texts: Sequence[str]) -> tuple[list[str], list[float]]:
+        proba = self.classifier.predict_proba(self.vectorizer.transform([str(t) for t in texts]))
+        ids = self.classifier.classes_[proba.argmax(axis=1)]
+        return [self.class_names[int(i)] for i in ids], proba.max(axis=1).tolist()

@@ -1,7 +1,9 @@
 """The champion gate: does a challenger replace the champion? Pure and deterministic.
 
 Both models' figures come from one evaluation on the same rows (the family's fixed holdout). A challenger is
-promoted only when it clears every floor, beats every baseline by its margin, and (when there is a champion)
+promoted only when it clears every floor, beats the majority-class predictor by ``baseline_margins``, beats every
+reference model of ``must_beat`` (e.g. TF-IDF + logistic regression fitted on the same training split) by
+its margin, and (when there is a champion)
 beats the champion's ``win_metric`` by at least ``win_margin``. A missing or non-finite figure never promotes,
 and neither does a tie.
 
@@ -18,28 +20,40 @@ from dataclasses import dataclass, field
 
 #: Metrics a gate may name (higher is better for each).
 GATE_METRICS = ("accuracy", "macro_f1")
+#: The baseline ``Gate.baseline_margins`` compares with: the training split's majority class.
+MAJORITY = "majority"
 
 
 @dataclass(frozen=True)
 class Gate:
-    """``floors``: least value of a metric; ``baseline_margins``: how far above each baseline's figure (e.g. the
-    majority-class predictor on the same rows) a metric must be; ``win_metric``/``win_margin``: the gain over
-    the champion needed to replace it (absolute, in the metric's units)."""
+    """``floors``: least value of a metric; ``baseline_margins``: how far above the majority-class predictor's
+    figure on the same rows (baseline ``"majority"``) a metric must be; ``must_beat``: other baselines by name,
+    each with the margin per metric the challenger must beat it by (``{"tfidf_lr": {"macro_f1": 0.0}}``: a
+    strictly higher macro-F1 than TF-IDF + LR); ``win_metric``/``win_margin``: the gain over the champion
+    needed to replace it (absolute, in the metric's units)."""
 
     floors: Mapping[str, float] = field(default_factory=dict)
     baseline_margins: Mapping[str, float] = field(default_factory=dict)
+    must_beat: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     win_metric: str = "accuracy"
     win_margin: float = 0.01
 
     def __post_init__(self) -> None:
-        for name in [*self.floors, *self.baseline_margins, self.win_metric]:
+        references = list(self.must_beat.values())
+        for name in [*self.floors, *self.baseline_margins, *(m for r in references for m in r), self.win_metric]:
             if name not in GATE_METRICS:
                 raise ValueError(f"unknown gate metric {name!r}; known: {', '.join(GATE_METRICS)}")
         if not self.win_margin >= 0:
             raise ValueError(f"win_margin must be >= 0, got {self.win_margin}")
-        for name, value in {**self.floors, **self.baseline_margins}.items():
+        for name, value in [*self.floors.items(), *self.baseline_margins.items(),
+                            *(item for r in references for item in r.items())]:
             if not math.isfinite(value):
                 raise ValueError(f"gate threshold for {name} must be a finite number, got {value}")
+        for baseline, margins in self.must_beat.items():
+            if baseline == MAJORITY:
+                raise ValueError("must_beat: the majority predictor's margins go in baseline_margins")
+            if any(v < 0 for v in margins.values()):
+                raise ValueError(f"must_beat[{baseline!r}]: margins must be >= 0, got {dict(margins)}")
 
 
 @dataclass(frozen=True)
@@ -81,8 +95,11 @@ def decide(
             ok = value >= floor
             rule(f"floor {metric}", value, floor, ok,
                  f"{metric} {value:.4f} {'clears' if ok else 'is below'} the floor {floor:.4f}")
-    for baseline_name, figures in (baselines or {}).items():
-        for metric, margin in gate.baseline_margins.items():
+    required = {**({MAJORITY: dict(gate.baseline_margins)} if gate.baseline_margins else {}),
+                **{name: dict(m) for name, m in gate.must_beat.items()}}
+    for baseline_name, margins in required.items():
+        figures = (baselines or {}).get(baseline_name)
+        for metric, margin in margins.items():
             value, base = _finite(challenger, metric), _finite(figures, metric)
             if value is None or base is None:
                 rule(f"{baseline_name} {metric}", value, None, False,
@@ -92,8 +109,6 @@ def decide(
             rule(f"{baseline_name} {metric}", value, base + margin, ok,
                  f"{metric} {value:.4f} {'beats' if ok else 'does not beat'} the {baseline_name} baseline's "
                  f"{base:.4f} by {margin:.4f}")
-    if gate.baseline_margins and not baselines:
-        rule("baselines", None, None, False, "the gate needs baseline figures and none were given")
     if champion is not None:
         value, current = _finite(challenger, gate.win_metric), _finite(champion, gate.win_metric)
         if value is None or current is None:

@@ -43,3 +43,16 @@ def test_a_row_limit_spreads_over_a_split_in_label_order():
 def test_labels_outside_the_classes_are_refused():
     with pytest.raises(ValueError, match="class ids must lie in 0..1"):
         score_stream(lambda x: (np.array([5]), np.array([1.0])), [(np.arange(1), np.array([0]))], ["a", "b"])
+
+
+def test_tfidf_baseline_fits_and_answers_label_names():
+    from ocm_ml.evaluation import TfidfLogisticRegression
+
+    words = {0: "awful terrible hate", 1: "table report tuesday", 2: "great love happy"}
+    texts = [f"{words[i % 3].split()[i % 2]} day {i}" for i in range(120)]
+    labels = [i % 3 for i in range(120)]
+    ref = TfidfLogisticRegression.fit(texts, labels, ["negative", "neutral", "positive"])
+    names, conf = ref.predict(["awful day", "great day", "table day"])
+    assert names == ["negative", "positive", "neutral"] and all(0.33 < c <= 1.0 for c in conf)
+    with pytest.raises(ValueError, match="single label"):
+        TfidfLogisticRegression.fit(["a b", "c d"], [1, 1], ["x", "y"])

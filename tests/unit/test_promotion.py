@@ -66,3 +66,23 @@ def test_same_version_and_bad_gates():
         Gate(floors={"loss": 0.1})
     with pytest.raises(ValueError, match="finite"):
         Gate(floors={"accuracy": math.nan})
+
+
+def test_a_challenger_below_the_tfidf_baseline_is_not_promoted():
+    from ocm_assets.families import TEXT_GATE
+
+    baselines = {"majority": {"accuracy": 0.44, "macro_f1": 0.2}, "tfidf_lr": {"accuracy": 0.76, "macro_f1": 0.738}}
+    below = decide({"accuracy": 0.74, "macro_f1": 0.712}, None, TEXT_GATE, baselines=baselines)
+    assert not below.promote
+    assert any("does not beat the tfidf_lr baseline's 0.7380" in r for r in below.reasons), below.reasons
+    tie = decide({"accuracy": 0.77, "macro_f1": 0.738}, None, TEXT_GATE, baselines=baselines)
+    assert not tie.promote
+    above = decide({"accuracy": 0.78, "macro_f1": 0.75}, None, TEXT_GATE, baselines=baselines)
+    assert above.promote and {c["check"] for c in above.checks} >= {"majority accuracy", "tfidf_lr macro_f1"}
+    # without the reference figures the text gate refuses: a missing baseline never promotes
+    assert not decide({"accuracy": 0.9, "macro_f1": 0.9}, None, TEXT_GATE,
+                      baselines={"majority": baselines["majority"]}).promote
+    with pytest.raises(ValueError, match="margins must be >= 0"):
+        Gate(must_beat={"tfidf_lr": {"macro_f1": -0.1}})
+    with pytest.raises(ValueError, match="unknown gate metric 'loss'"):
+        Gate(must_beat={"tfidf_lr": {"loss": 0.0}})
