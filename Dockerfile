@@ -49,6 +49,7 @@ COPY pyproject.toml README.md ./
 COPY ocm_assets ./ocm_assets
 COPY ocm_resources ./ocm_resources
 COPY ocm_ml ./ocm_ml
+COPY ocm_cli ./ocm_cli
 RUN pip install --no-deps /src
 
 # ---- runtime: the code-location server and the Ray node image ---------------------------------------------------

