@@ -104,9 +104,9 @@ def build_definitions(resources: dict | None = None, families: tuple[Family, ...
             *build_automation_sensors(fam, [k for k in conditions if k not in rollout_keys], rollout_keys),
         ]
         schedules.append(build_retrain_schedule(fam, job))
-        watch_assets, watch_sensors = monitoring.build_monitoring(fam, job)
-        assets += watch_assets
-        sensors += watch_sensors
+        watch_assets, watch_sensors, watch_jobs, watch_schedules = monitoring.build_monitoring(fam, job)
+        assets, sensors, jobs, schedules = (assets + watch_assets, sensors + watch_sensors, jobs + watch_jobs,
+                                            schedules + watch_schedules)
     return dg.Definitions(
         assets=assets,
         jobs=jobs,

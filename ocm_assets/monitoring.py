@@ -26,7 +26,9 @@ from ocm_resources.prediction_logs import PredictionLogStore
 from ocm_resources.registry import DataRegistry, RegistryVersion
 
 #: Hourly partitions (UTC) of the served traffic; the log's folders are ``date=YYYY-MM-DD/hour=HH``.
-HOURLY = dg.HourlyPartitionsDefinition(start_date="2026-11-01-00:00", timezone="UTC")
+#: The running hour is a partition too (``end_offset=1``): it can be checked while traffic arrives, and
+#: materialized again later; the schedule checks each hour once it is over.
+HOURLY = dg.HourlyPartitionsDefinition(start_date="2026-11-01-00:00", timezone="UTC", end_offset=1)
 DRIFT_CHECKS = ("input_drift", "prediction_drift")
 CHECKS = (*DRIFT_CHECKS, "confidence_collapse")
 
@@ -218,7 +220,6 @@ def build_served_traffic_asset(fam: Family) -> dg.AssetsDefinition:
         "confidence collapse. With `retrain_on_drift`, a drift failure asks for one retrain of the newest version.",
         kinds={"parquet"},
         tags={"ocm/family": fam.name},
-        automation_condition=dg.AutomationCondition.on_cron("5 * * * *"),
     )
     def served_traffic(context: dg.AssetExecutionContext, config: ServedTrafficConfig,
                        prediction_logs: PredictionLogStore, registry: DataRegistry, alerts: WebhookAlerts):
@@ -368,7 +369,8 @@ def build_drift_retrain_sensor(fam: Family, retrain_job) -> dg.SensorDefinition:
         requests = []
         for run_id, record in wanted.items():
             requests.append(dg.RunRequest(
-                run_key=f"drift:{run_id}", partition_key=partition,
+                # one retrain per registry version and drifted hour, however often that hour is checked again
+                run_key=f"drift:{partition}:{record.partition or run_id}", partition_key=partition,
                 tags={"ocm/family": fam.name, "ocm/trigger": "drift", "ocm/drift_run": run_id,
                       "ocm/drift_check": record.key.name,
                       "ocm/drift_partition": record.partition or ""}))
@@ -439,16 +441,31 @@ def build_alert_sensor(fam: Family) -> dg.SensorDefinition:
     return alert_sensor
 
 
-def build_monitoring(fam: Family, retrain_job) -> tuple[list[dg.AssetsDefinition], list[dg.SensorDefinition]]:
+def build_monitoring(fam: Family, retrain_job):
+    """``served_traffic``, its sensors, its job and the hourly schedule: (assets, sensors, jobs, schedules)."""
     asset = build_served_traffic_asset(fam)
-    sensors = [
-        build_drift_retrain_sensor(fam, retrain_job),
-        build_alert_sensor(fam),
-        dg.AutomationConditionSensorDefinition(
-            f"{fam.name}_monitoring_automation", target=dg.AssetSelection.assets(asset.key),
-            default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=60),
-    ]
-    return [asset], sensors
+    sensors = [build_drift_retrain_sensor(fam, retrain_job), build_alert_sensor(fam)]
+    return [asset], sensors, [served_traffic_job(fam)], [build_hourly_check_schedule(fam)]
+
+
+def served_traffic_job(fam: Family):
+    return dg.define_asset_job(f"{fam.name}_served_traffic", selection=dg.AssetSelection.assets(
+        served_traffic_key(fam)), partitions_def=HOURLY, tags={"ocm/family": fam.name},
+        description=f"Check one hour of {fam.name}'s served traffic (drift, confidence).")
+
+
+def build_hourly_check_schedule(fam: Family) -> dg.ScheduleDefinition:
+    @dg.schedule(name=f"{fam.name}_served_traffic_hourly", cron_schedule="10 * * * *", execution_timezone="UTC",
+                 job_name=f"{fam.name}_served_traffic", default_status=dg.DefaultScheduleStatus.RUNNING,
+                 description=f"Ten minutes past each hour: check the hour before of {fam.name}'s served traffic.")
+    def hourly(context: dg.ScheduleEvaluationContext):
+        from datetime import timedelta
+
+        when = context.scheduled_execution_time - timedelta(hours=1)
+        key = HOURLY.get_partition_key_for_timestamp(when.timestamp())
+        return dg.RunRequest(run_key=key, partition_key=key)
+
+    return hourly
 
 
 def window_of(partition: str) -> tuple[datetime, datetime]:

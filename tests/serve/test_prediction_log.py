@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ocm_ml.serve.prediction_log import LogSettings, PredictionRecorder, read_log
-from tests.serve.conftest import IMAGE_MODEL, TEST_ACTOR_OPTIONS, TEXT_MODEL, wait_healthy
+from tests.serve.conftest import IMAGE_MODEL, TEST_ACTOR_OPTIONS, TEXT_MODEL, deploy, wait_healthy
 
 LOGGED_IMAGES = "serve_tests_logged_images"
 LOGGED_TEXTS = "serve_tests_logged_texts"
@@ -33,9 +33,6 @@ def logged_app(serve_http, serve_env, tmp_path_factory):
 
     from ocm_ml.serve.deployments import build_app
     from ocm_resources.serve_control import ServeControl
-    from tests.serve.conftest import deploy
-
-    endpoint_urls = ServeControl(address=None).urls
 
     root = str(tmp_path_factory.mktemp("prediction-log"))
     log = {"root": root, "family": LOGGED_IMAGES, "sample_rate": 1.0, "flush_interval_s": 0.3}
@@ -43,7 +40,7 @@ def logged_app(serve_http, serve_env, tmp_path_factory):
                      ray_actor_options=TEST_ACTOR_OPTIONS), LOGGED_IMAGES)
     url = f"{serve_http}/{LOGGED_IMAGES}"
     wait_healthy(url)
-    yield {"url": url, "root": root, "direct": endpoint_urls(LOGGED_IMAGES)["direct"]}
+    yield {"url": url, "root": root, "direct": ServeControl(address=None).urls(LOGGED_IMAGES)["direct"]}
     serve.delete(LOGGED_IMAGES)
 
 
@@ -156,3 +153,170 @@ def test_sampling_rate_and_a_failing_store_never_raise(tmp_path):
     sampled = sum(rec.sampled() for _ in range(4000))
     assert 800 < sampled < 1200
     rec.close()
+
+
+# --- served_traffic on a real endpoint: drift checks, alert, one retrain request ----------------------------
+
+MONITORED = "serve_tests_monitored"
+MONITORED_MODEL = "test.monitored-fashion-mnist"
+
+
+class _Webhook:
+    """A real loopback HTTP server that records the JSON bodies posted to it."""
+
+    def __init__(self, status: int = 200):
+        import http.server
+        import json
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/T000/B000/secret"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _band_model(mean: float, std: float):
+    """Knows the synthetic images of tests/registry_helpers.py: class k lights rows 2k+3..2k+5."""
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.zero_()
+        for k in range(10):
+            rows = torch.zeros(28, 28)
+            rows[2 * k + 3 : 2 * k + 6, 4:24] = 1.0 / 15
+            model[1].weight[k] = rows.reshape(-1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def monitored(serve_http, serve_env, tmp_path_factory):
+    import mlflow
+    from ray import serve
+
+    from ocm_ml.serve.deployments import build_app
+    from tests.registry_helpers import image_version, new_registry, publish_holdout
+
+    root = tmp_path_factory.mktemp("monitored")
+    pub, registry = new_registry(root)
+    tables, metadata = image_version(n_train=400, n_val=300, seed=3)
+    version = pub.publish("fashion-mnist", "1.0.0", tables, metadata)
+    newer = pub.publish("fashion-mnist", "1.1.0", {}, metadata)
+    publish_holdout(pub, n=300)
+    mlflow.set_tracking_uri(serve_env.tracking_uri)
+    mlflow.set_registry_uri(serve_env.tracking_uri)
+    with mlflow.start_run(run_name="monitored", experiment_id=mlflow.get_experiment_by_name("serve-tests")
+                          .experiment_id):
+        mlflow.set_tags({"dvc_data_version": version.tag, "dvc_commit": version.commit})
+        norm = metadata["normalization"]
+        mlflow.pytorch.log_model(_band_model(norm["mean"], norm["std"]), name="model", serialization_format="pickle",
+                                 registered_model_name=MONITORED_MODEL, pip_requirements=["torch"])
+    log_root = str(root / "prediction_log")
+    log = {"root": log_root, "family": MONITORED, "flush_interval_s": 0.3}
+    user_config = {**serve_env.user_config("image", f"models:/{MONITORED_MODEL}/1", prediction_log=log),
+                   "registry_url": str(pub.root)}
+    deploy(build_app("image", user_config, ray_actor_options=TEST_ACTOR_OPTIONS), MONITORED)
+    url = f"{serve_http}/{MONITORED}"
+    wait_healthy(url)
+    yield {"url": url, "log_root": log_root, "registry": registry, "val": tables["val"], "tags": [version.tag,
+           newer.tag]}
+    serve.delete(MONITORED)
+
+
+def _send(url: str, pixels: np.ndarray, per_request: int = 10) -> list[str]:
+    ids = []
+    with httpx.Client(timeout=30) as client:
+        for start in range(0, len(pixels), per_request):
+            r = client.post(f"{url}/predict", json={"images": pixels[start : start + per_request].tolist()})
+            assert r.status_code == 200, r.text
+            ids.append(r.headers["x-request-id"])
+    return ids
+
+
+def _val_pixels(table) -> np.ndarray:
+    return np.asarray(table.column("image").combine_chunks().flatten(), dtype=np.int64).reshape(table.num_rows, 784)
+
+
+def _materialize(fam, instance, resources, partition, config=None):
+    import dagster as dg
+
+    from ocm_assets.monitoring import build_served_traffic_asset
+
+    run_config = {"ops": {f"{fam.name}__served_traffic": {"config": config}}} if config else None
+    result = dg.materialize([build_served_traffic_asset(fam)], resources=resources, instance=instance,
+                            partition_key=partition, run_config=run_config, raise_on_error=False)
+    assert result.success, result.all_events
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}, result
+
+
+def test_drift_checks_on_served_traffic_and_one_retrain_request(monitored, tmp_path):
+    import shutil
+
+    import dagster as dg
+
+    from ocm_assets import build
+    from ocm_assets.families import Family
+    from ocm_assets.monitoring import HOURLY, build_drift_retrain_sensor
+    from ocm_resources.alerts import WebhookAlerts
+    from ocm_resources.prediction_logs import PredictionLogStore
+
+    fam = Family(MONITORED, "fashion-mnist", "image", "monitored test family")
+    hook = _Webhook()
+    resources = {"prediction_logs": PredictionLogStore(root=monitored["log_root"]),
+                 "registry": monitored["registry"], "alerts": WebhookAlerts(webhook_url=hook.url)}
+    pixels = _val_pixels(monitored["val"])
+    try:
+        with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+            instance.add_dynamic_partitions(fam.partitions_name, monitored["tags"])
+            now = datetime.now(UTC)
+            partition = HOURLY.get_partition_key_for_timestamp(now.timestamp())
+            ids = _send(monitored["url"], pixels)
+            table = _wait_rows(monitored["log_root"], MONITORED, len(pixels))
+            assert table.num_rows == len(pixels)
+            assert set(table["request_id"].to_pylist()) == set(ids)
+            assert set(table["model_version"].to_pylist()) == {"1"}
+
+            checks, result = _materialize(fam, instance, resources, partition)
+            described = {k: (v.passed, v.description) for k, v in checks.items()}
+            assert all(v.passed for v in checks.values()), described  # the champion's own validation rows
+            assert checks["input_drift"].metadata["max_psi"].value < 0.25
+            assert "plot" in checks["input_drift"].metadata and "plot" in checks["prediction_drift"].metadata
+            assert not hook.received
+
+            shutil.rmtree(f"{monitored['log_root']}/{MONITORED}")
+            _send(monitored["url"], 255 - pixels)  # inverted images
+            assert _wait_rows(monitored["log_root"], MONITORED, len(pixels)).num_rows == len(pixels)
+            checks, _ = _materialize(fam, instance, resources, partition, {"retrain_on_drift": True})
+            assert not checks["input_drift"].passed, checks["input_drift"].description
+            assert "pixel_mean" in checks["input_drift"].metadata["drifted"].value
+            assert checks["input_drift"].severity == dg.AssetCheckSeverity.ERROR
+            assert {b["ocm"]["event"] for b in hook.received} == {"drift"}
+            assert any("input_drift" in b["text"] for b in hook.received)
+
+            sensor = build_drift_retrain_sensor(fam, build.retrain_job(fam, build.family_assets(fam)))
+            context = dg.build_sensor_context(instance=instance)
+            requests = sensor(context)
+            assert isinstance(requests, list) and len(requests) == 1, requests
+            (request,) = requests
+            assert request.partition_key == monitored["tags"][-1]  # the newest registry version
+            assert request.tags["ocm/trigger"] == "drift"
+            again = sensor(dg.build_sensor_context(instance=instance, cursor=context.cursor))
+            assert isinstance(again, dg.SkipReason)  # the same failure never asks twice
+    finally:
+        hook.close()
