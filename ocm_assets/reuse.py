@@ -11,7 +11,7 @@ it (``reused_from_version``, ``registered_version``), which is where ``<family>/
 challenger of the new partition.
 
 A checkout with uncommitted changes (code version ``…-dirty``) never reuses: its code version does not say
-which code trained the model.
+which code trained the model. A run tagged ``ocm/reuse=off`` always trains.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from ocm_ml.contract import SPLITS
 from ocm_resources.mlflow import MlflowTracking
 
 KEY_TAG = "ocm_training_key"
+#: Run tag: ``off`` trains even when a version with the same key exists (the scheduled retrain sets it).
+REUSE_TAG = "ocm/reuse"
 PARTITION_TAG_PREFIX = "ocm_partition."
 #: Keys of the preprocessing value that name the version, not its content.
 _NOT_CONTENT = ("tag", "commit", "data_version")
@@ -108,6 +110,9 @@ def lookup(context: dg.AssetExecutionContext, fam: Family, mlflow: MlflowTrackin
     key = training_key(fam, dataset, preprocessing, config, code_version)
     mlflow.configure()
     partition = context.partition_key
+    if context.run.tags.get(REUSE_TAG) == "off":
+        context.log.info(f"{partition}: run tag {REUSE_TAG}=off: training without looking for an earlier model")
+        return Reuse(key, code_version)
     if code_version.endswith("-dirty"):
         context.log.info(f"{partition}: code version {code_version} has uncommitted changes, so no earlier "
                          "model can be known to match it: training (commit to make models reusable)")

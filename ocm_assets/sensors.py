@@ -37,6 +37,7 @@ import dagster as dg
 from dagster import AutomationCondition
 
 from ocm_assets.families import Family
+from ocm_assets.reuse import REUSE_TAG
 from ocm_resources.registry import DataRegistry
 
 SENSOR_INTERVAL_SECONDS = 30
@@ -307,8 +308,9 @@ def build_retrain_schedule(fam: Family, job) -> dg.ScheduleDefinition:
     """Scheduled retraining (``fam.retrain_cron``) of the family's newest registry version.
 
     STOPPED by default: turn it on in the UI (Automation) or with ``dagster schedule start``. Each tick asks
-    for one run of the retrain job on the newest tag; the rollout sensor then runs the gate and the endpoint
-    as after a sensor-triggered run, so a retrain that is no better than the champion changes nothing.
+    for one run of the retrain job on the newest tag, tagged ``ocm/reuse=off`` (it trains even when a model of
+    the same data, code and config exists); the automation conditions then run the evaluation, the gate and
+    the endpoint, so a retrain that is no better than the champion changes nothing.
     """
 
     @dg.schedule(
@@ -335,7 +337,9 @@ def build_retrain_schedule(fam: Family, job) -> dg.ScheduleDefinition:
         return dg.RunRequest(
             run_key=f"{newest.tag}@{newest.commit}@{stamp}",
             partition_key=newest.tag,
-            tags={"ocm/registry_tag": newest.tag, "ocm/registry_commit": newest.commit, "ocm/trigger": "schedule"},
+            # a scheduled retrain trains, even on data, code and config an earlier model was trained with
+            tags={"ocm/registry_tag": newest.tag, "ocm/registry_commit": newest.commit, "ocm/trigger": "schedule",
+                  REUSE_TAG: "off"},
         )
 
     return retrain_schedule

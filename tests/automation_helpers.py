@@ -31,12 +31,15 @@ def _op_config(run_config: dict | None, keys: list[dg.AssetKey]) -> dict:
 
 
 def automation_tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursors: dict,
-                    run_config: dict | None = None) -> Tick:
-    """One evaluation of every automation sensor, then its runs. ``run_config`` (per op) stands in for the
-    launchpad defaults a deployment sets; only the selected ops' entries are passed."""
+                    run_config: dict | None = None, only: tuple[str, ...] | None = None) -> Tick:
+    """One evaluation of every automation sensor (or those named in ``only``), then its runs. ``run_config``
+    (per op) stands in for the launchpad defaults a deployment sets; only the selected ops' entries are
+    passed."""
     tick = Tick()
     assets = list(defs.assets or [])
     for sensor in automation_sensors(defs):
+        if only is not None and sensor.name not in only:
+            continue
         result = dg.evaluate_automation_conditions(
             defs=defs, instance=instance, asset_selection=sensor.asset_selection, cursor=cursors.get(sensor.name))
         cursors[sensor.name] = result.cursor
@@ -57,11 +60,11 @@ def automation_tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursors:
 
 
 def drive(defs: dg.Definitions, instance: dg.DagsterInstance, cursors: dict, run_config: dict | None = None,
-          max_ticks: int = 8) -> list[Tick]:
+          max_ticks: int = 8, only: tuple[str, ...] | None = None) -> list[Tick]:
     """Ticks until one requests nothing (the chain has settled); returns the ticks that requested runs."""
     ticks = []
     for _ in range(max_ticks):
-        tick = automation_tick(defs, instance, cursors, run_config)
+        tick = automation_tick(defs, instance, cursors, run_config, only)
         if not tick.runs:
             return ticks
         ticks.append(tick)

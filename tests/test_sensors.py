@@ -159,6 +159,7 @@ def test_scheduled_retrain_picks_the_newest_version(registry, instance):
     result = schedule_tick(reg, instance)
     (request,) = result.run_requests
     assert request.partition_key == v2.tag and request.tags["ocm/trigger"] == "schedule"
+    assert request.tags["ocm/reuse"] == "off"  # a scheduled retrain trains even on data seen before
     assert request.run_key.startswith(f"{v2.tag}@{v2.commit}@2026-11-23")
     # turned on before the sensor ever ran: the schedule adds the partition itself
     assert instance.has_dynamic_partition(FASHION.partitions_name, v2.tag)

@@ -30,6 +30,8 @@ FASHION = Family("fashion_mnist_loop", "fashion-mnist", "image", "e2e loop test 
 TRAIN = {"num_workers": 2, "batch_size": 32, "epochs": 2, "learning_rate": 3e-3, "seed": 0}
 #: What a deployment sets as the launchpad defaults; automation runs take no other config.
 RUN_CONFIG = {"ops": {f"{FASHION.name}__model": {"config": TRAIN}}}
+#: The sensors of the chain under test (the monitoring part has its own tests).
+CHAIN = (f"{FASHION.name}_training_automation", f"{FASHION.name}_rollout_automation")
 
 
 def _get(url):
@@ -112,12 +114,12 @@ def run_of(ticks, asset):
 def test_new_tag_retrains_promotes_and_serves_then_bad_tag_is_stopped(loop):
     pub, defs, instance, url = loop
     cursors = {}
-    assert drive(defs, instance, cursors, RUN_CONFIG) == []  # the daemon ticks before any data: nothing to do
+    assert drive(defs, instance, cursors, RUN_CONFIG, only=CHAIN) == []  # the daemon ticks before any data: nothing to do
     v1 = pub.publish("fashion-mnist", "1.0.0", *noisy_version())
     first = tick(defs, instance, None)
     (request,) = first.run_requests
     assert ingest(defs, instance, request).success
-    ticks = drive(defs, instance, cursors, RUN_CONFIG)
+    ticks = drive(defs, instance, cursors, RUN_CONFIG, only=CHAIN)
     assert chain(ticks) == expected_chain(v1.tag)
     for tick_ in ticks:
         for key, result in tick_.results.items():
@@ -132,7 +134,7 @@ def test_new_tag_retrains_promotes_and_serves_then_bad_tag_is_stopped(loop):
     second = tick(defs, instance, first.cursor)
     assert [r.partition_key for r in second.run_requests] == [v2.tag]
     assert ingest(defs, instance, second.run_requests[0]).success
-    ticks = drive(defs, instance, cursors, RUN_CONFIG)
+    ticks = drive(defs, instance, cursors, RUN_CONFIG, only=CHAIN)
     rollout = run_of(ticks, "endpoint")
     assert chain(ticks) == expected_chain(v2.tag), [(e.check_name, e.passed) for e in rollout.get_asset_check_evaluations()]
     info = _get(f"{url}/info")
@@ -155,6 +157,6 @@ def test_new_tag_retrains_promotes_and_serves_then_bad_tag_is_stopped(loop):
     assert checks == {"schema": False}
     # the failed blocking check stops the chain: no condition asks for anything, and the endpoint still
     # serves v1.1.0
-    assert drive(defs, instance, cursors, RUN_CONFIG) == []
+    assert drive(defs, instance, cursors, RUN_CONFIG, only=CHAIN) == []
     assert _get(f"{url}/info")["data_version"] == v2.tag
     assert v3.tag not in json.dumps(_get(f"{url}/info"))
