@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,17 +30,6 @@ DESIGN_TAGS = {
     "docker_image_tag",
     "code_version",
 }
-
-
-@pytest.fixture(autouse=True)
-def _restore_mlflow_uris():
-    """configure() points the process's MLflow at each test's backend; put the previous URIs back."""
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
-    yield
-    tracking_utils._tracking_uri, registry_utils._registry_uri = saved
 
 
 @pytest.fixture(scope="module")
@@ -223,14 +211,16 @@ def test_resource_in_a_dagster_run(ocm_home):
 
 
 def test_unreachable_server_fails_fast_without_leaking_credentials():
+    """It fails at its own /health probe (bounded by connect_timeout), before MLflow's client (which retries
+    for minutes) is ever made."""
     port = closed_port()
-    started = time.monotonic()
+    resource = RemoteMlflow(tracking_uri=f"http://ocm:s3cret@127.0.0.1:{port}", connect_timeout=3)
     with pytest.raises(MlflowUnavailableError) as err:
-        RemoteMlflow(tracking_uri=f"http://ocm:s3cret@127.0.0.1:{port}", connect_timeout=3).configure()
-    assert time.monotonic() - started < 3
+        resource.configure()
     message = str(err.value)
-    assert f"127.0.0.1:{port}" in message and "unreachable" in message
+    assert f"127.0.0.1:{port}" in message and "unreachable" in message and "timeout 3s" in message
     assert "s3cret" not in message
+    assert resource._client is None
 
 
 def test_server_that_is_not_mlflow_is_reported():
@@ -239,15 +229,58 @@ def test_server_that_is_not_mlflow_is_reported():
             RemoteMlflow(tracking_uri=url, connect_timeout=3).configure()
 
 
-def test_remote_server_that_answers_health_is_configured():
+AUTH_USER, AUTH_PASSWORD = "ocm-resource-user", "resource-password-789"
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    """A real `mlflow server` with MLflow's basic-auth app (tests/mlflow_server.py)."""
+    from tests.mlflow_server import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-auth"), AUTH_USER, AUTH_PASSWORD) as server:
+        yield server
+
+
+@pytest.mark.slow
+def test_remote_mlflow_against_a_basic_auth_server(auth_server):
+    """The resource's credentials reach a real server: runs and a registered model with an alias; the
+    server's own record names the user."""
     import mlflow
 
-    with http_server(200) as url:
-        tracking = RemoteMlflow(tracking_uri=url, env_name="prod")
-        client = tracking.configure()
-    assert client.tracking_uri == url
-    assert mlflow.get_tracking_uri() == url
-    assert tracking.model_name("fashion-mnist") == "prod.fashion-mnist-classifier"
+    tracking = RemoteMlflow(tracking_uri=auth_server.url, env_name="prod", tracking_username=AUTH_USER,
+                            tracking_password=AUTH_PASSWORD)
+    client = tracking.configure()
+    assert client.tracking_uri == auth_server.url and mlflow.get_tracking_uri() == auth_server.url
+    experiment = tracking.experiment("prod.fashion-mnist")
+    with tracking.start_run("prod.fashion-mnist", run_name="auth", tags={"dvc_data_version": "v1"}) as run:
+        mlflow.log_metric("val_accuracy", 0.75)
+    name = tracking.model_name("fashion-mnist")
+    assert name == "prod.fashion-mnist-classifier"
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias(name, "champion", version.version)
+
+    stored = client.get_run(run.info.run_id)
+    assert stored.info.experiment_id == experiment and stored.data.metrics["val_accuracy"] == 0.75
+    assert stored.info.user_id == AUTH_USER
+    assert client.get_model_version_by_alias(name, "champion").run_id == run.info.run_id
+    assert "/api/2.0/mlflow/runs/create" in auth_server.log_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("password", ["wrong-password", None])
+def test_remote_mlflow_with_a_wrong_or_no_password_is_refused(auth_server, password, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    tracking = RemoteMlflow(tracking_uri=auth_server.url, tracking_username=AUTH_USER if password else None,
+                            tracking_password=password)
+    tracking.configure()  # /health answers without credentials: the server is there
+    with pytest.raises(MlflowException) as err:
+        tracking.experiment("refused")
+    assert "401" in str(err.value) or "Unauthorized" in str(err.value), err.value
+    assert AUTH_PASSWORD not in str(err.value)
 
 
 @pytest.mark.parametrize(
