@@ -379,20 +379,38 @@ def build_drift_retrain_sensor(fam: Family, retrain_job) -> dg.SensorDefinition:
     return drift_retrain
 
 
-def _step_failure_message(instance: dg.DagsterInstance, run_id: str) -> str:
+def _endpoint_failures(instance: dg.DagsterInstance, fam: Family, since: float):
+    """(run id, STEP_FAILURE entry, update time) of the runs that failed since ``since`` (a timestamp) in the
+    endpoint step: after the gate, that step fails only once it has restored the served champion
+    (``ocm_assets.serving``). Through run records, so it works on run-sharded (sqlite) event logs too."""
+    from datetime import UTC
+
     from dagster._core.events import DagsterEventType
 
-    for entry in instance.all_logs(run_id, of_type=DagsterEventType.STEP_FAILURE):
-        data = entry.dagster_event.step_failure_data
-        if data.user_failure_data is not None and data.user_failure_data.description:
-            return data.user_failure_data.description
-        if data.error is not None:
-            return data.error.message.strip()
+    step = f"{fam.name}__endpoint"
+    out = []
+    records = instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE],
+                                                     updated_after=datetime.fromtimestamp(since, tz=UTC)),
+                                       limit=100, ascending=True)
+    for record in records:
+        for entry in instance.all_logs(record.dagster_run.run_id, of_type=DagsterEventType.STEP_FAILURE):
+            if entry.step_key == step:
+                out.append((record.dagster_run.run_id, entry, record.update_timestamp.timestamp()))
+                break
+    return out
+
+
+def _failure_text(entry) -> str:
+    data = entry.dagster_event.step_failure_data
+    if data.user_failure_data is not None and data.user_failure_data.description:
+        return data.user_failure_data.description
+    if data.error is not None:
+        return data.error.message.strip()
     return "the endpoint step failed"
 
 
 def build_alert_sensor(fam: Family) -> dg.SensorDefinition:
-    from ocm_assets.serving import champion_key, endpoint_key
+    from ocm_assets.serving import champion_key
 
     promoted = dg.AssetCheckKey(champion_key(fam), "promoted")
 
@@ -422,20 +440,18 @@ def build_alert_sensor(fam: Family) -> dg.SensorDefinition:
             sent += alerts.notify("gate_failed", f"{fam.name}: the gate kept the champion",
                                   (evaluation.description if evaluation else None) or "the challenger did not pass",
                                   {"run": record.run_id}, log=context.log)
-        fail_seen = cursor.get("endpoint", 0)
-        if first_tick:
-            latest = instance.fetch_failed_materializations(endpoint_key(fam), limit=1)
-            fail_seen = latest.records[0].storage_id if latest.records else 0
-        else:
-            result = instance.fetch_failed_materializations(
-                dg.AssetRecordsFilter(asset_key=endpoint_key(fam), after_storage_id=fail_seen), limit=20,
-                ascending=True)
-            for record in result.records:
-                fail_seen = max(fail_seen, record.storage_id)
-                message = _step_failure_message(instance, record.run_id)
-                sent += alerts.notify("rollback", f"{fam.name}: endpoint rollout failed, champion restored", message,
-                                      {"run": record.run_id}, log=context.log)
-        context.update_cursor(json.dumps({"gate": gate_seen, "endpoint": fail_seen}))
+        import time
+
+        since = time.time() if first_tick else float(cursor.get("endpoint_since", 0.0))
+        alerted = list(cursor.get("endpoint_runs", []))
+        for run_id, entry, updated in [] if first_tick else _endpoint_failures(instance, fam, since - 1.0):
+            since = max(since, updated)
+            if run_id in alerted:
+                continue
+            alerted = [*alerted, run_id][-50:]
+            sent += alerts.notify("rollback", f"{fam.name}: endpoint rollout failed, champion restored",
+                                  _failure_text(entry), {"run": run_id}, log=context.log)
+        context.update_cursor(json.dumps({"gate": gate_seen, "endpoint_since": since, "endpoint_runs": alerted}))
         return dg.SkipReason(f"{sent} alert(s) sent" if alerts.enabled else "alerts are off (no webhook URL)")
 
     return alert_sensor

@@ -157,3 +157,14 @@ def test_empty_text_and_unknown_label_fail(tmp_path):
     failures = checks["schema"].metadata["failures"].value
     assert any("text" in k for k in failures) and any("label" in k for k in failures)
     assert preprocessing_key(TWEETS) not in mats
+
+
+def test_label_map_with_a_gap_fails_the_dataset_with_the_contract_rule(tmp_path):
+    """Keys {"0", "2"}: the one label-map rule (ocm_ml.contract) refuses them before any row is read."""
+    pub, reg = new_registry(tmp_path)
+    tables, _ = text_version()
+    v = pub.publish("tweet-sentiment", "1.0.0", tables, {"label_map": {"0": "negative", "2": "positive"}})
+    result, mats, _ = run(TWEETS, reg, v.tag)
+    assert not result.success and not mats
+    failure = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error.to_string()
+    assert "label_map keys must be the ids 0..1" in failure and "tweet-sentiment/metadata.json" in failure
