@@ -43,15 +43,16 @@ def config_from_settings(settings_cls: type, doc: str) -> type[dg.Config]:
 
 
 VisionTrainConfig = config_from_settings(
-    TrainSettings, "Ray Train DDP settings (``ocm_ml.vision.settings.TrainSettings``); the defaults finish on "
-    "2 CPU cores.")
+    TrainSettings, "Ray Train DDP settings (``ocm_ml.vision.settings.TrainSettings``); the defaults finish "
+    "on 2 CPU cores.")
 
 
 def markdown_png(png: bytes, alt: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
-def lineage(mlflow: MlflowTracking, context: dg.AssetExecutionContext, dataset: DatasetVersion) -> dict[str, str]:
+def lineage(mlflow: MlflowTracking, context: dg.AssetExecutionContext,
+            dataset: DatasetVersion) -> dict[str, str]:
     """DESIGN.md's lineage tags (``dvc_data_version`` = the registry tag), plus the ``content_md5``."""
     return {
         **mlflow.lineage_tags(
@@ -139,7 +140,8 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
                 "images_per_second": result.images_per_second,
                 "worker_failures": len(result.failures),
             }, step=len(result.history))
-            predictor = ImagePredictor(result.load_model(), norm.mean, norm.std, list(preprocessing.class_names))
+            predictor = ImagePredictor(result.load_model(), norm.mean, norm.std,
+                                       list(preprocessing.class_names))
             model_info = log_image_model(predictor)
             mlflow_lib.set_tag("checkpoint_path", result.checkpoint_path)
 

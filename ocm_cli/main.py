@@ -69,7 +69,8 @@ def _publish(pub, dataset: str, version: str, options, message: str | None = Non
 def cmd_init(args) -> int:
     pub = _publisher(args)
     created = pub.init()
-    print(f"registry {'created' if created else 'already exists'} at {pub.root} (DVC remote {pub.remote_dir})")
+    state = "created" if created else "already exists"
+    print(f"registry {state} at {pub.root} (DVC remote {pub.remote_dir})")
     return 0
 
 
@@ -127,14 +128,14 @@ def cmd_show(args) -> int:
 
     registry = _reader(args)
     v = registry.resolve(args.tag)
-    files = {split: dataclasses.asdict(registry.file_info(v, split_path(v.dataset, split))) for split in SPLITS}
+    files = {s: dataclasses.asdict(registry.file_info(v, split_path(v.dataset, s))) for s in SPLITS}
     metadata = dict(registry.read_metadata(v).raw)
     print(json.dumps({"tag": v.tag, "commit": v.commit, "files": files, "metadata": metadata}, indent=2))
     return 0
 
 
-COMMANDS = {"init": cmd_init, "seed": cmd_seed, "holdout": cmd_holdout, "publish": cmd_publish, "list": cmd_list,
-            "show": cmd_show}
+COMMANDS = {"init": cmd_init, "seed": cmd_seed, "holdout": cmd_holdout, "publish": cmd_publish,
+            "list": cmd_list, "show": cmd_show}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -149,7 +150,8 @@ def parser() -> argparse.ArgumentParser:
         if reading:
             sp.add_argument("--repo", help="any registry repo by path or git URL (read-only)")
         else:
-            sp.add_argument("--remote", help="DVC remote folder for a new registry (default $OCM_HOME/dvc-remote)")
+            sp.add_argument("--remote",
+                            help="DVC remote folder for a new registry (default $OCM_HOME/dvc-remote)")
 
     source_help = "IDX folder (fashion-mnist) or CSV (tweet-sentiment); default: what ships"
     common(rsub.add_parser("init", help="create the embedded registry"))
@@ -161,7 +163,8 @@ def parser() -> argparse.ArgumentParser:
     pub.add_argument("--source", help=source_help)
     pub.add_argument("--train-rows", type=int, help="keep only the first N training rows")
     pub.add_argument("--val-rows", type=int, help="keep only the first N validation rows")
-    pub.add_argument("--resplit-seed", type=int, help="fashion-mnist: pool train+test and re-split with this seed")
+    pub.add_argument("--resplit-seed", type=int,
+                     help="fashion-mnist: pool train+test and re-split with this seed")
     pub.add_argument("--seed", type=int, default=0, help="tweet-sentiment: split seed (default 0)")
     pub.add_argument("--val-fraction", type=float, default=0.2, help="tweet-sentiment: validation share")
     pub.add_argument("--message", help="commit and tag message")

@@ -88,7 +88,8 @@ def check_normalization(value: Any, where: str = "metadata.json") -> Normalizati
     try:
         mean, std = float(value["mean"]), float(value["std"])
     except (TypeError, ValueError) as exc:
-        raise ContractError(f"{where}: normalization mean and std must be numbers, got {dict(value)!r}") from exc
+        raise ContractError(
+            f"{where}: normalization mean and std must be numbers, got {dict(value)!r}") from exc
     if not (math.isfinite(mean) and math.isfinite(std)) or not std > 0:
         raise ContractError(f"{where}: normalization std must be positive and both finite, got mean={mean}, "
                             f"std={std}")
@@ -104,13 +105,13 @@ def check_label_map(value: Any, where: str = "metadata.json") -> dict[str, str]:
     labels = {str(k): v for k, v in value.items()}
     expected = [str(i) for i in range(len(labels))]
     if sorted(labels) != sorted(expected):
-        raise ContractError(f"{where}: label_map keys must be the class ids 0..{len(labels) - 1} as strings, "
-                            f"got {sorted(labels, key=lambda k: (len(k), k))}")
+        raise ContractError(f"{where}: label_map keys must be the ids 0..{len(labels) - 1} as strings (one "
+                            f"per class), got {sorted(labels, key=lambda k: (len(k), k))}")
     names = [labels[k] for k in expected]
     if not all(isinstance(n, str) and n.strip() for n in names):
         raise ContractError(f"{where}: label_map names must be non-empty strings, got {names}")
     if len(set(names)) != len(names):
-        raise ContractError(f"{where}: label_map names must be distinct, got {names}")
+        raise ContractError(f"{where}: label_map has duplicate names, they must be distinct: {names}")
     return dict(zip(expected, names, strict=True))
 
 
@@ -168,13 +169,14 @@ def parse_metadata(source: str | bytes | Mapping[str, Any], where: str = "metada
         raise ContractError(f"{where} must be a JSON object, got {type(source).__name__}")
     return DatasetMetadata(
         raw=dict(source),
-        normalization=check_normalization(source["normalization"], where) if "normalization" in source else None,
+        normalization=(check_normalization(source["normalization"], where) if "normalization" in source
+                       else None),
         classes=check_classes(source["classes"], where) if "classes" in source else None,
         label_map=check_label_map(source["label_map"], where) if "label_map" in source else None,
     )
 
 
-# --- one dataset version, as it passes between assets --------------------------------------------------------
+# --- one dataset version, as it passes between assets ------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -207,8 +209,8 @@ class DatasetVersion:
 
     @property
     def content_md5(self) -> str:
-        """The DVC md5s of the splits (:data:`SPLITS` order): identical content under another tag gives the same
-        value."""
+        """The DVC md5s of the splits (:data:`SPLITS` order): identical content under another tag gives the
+        same value."""
         return "+".join(self.files[split].md5 for split in SPLITS)
 
     def url(self, split: str) -> str:
@@ -216,7 +218,7 @@ class DatasetVersion:
         return self.files[split].url
 
 
-# --- rows ------------------------------------------------------------------------------------------------------
+# --- rows ----------------------------------------------------------------------------------------------------
 
 
 def text_key(text: str) -> str:

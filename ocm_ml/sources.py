@@ -212,15 +212,15 @@ def tweets_holdout(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     return table.take(chosen), table.filter(pa.array(mask))
 
 
-# --- registry versions built from the data that ships here ----------------------------------------------------
+# --- registry versions built from the data that ships here --------------------------------------------------
 
 
 @dataclass(frozen=True)
 class VersionOptions:
-    """How to cut a version from a shipped source. ``source``: the IDX folder (images) or the CSV (texts), None
-    for what ships; ``train_rows``/``val_rows``: keep only the first N rows; ``resplit_seed`` (images): pool the
-    train and non-holdout test images and re-split them with this seed; ``seed``/``val_fraction`` (texts): the
-    seeded train/val split."""
+    """How to cut a version from a shipped source. ``source``: the IDX folder (images) or the CSV (texts),
+    None for what ships; ``train_rows``/``val_rows``: keep only the first N rows; ``resplit_seed`` (images):
+    pool the train and non-holdout test images and re-split them with this seed; ``seed``/``val_fraction``
+    (texts): the seeded train/val split."""
 
     source: str | None = None
     train_rows: int | None = None
@@ -234,10 +234,11 @@ Tables = dict[str, pa.Table]
 
 
 def fashion_mnist_version(options: VersionOptions) -> tuple[Tables, dict]:
-    """Train and val tables and ``metadata.json`` of a Fashion-MNIST version (the holdout's images in none)."""
+    """Train and val tables and ``metadata.json`` of a Fashion-MNIST version (no holdout image in them)."""
     train, test = load_fashion_mnist(options.source or DEBIAN_FASHION_MNIST_DIR)
     _, val = fashion_mnist_holdout(train, test)
-    note = f"official Zalando train split; validation: the first {len(val.images)} test images (the rest: holdout)"
+    note = (f"official Zalando train split; validation: the first {len(val.images)} test images "
+            "(the rest: holdout)")
     if options.resplit_seed is not None:
         images = np.concatenate([train.images, val.images])
         labels = np.concatenate([train.labels, val.labels])
@@ -307,8 +308,9 @@ SHIPPED: dict[str, ShippedSource] = {
 
 def shipped(dataset: str) -> ShippedSource:
     if dataset not in SHIPPED:
-        raise SourceError(f"no data ships here for registry dataset {dataset!r}; shipped: {', '.join(SHIPPED)}. "
-                          "Publish its versions from your own data with ocm_resources.registry.RegistryPublisher.")
+        raise SourceError(
+            f"no data ships here for registry dataset {dataset!r}; shipped: {', '.join(SHIPPED)}. Publish its "
+            "versions from your own data with ocm_resources.registry.RegistryPublisher.")
     return SHIPPED[dataset]
 
 

@@ -196,7 +196,7 @@ class DataRegistry(dg.ConfigurableResource):
             metadata.require(kind, where=f"{contract.metadata_path(version.dataset)} at {version.tag}")
         except ContractError as exc:
             raise RegistryError(str(exc)) from None
-        files = {split: self.file_info(version, contract.split_path(version.dataset, split)) for split in SPLITS}
+        files = {s: self.file_info(version, contract.split_path(version.dataset, s)) for s in SPLITS}
         return DatasetVersion(registry_tag=version.tag, commit=version.commit, files=files, metadata=metadata)
 
     def holdout(self, dataset: str) -> RegistryVersion | None:
@@ -469,8 +469,8 @@ class RegistryPublisher:
         if overlap:
             raise RegistryError(
                 f"refusing to publish {dataset}: {len(overlap)} row(s) of the train split are in the holdout "
-                f"{contract.holdout_tag(dataset)} (first train rows: {overlap[:5]}). No version may train on the "
-                "holdout: remove those rows (ocm's own versions are built from the data minus the holdout)."
+                f"{contract.holdout_tag(dataset)} (first train rows: {overlap[:5]}). No version may train on "
+                "the holdout: remove those rows (ocm's own versions are built from the data minus the holdout)."
             )
 
     def publish_holdout(self, dataset: str, table, message: str | None = None) -> RegistryVersion:

@@ -291,3 +291,18 @@ def test_a_url_that_looks_like_an_option_is_a_url(tmp_path, monkeypatch):
     with pytest.raises(RegistryError, match="listing tags of the registry --upload-pack"):
         DvcRegistry(repo_url=f"--upload-pack=touch {marker}").scan("fashion-mnist")
     assert not marker.exists()
+
+
+def test_registry_and_serving_loader_read_metadata_by_the_same_rules(tmp_path):
+    from ocm_ml.serve.loading import LoadError, read_dataset_metadata
+
+    pub, reg = new_registry(tmp_path)
+    tables, metadata = text_version()
+    good = pub.publish("tweet-sentiment", "1.0.0", tables, metadata)
+    parsed, md5 = read_dataset_metadata(str(pub.root), good.tag, good.commit)
+    assert parsed == reg.read_metadata(good) and parsed.label_map["2"] == "positive" and len(md5) == 32
+    gap = pub.publish("tweet-sentiment", "1.1.0", tables, {"label_map": {"0": "negative", "2": "positive"}})
+    with pytest.raises(RegistryError, match="label_map keys must be the ids 0..1"):
+        reg.read_metadata(gap)
+    with pytest.raises(LoadError, match="label_map keys must be the ids 0..1"):
+        read_dataset_metadata(str(pub.root), gap.tag, gap.commit)

@@ -91,6 +91,19 @@ def test_ddp_materialization_logs_registers_and_predicts(stack):
     assert run.data.metrics["val_accuracy"] == pytest.approx(md["val_accuracy"])
 
 
+def test_run_config_is_generated_from_the_core_settings():
+    from dataclasses import fields
+
+    from ocm_assets.training import VisionTrainConfig
+    from ocm_ml.vision.settings import TrainSettings
+
+    assert list(VisionTrainConfig.model_fields) == [f.name for f in fields(TrainSettings)]
+    for f in fields(TrainSettings):
+        config_field = VisionTrainConfig.model_fields[f.name]
+        assert (config_field.default, config_field.description) == (f.default, f.metadata["description"]), f.name
+    assert VisionTrainConfig(epochs=3, row_limit=9).settings() == TrainSettings(epochs=3, row_limit=9)
+
+
 @pytest.mark.parametrize("config, message", [
     ({"num_workers": 0}, "num_workers"),
     ({"num_workers": 2, "cpus_per_worker": 4}, "CPU"),

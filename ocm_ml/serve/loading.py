@@ -10,8 +10,9 @@ A bundle is built from a Serve ``user_config`` (see :class:`ServeConfig`)::
     }))
 
 The run's tag ``dvc_data_version`` (a registry tag such as ``fashion-mnist-v1.0.0``) names the dataset
-version; its ``<dataset>/metadata.json`` is read with ``dvc.api.read(..., rev=tag)`` and gives the
-normalization (images) or the label map (texts). Nothing is taken from constants.
+version; its ``<dataset>/metadata.json`` is read with ``dvc.api.read(..., rev=<dvc_commit>)`` and parsed by
+:func:`ocm_ml.contract.parse_metadata` (the registry's one set of rules): it gives the normalization (images)
+or the label map (texts). Nothing is taken from constants.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from ocm_ml.contract import LINEAGE_TAGS, TAG_RE
+from ocm_ml import contract
+from ocm_ml.contract import LINEAGE_TAGS, ContractError, DatasetMetadata
 from ocm_ml.serve.validation import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_TEXT_LENGTH,
@@ -265,17 +267,16 @@ def resolve_model(model_uri: str, client: Any) -> ResolvedModel:
 
 
 def dataset_of_tag(tag: str) -> str:
-    match = TAG_RE.match(tag)
-    if not match:
-        raise LoadError(
-            f"run tag dvc_data_version={tag!r} is not a registry tag <dataset>-v<major>.<minor>.<patch>"
-        )
-    return match["dataset"]
+    try:
+        return contract.parse_tag(tag)[0]
+    except ContractError as exc:
+        raise LoadError(f"run tag dvc_data_version: {exc}") from None
 
 
-def read_dataset_metadata(registry_url: str, tag: str, commit: str | None) -> tuple[dict[str, Any], str]:
+def read_dataset_metadata(registry_url: str, tag: str, commit: str | None) -> tuple[DatasetMetadata, str]:
     """``<dataset>/metadata.json`` of data version ``tag`` at registry commit ``commit`` (the run's
-    ``dvc_commit``: a tag moved or deleted later changes nothing) and the md5 of its bytes."""
+    ``dvc_commit``: a tag moved or deleted later changes nothing), parsed and checked, and the md5 of its
+    bytes."""
     import dvc.api
 
     if not commit:
@@ -283,7 +284,7 @@ def read_dataset_metadata(registry_url: str, tag: str, commit: str | None) -> tu
             f"the model's run has no 'dvc_commit' tag, so the exact registry revision of {tag} is unknown; "
             "retrain it with ocm (every ocm run records the commit it trained on)"
         )
-    path = f"{dataset_of_tag(tag)}/metadata.json"
+    path = contract.metadata_path(dataset_of_tag(tag))
     try:
         text = dvc.api.read(path, repo=registry_url, rev=commit, mode="r")
     except Exception as exc:
@@ -291,11 +292,9 @@ def read_dataset_metadata(registry_url: str, tag: str, commit: str | None) -> tu
             f"cannot read {path} of {tag} at commit {commit[:10]} from the data registry {registry_url}: {exc}"
         ) from exc
     try:
-        metadata = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise LoadError(f"{path} of {tag} at {commit[:10]} is not valid JSON: {exc}") from exc
-    if not isinstance(metadata, dict):
-        raise LoadError(f"{path} of {tag} at {commit[:10]} must be a JSON object")
+        metadata = contract.parse_metadata(text, where=f"{path} of {tag} at {commit[:10]}")
+    except ContractError as exc:
+        raise LoadError(str(exc)) from None
     return metadata, hashlib.md5(text.encode()).hexdigest()
 
 
@@ -421,25 +420,12 @@ def normalize_text_output(output: Any, n: int, label_map: dict[str, str]) -> tup
     return labels, confs
 
 
-def _classes(metadata: dict[str, Any], n_outputs: int | None) -> tuple[str, ...]:
-    classes = metadata.get("classes")
-    if classes is None and isinstance(metadata.get("label_map"), dict):
-        label_map = metadata["label_map"]
-        classes = [label_map[k] for k in sorted(label_map, key=int)]
-    if classes is None:
-        if n_outputs is None:
-            raise LoadError("metadata.json has neither 'classes' nor 'label_map' and the model's width is unknown")
-        classes = [str(i) for i in range(n_outputs)]
-    return tuple(str(c) for c in classes)
-
-
-def _image_predictor(model: Any, metadata: dict[str, Any], data_version: str):
+def _image_predictor(model: Any, metadata: DatasetMetadata, data_version: str):
     """An ImagePredictor around a bare torch model (MLflow's pytorch flavour) and its data version's
-    normalization and classes."""
+    normalization and classes (numbered when metadata.json names none)."""
     from ocm_ml.vision.predictor import ImagePredictor
 
-    norm = metadata.get("normalization")
-    if not isinstance(norm, dict) or "mean" not in norm or "std" not in norm:
+    if metadata.normalization is None:
         raise LoadError(f"metadata.json of {data_version} has no normalization {{mean, std}}: an image model needs it")
     n_outputs = None
     try:
@@ -452,12 +438,12 @@ def _image_predictor(model: Any, metadata: dict[str, Any], data_version: str):
             f"the model failed a batch-of-2 forward pass ({exc}); models logged with torch.export and a "
             "batch-1 input example are locked to batch 1: log them with a batch >= 2 example"
         ) from exc
-    classes = _classes(metadata, n_outputs)
+    classes = metadata.class_names or tuple(str(i) for i in range(n_outputs))
     if n_outputs != len(classes):
         raise LoadError(
             f"the model has {n_outputs} outputs but metadata.json of {data_version} lists {len(classes)} classes"
         )
-    return ImagePredictor(model, float(norm["mean"]), float(norm["std"]), classes)
+    return ImagePredictor(model, metadata.normalization.mean, metadata.normalization.std, classes)
 
 
 def _image_bundle(model: Any, common: dict[str, Any], metadata: dict[str, Any], warmup: bool) -> ImageBundle:
@@ -470,13 +456,11 @@ def _image_bundle(model: Any, common: dict[str, Any], metadata: dict[str, Any], 
     return bundle
 
 
-def _text_bundle(model: Any, common: dict[str, Any], metadata: dict[str, Any], warmup: bool) -> TextBundle:
-    label_map = metadata.get("label_map")
-    if not isinstance(label_map, dict) or not label_map:
+def _text_bundle(model: Any, common: dict[str, Any], metadata: DatasetMetadata, warmup: bool) -> TextBundle:
+    if metadata.label_map is None:
         raise LoadError(f"metadata.json of {common['data_version']} has no label_map: a text model needs it")
-    bundle = TextBundle(
-        model=model, metadata=metadata, label_map={str(k): str(v) for k, v in label_map.items()}, **common
-    )
+    bundle = TextBundle(model=model, metadata=dict(metadata.raw), label_map=dict(metadata.label_map),
+                        **common)
     if warmup:
         try:
             bundle.predict(["warm-up"])
@@ -534,8 +518,9 @@ def load_bundle(config: ServeConfig) -> ModelBundle:
         metadata = predictor.preprocessing()
         md5 = hashlib.md5(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
     elif flavor == "pytorch":
-        metadata, md5 = read_dataset_metadata(config.registry_url, tag, commit)
-        predictor = _image_predictor(model, metadata, tag)
+        parsed, md5 = read_dataset_metadata(config.registry_url, tag, commit)
+        predictor = _image_predictor(model, parsed, tag)
+        metadata = dict(parsed.raw)
     else:
         raise LoadError(
             f"{resolved.load_uri} is a pyfunc model without an image predictor: log image models with "

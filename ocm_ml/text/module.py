@@ -25,18 +25,11 @@ LABELS_FILE = "labels.json"
 
 
 def check_label_map(label_map: Mapping[str, str]) -> dict[str, str]:
-    """Return the label map with keys ``"0".."n-1"``; ``ValueError`` if it is anything else."""
-    if not label_map:
-        raise ValueError("label_map is empty; expected {'0': 'name', '1': 'name', ...}")
-    normalized = {str(k): str(v) for k, v in label_map.items()}
-    expected = {str(i) for i in range(len(normalized))}
-    if set(normalized) != expected:
-        raise ValueError(
-            f"label_map keys must be the ids 0..{len(normalized) - 1} as strings, got {sorted(normalized)}"
-        )
-    if len(set(normalized.values())) != len(normalized):
-        raise ValueError(f"label_map has duplicate names: {sorted(normalized.values())}")
-    return {str(i): normalized[str(i)] for i in range(len(normalized))}
+    """Return the label map with keys ``"0".."n-1"``; ``ValueError`` if it is anything else (the registry
+    contract's one rule, :func:`ocm_ml.contract.check_label_map`)."""
+    from ocm_ml.contract import check_label_map as contract_rule
+
+    return contract_rule(label_map, where="label_map")
 
 
 def accuracy(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray) -> float:

@@ -1,7 +1,7 @@
 """How the image model trains: :class:`TrainSettings`, the one place its fields, defaults, descriptions and
 rules live. Pure Python (no torch, no Ray), so the Dagster config that wraps it loads fast; the driver
-(:func:`ocm_ml.vision.train.train_fashion_mnist`) checks it once with :func:`validate_settings` and sends it to
-the Ray Train workers, which rebuild it with ``TrainSettings(**sent)``.
+(:func:`ocm_ml.vision.train.train_fashion_mnist`) checks it once with :func:`validate_settings` and sends it
+to the Ray Train workers, which rebuild it with ``TrainSettings(**sent)``.
 """
 
 from __future__ import annotations
@@ -94,15 +94,15 @@ def validate_settings(settings: TrainSettings, cluster_resources: dict) -> None:
     if want_cpus > have_cpus:
         fit = int(have_cpus // settings.cpus_per_worker) if settings.cpus_per_worker else 0
         raise ValueError(
-            f"Training asks for {want_cpus} CPUs ({workers} workers x {settings.cpus_per_worker} CPU each) but the "
-            f"Ray cluster has {have_cpus:g} CPUs in total. Lower num_workers to {max(fit, 0)} or fewer, lower "
-            "cpus_per_worker, or use a bigger cluster."
+            f"Training asks for {want_cpus} CPUs ({workers} workers x {settings.cpus_per_worker} CPU each) "
+            f"but the Ray cluster has {have_cpus:g} CPUs in total. Lower num_workers to {max(fit, 0)} or "
+            "fewer, lower cpus_per_worker, or use a bigger cluster."
         )
     want_gpus = workers * settings.gpus_per_worker
     have_gpus = float(cluster_resources.get("GPU", 0))
     if want_gpus > have_gpus:
         raise ValueError(
-            f"Training asks for {want_gpus} GPUs ({workers} workers x {settings.gpus_per_worker} GPU each) but the "
-            f"Ray cluster has {have_gpus:g} GPUs. Set gpus_per_worker=0 to train on CPUs, lower num_workers, or "
-            "use a cluster with GPUs."
+            f"Training asks for {want_gpus} GPUs ({workers} workers x {settings.gpus_per_worker} GPU each) "
+            f"but the Ray cluster has {have_gpus:g} GPUs. Set gpus_per_worker=0 to train on CPUs, lower "
+            "num_workers, or use a cluster with GPUs."
         )

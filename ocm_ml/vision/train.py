@@ -159,10 +159,12 @@ def _ddp_strategy(compression: str, ddp_kwargs: dict | None = None):
             elif self._ddp_comm_hook is not None:  # CPU (gloo): DDP has no device_ids
                 self.model.register_comm_hook(self._ddp_comm_state, self._ddp_comm_hook)
 
-    return _RayDDPStrategy(ddp_comm_hook=comm_hook(compression), **(DDP_KWARGS if ddp_kwargs is None else ddp_kwargs))
+    kwargs = DDP_KWARGS if ddp_kwargs is None else ddp_kwargs
+    return _RayDDPStrategy(ddp_comm_hook=comm_hook(compression), **kwargs)
 
 
-def worker_config(settings: TrainSettings, mean: float, std: float, total_steps: int | None) -> dict[str, Any]:
+def worker_config(settings: TrainSettings, mean: float, std: float,
+                  total_steps: int | None) -> dict[str, Any]:
     """What the driver sends every worker: the settings' fields whole, the normalization, the number of
     classes and the schedule's step count (None: no schedule needs it)."""
     return {"settings": asdict(settings), "mean": float(mean), "std": float(std), "num_classes": NUM_CLASSES,

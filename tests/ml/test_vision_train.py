@@ -116,6 +116,19 @@ def test_training_with_bad_settings_fails_before_scheduling(ray_local, data, tmp
     assert not (tmp_path / "bad").exists()
 
 
+def test_workers_rebuild_the_same_settings_and_the_module_shares_the_schedule_default():
+    from dataclasses import fields
+
+    from ocm_ml.vision.lightning_module import ImageClassifier
+
+    settings = TrainSettings(num_workers=1, batch_size=16, lr_schedule="constant", row_limit=40, seed=3)
+    sent = train_module.worker_config(settings, MEAN, STD, total_steps=None)
+    assert TrainSettings(**sent["settings"]) == settings
+    assert set(sent["settings"]) == {f.name for f in fields(TrainSettings)}
+    assert ImageClassifier().hparams.lr_schedule == TrainSettings().lr_schedule == "onecycle"
+    assert tuple(train_module._COMM_HOOKS) == train_module.GRADIENT_COMPRESSION
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Gradient compression: the hook really runs on CPU (gloo), where Lightning itself registers none
 # ------------------------------------------------------------------------------------------------------------
