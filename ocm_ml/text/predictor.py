@@ -1,4 +1,5 @@
-"""Batch inference from a model folder written by ``save_model_dir`` (model + tokenizer + labels.json).
+"""Batch inference from a model folder: ``save_model_dir`` (a fine-tuned classifier + tokenizer + labels.json)
+or ``save_head_model_dir`` (backbone + tokenizer + head on mean-pooled embeddings + labels.json).
 
 >>> predictor = TextPredictor.from_dir(best_checkpoint_dir)
 >>> predictor.predict(["what a great day"])
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ocm_ml.text.head import HEAD_CONFIG, load_head_model
 from ocm_ml.text.module import LABELS_FILE, check_label_map
 
 
@@ -49,7 +51,10 @@ class TextPredictor:
             raise FileNotFoundError(f"{labels_path} not found: not a model folder written by save_model_dir")
         label_map = json.loads(labels_path.read_text())
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        if (model_dir / HEAD_CONFIG).is_file():  # a head on frozen sentence embeddings (method "embeddings")
+            model = load_head_model(model_dir)
+        else:  # a fine-tuned sequence classifier (method "finetune")
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir)
         return cls(model, tokenizer, label_map, batch_size=batch_size)
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:

@@ -29,60 +29,72 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-HYPERPARAMETERS = ("learning_rate", "batch_size", "weight_decay")
+METHODS = ("embeddings", "finetune")
+#: What each method searches; ``choice`` values of ``class_weighting`` are names, every other value a number.
+HYPERPARAMETERS = {
+    "embeddings": ("learning_rate", "batch_size", "weight_decay", "hidden", "dropout", "class_weighting"),
+    "finetune": ("learning_rate", "batch_size", "weight_decay"),
+}
+CLASS_WEIGHTINGS = ("none", "balanced")
 SPACE_TYPES = ("loguniform", "uniform", "choice")
 METRIC_MODES = {"val_accuracy": "max", "val_macro_f1": "max", "val_loss": "min"}
 
 
-def default_search_space() -> dict[str, Any]:
+def default_search_space(method: str = "embeddings") -> dict[str, Any]:
+    """The one definition of each method's default space (the Dagster config's default comes from here)."""
+    if method == "finetune":
+        return {
+            "learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+            "batch_size": {"type": "choice", "values": [16, 32]},
+            "weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1},
+        }
     return {
-        "learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
-        "batch_size": {"type": "choice", "values": [16, 32]},
-        "weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1},
+        "learning_rate": {"type": "loguniform", "low": 3e-4, "high": 1e-2},
+        "batch_size": {"type": "choice", "values": [64, 256]},
+        "weight_decay": {"type": "loguniform", "low": 1e-5, "high": 1e-1},
+        "hidden": {"type": "choice", "values": [0, 256, 768]},
+        "dropout": {"type": "uniform", "low": 0.0, "high": 0.5},
+        "class_weighting": {"type": "choice", "values": ["none", "balanced"]},
     }
 
 
-@dataclass
+def _described(default: Any, description: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"description": description}, **kwargs)
+
+
+@dataclass(frozen=True)
 class SearchSettings:
-    """What one search does. Defaults fit the demo: 4 trials x 2 epochs on ~2,000 rows on 2 CPUs."""
+    """What one text search does: the single source of the fields, their defaults, descriptions and checks
+    (``validate_settings``). The Dagster config ``TextSearchConfig`` is generated from these fields.
 
-    num_trials: int = 4
-    max_epochs: int = 2
-    row_limit: int | None = 2000  # training rows sampled (seeded) from the train split; None = all
-    val_row_limit: int | None = None  # validation rows sampled likewise; None = all
-    metric: str = "val_accuracy"
-    mode: str = "max"
-    grace_period: int = 1
-    reduction_factor: int = 2
-    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs fit
-    cpus_per_trial: int = 1
-    seed: int = 0
-    max_length: int = 64
-    freeze_layers: int = 0  # embeddings + the lowest N encoder layers stay fixed
-    search_space: dict[str, Any] = field(default_factory=default_search_space)
+    The defaults fit the demo on 2 CPUs: every training tweet embedded once by the frozen backbone (cached),
+    then 12 ASHA trials of a head for up to 12 epochs each. ``method="finetune"`` trains the transformer
+    itself (a GPU's job: 27-65 samples/s on 2 CPUs)."""
 
-    @classmethod
-    def demo(cls, **overrides: Any) -> SearchSettings:
-        """Settings for the shipped MiniLM on the tweets that fit ~5 minutes on 2 CPUs (2 trials at a time).
+    method: str = _described("embeddings", "embeddings: a head on cached frozen-backbone sentence embeddings "
+                             "(all the data, cheap trials); finetune: train the transformer (GPU users).")
+    num_trials: int = _described(12, "Trials (samples of the search space).")
+    max_epochs: int = _described(12, "Epochs a trial may run (ASHA max_t).")
+    row_limit: int | None = _described(None, "Training rows sampled (seeded) from the train split; None: all.")
+    val_row_limit: int | None = _described(
+        2000, "Validation rows the trials are scored on, every k-th row of the split; None: all.")
+    metric: str = _described("val_macro_f1", "val_accuracy, val_macro_f1 or val_loss.")
+    mode: str = _described("max", "max or min for the metric.")
+    grace_period: int = _described(2, "ASHA: epochs before a trial may be stopped.")
+    reduction_factor: int = _described(3, "ASHA: keep 1/reduction_factor of the trials at each rung.")
+    max_concurrent_trials: int | None = _described(None, "None: as many as the cluster's CPUs fit.")
+    cpus_per_trial: int = _described(1, "CPUs per trial.")
+    seed: int = _described(0, "Seed for sampling rows and the search.")
+    max_length: int = _described(64, "Tokens per text.")
+    freeze_layers: int = _described(4, "finetune: embeddings + the lowest N encoder layers stay frozen.")
+    embed_actors: int = _described(2, "embeddings: Ray Data actors (1 CPU each) that embed the texts.")
+    embed_batch_size: int = _described(128, "embeddings: texts per embedding batch.")
+    search_space: dict[str, Any] | None = _described(
+        None, "Plain-data space: {name: number | {type: loguniform|uniform, low, high} | {type: choice, values}};"
+        " None: the method's default (default_search_space).")
 
-        Measured here: training with the lower 4 of 6 layers frozen costs ~1/24 CPU-s per tweet, validation
-        ~1/52; 4 trials x 2 epochs x (1,500 + 500 rows) on 2 CPUs is ~4.5 min when ASHA stops one trial.
-        """
-        values: dict[str, Any] = {
-            "num_trials": 4,
-            "max_epochs": 2,
-            "row_limit": 1500,
-            "val_row_limit": 500,
-            "max_length": 64,
-            "freeze_layers": 4,
-            "search_space": {
-                "learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
-                "batch_size": {"type": "choice", "values": [16, 32]},
-                "weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1},
-            },
-        }
-        values.update(overrides)
-        return cls(**values)
+    def space(self) -> dict[str, Any]:
+        return self.search_space if self.search_space is not None else default_search_space(self.method)
 
 
 @dataclass
@@ -110,9 +122,8 @@ class SearchResult:
     num_stopped_early: int
     experiment_path: str
     wall_time_s: float
+    embedding: dict[str, Any] = field(default_factory=dict)  # cache hits/misses and seconds (embeddings)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # --- validation -----------------------------------------------------------------------------------------
@@ -124,24 +135,32 @@ def _is_number(x: Any) -> bool:
 
 def _check_values(name: str, values: Sequence[Any]) -> None:
     for v in values:
+        if name == "class_weighting":
+            if v not in CLASS_WEIGHTINGS:
+                raise ValueError(f"search space 'class_weighting': {v!r} is not one of {list(CLASS_WEIGHTINGS)}")
+            continue
         if not _is_number(v):
             raise ValueError(f"search space {name!r}: {v!r} is not a finite number")
-        if name == "batch_size" and (not float(v).is_integer() or v < 1):
-            raise ValueError(f"search space 'batch_size': {v!r} is not a positive integer")
+        if name in ("batch_size", "hidden") and (not float(v).is_integer() or v < (1 if name == "batch_size" else 0)):
+            raise ValueError(f"search space {name!r}: {v!r} is not a {'positive' if name == 'batch_size' else 'non-negative'} integer")
         if name == "learning_rate" and v <= 0:
             raise ValueError(f"search space 'learning_rate': {v!r} must be > 0")
         if name == "weight_decay" and v < 0:
             raise ValueError(f"search space 'weight_decay': {v!r} must be >= 0")
+        if name == "dropout" and not 0 <= v < 1:
+            raise ValueError(f"search space 'dropout': {v!r} must be in [0, 1)")
 
 
-def validate_search_space(spec: Mapping[str, Any]) -> None:
+def validate_search_space(spec: Mapping[str, Any], method: str = "finetune") -> None:
     if not isinstance(spec, Mapping) or not spec:
         raise ValueError(f"search space must be a non-empty mapping of hyperparameter -> spec, got {spec!r}")
-    unknown = sorted(set(spec) - set(HYPERPARAMETERS))
+    known = HYPERPARAMETERS[method]
+    unknown = sorted(set(spec) - set(known))
     if unknown:
-        raise ValueError(f"search space: unknown hyperparameter(s) {unknown}; known: {list(HYPERPARAMETERS)}")
+        raise ValueError(
+            f"search space: unknown hyperparameter(s) {unknown} for method {method!r}; known: {list(known)}")
     for name, entry in spec.items():
-        if _is_number(entry):
+        if _is_number(entry) or (name == "class_weighting" and isinstance(entry, str)):
             _check_values(name, [entry])
             continue
         if not isinstance(entry, Mapping):
@@ -168,27 +187,32 @@ def validate_search_space(spec: Mapping[str, Any]) -> None:
             raise ValueError(f"search space {name!r}: low ({low}) must be < high ({high})")
         if kind == "loguniform" and low <= 0:
             raise ValueError(f"search space {name!r}: loguniform needs low > 0, got {low}")
-        if name == "batch_size":
-            raise ValueError("search space 'batch_size': use a 'choice' of integers, not a continuous range")
+        if name in ("batch_size", "hidden", "class_weighting"):
+            raise ValueError(f"search space {name!r}: use a 'choice' of values, not a continuous range")
         _check_values(name, [low, high])
 
 
-def build_search_space(spec: Mapping[str, Any]) -> dict[str, Any]:
+def _cast(name: str, value: Any) -> Any:
+    if name == "class_weighting":
+        return str(value)
+    return int(value) if name in ("batch_size", "hidden") else float(value)
+
+
+def build_search_space(spec: Mapping[str, Any], method: str = "finetune") -> dict[str, Any]:
     """Plain-data search space -> ``ray.tune`` domains (``ValueError`` if invalid)."""
     from ray import tune
 
-    validate_search_space(spec)
+    validate_search_space(spec, method)
     space: dict[str, Any] = {}
     for name, entry in spec.items():
-        if _is_number(entry):
-            space[name] = int(entry) if name == "batch_size" else float(entry)
+        if not isinstance(entry, Mapping):
+            space[name] = _cast(name, entry)
         elif entry["type"] == "loguniform":
             space[name] = tune.loguniform(float(entry["low"]), float(entry["high"]))
         elif entry["type"] == "uniform":
             space[name] = tune.uniform(float(entry["low"]), float(entry["high"]))
         else:
-            values = [int(v) if name == "batch_size" else float(v) for v in entry["values"]]
-            space[name] = tune.choice(values)
+            space[name] = tune.choice([_cast(name, v) for v in entry["values"]])
     return space
 
 
@@ -233,7 +257,11 @@ def validate_settings(settings: SearchSettings) -> None:
         )
     if not isinstance(settings.seed, int):
         raise ValueError(f"SearchSettings.seed must be an integer, got {settings.seed!r}")
-    validate_search_space(settings.search_space)
+    if settings.method not in METHODS:
+        raise ValueError(f"SearchSettings.method must be one of {list(METHODS)}, got {settings.method!r}")
+    positive_int("embed_actors", settings.embed_actors)
+    positive_int("embed_batch_size", settings.embed_batch_size)
+    validate_search_space(settings.space(), settings.method)
 
 
 # --- data and baselines ---------------------------------------------------------------------------------
@@ -362,6 +390,91 @@ def train_trial(
     trainer.fit(module, train_loader, val_loader)
 
 
+def train_head_trial(
+    config: Mapping[str, Any],
+    *,
+    features: Mapping[str, Any],
+    settings: Mapping[str, Any],
+) -> None:
+    """Tune function trainable: an ``EmbeddingHead`` on cached embeddings (hidden, dropout, learning_rate,
+    weight_decay, batch_size, class_weighting); one report per epoch with a checkpoint (head.safetensors)."""
+    import torch
+    from ray import tune
+    from safetensors.torch import save_file
+
+    from ocm_ml.text.head import HEAD_WEIGHTS, EmbeddingHead
+    from ocm_ml.text.module import accuracy, macro_f1
+
+    torch.set_num_threads(int(settings["cpus_per_trial"]))
+    torch.manual_seed(int(settings["seed"]))
+    x_train, y_train = torch.as_tensor(features["train_x"]), torch.as_tensor(features["train_y"])
+    x_val, y_val = torch.as_tensor(features["val_x"]), torch.as_tensor(features["val_y"])
+    num_labels = int(features["num_labels"])
+    head = EmbeddingHead(x_train.shape[1], num_labels, int(config.get("hidden", 0)),
+                         float(config.get("dropout", 0.0)))
+    head.set_standardization(x_train)
+    weight = None
+    if config.get("class_weighting", "none") == "balanced":
+        counts = torch.bincount(y_train, minlength=num_labels).float().clamp(min=1.0)
+        weight = counts.sum() / (num_labels * counts)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=float(config.get("learning_rate", 1e-3)),
+                                  weight_decay=float(config.get("weight_decay", 0.0)))
+    batch_size = int(config.get("batch_size", 256))
+    generator = torch.Generator().manual_seed(int(settings["seed"]))
+    for epoch in range(1, int(settings["max_epochs"]) + 1):
+        head.train()
+        order, total = torch.randperm(len(y_train), generator=generator), 0.0
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            loss = torch.nn.functional.cross_entropy(head(x_train[rows]), y_train[rows], weight=weight)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(rows)
+        head.eval()
+        with torch.no_grad():
+            logits = head(x_val)
+            val_loss = float(torch.nn.functional.cross_entropy(logits, y_val))
+        pred = logits.argmax(1).numpy()
+        metrics = {"epoch": epoch, "train_loss": total / len(y_train), "val_loss": val_loss,
+                   "val_accuracy": accuracy(y_val.numpy(), pred), "val_macro_f1": macro_f1(y_val.numpy(), pred)}
+        with tempfile.TemporaryDirectory(prefix="ocm-head-ckpt-") as tmp:
+            save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(Path(tmp) / HEAD_WEIGHTS))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _split_key(data_key: str | None, url: str, split: str, limit: int | None, seed: int) -> str:
+    from ocm_ml.text.embeddings import data_md5
+
+    return f"{data_key or data_md5(url)}-{split}-rows{limit or 'all'}-seed{seed}"
+
+
+def embed_splits(
+    train: tuple[list[str], list[int]],
+    val: tuple[list[str], list[int]],
+    backbone_dir: str,
+    settings: SearchSettings,
+    cache,
+    keys: tuple[str, str],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Cached embeddings of both splits as the head trials' ``features``, and what the cache did."""
+    import numpy as np
+
+    started = time.monotonic()
+    hits, misses = cache.hits, cache.misses
+    kwargs = {"actors": settings.embed_actors, "batch_size": settings.embed_batch_size}
+    train_x = cache.get(train[0], data_key=keys[0], backbone_dir=backbone_dir, max_length=settings.max_length,
+                        **kwargs)
+    val_x = cache.get(val[0], data_key=keys[1], backbone_dir=backbone_dir, max_length=settings.max_length,
+                      **kwargs)
+    features = {"train_x": train_x, "train_y": np.asarray(train[1], dtype=np.int64), "val_x": val_x,
+                "val_y": np.asarray(val[1], dtype=np.int64)}
+    info = {"cache_hits": cache.hits - hits, "cache_misses": cache.misses - misses,
+            "texts_embedded": cache.texts_embedded, "seconds": round(time.monotonic() - started, 2),
+            "dim": int(train_x.shape[1]), "cache_dir": str(cache.root)}
+    return features, info
+
+
 # --- the search -----------------------------------------------------------------------------------------
 
 
@@ -422,8 +535,17 @@ def run_search(
     settings: SearchSettings,
     storage_path: str,
     run_name: str,
+    *,
+    cache_dir: str | None = None,
+    data_keys: Mapping[str, str] | None = None,
 ) -> SearchResult:
-    """ASHA search over ``settings.search_space`` on the already initialised Ray; returns the summary.
+    """ASHA search over ``settings.space()`` on the already initialised Ray; returns the summary.
+
+    ``method="embeddings"``: both splits are embedded once through ``EmbeddingCache(cache_dir)`` (default:
+    ``<storage_path>/embedding-cache``), keyed by ``data_keys`` (``{"train": md5, "val": md5}``, the registry's
+    content md5s; without them, the md5 of the files) and the backbone; the trials fit heads on the cached
+    features; the best head is saved with the backbone as the model folder. ``method="finetune"``: each trial
+    fine-tunes the transformer.
 
     Fails fast (``ValueError``) on invalid settings, search space, label map, backbone or data before any
     trial starts; raises ``RuntimeError`` if every trial failed.
@@ -438,7 +560,7 @@ def run_search(
     validate_settings(settings)
     label_map = check_label_map(label_map)
     backbone_dir = resolve_backbone(backbone)
-    param_space = build_search_space(settings.search_space)
+    param_space = build_search_space(settings.space(), settings.method)
     train = load_split(train_url, label_map, settings.row_limit, settings.seed)
     val = load_split(val_url, label_map, settings.val_row_limit, settings.seed)
 
@@ -446,17 +568,23 @@ def run_search(
         storage_path = str(Path(storage_path).expanduser().resolve())
         Path(storage_path).mkdir(parents=True, exist_ok=True)
 
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            train_trial,
-            train=train,
-            val=val,
-            label_map=label_map,
-            backbone=backbone_dir,
-            settings=asdict(settings),
-        ),
-        {"cpu": settings.cpus_per_trial},
-    )
+    embedding: dict[str, Any] = {}
+    if settings.method == "embeddings":
+        from ocm_ml.text.embeddings import EmbeddingCache
+
+        if cache_dir is None and "://" in str(storage_path):
+            raise ValueError("method 'embeddings' with remote checkpoint storage needs a local cache_dir")
+        cache = EmbeddingCache(cache_dir or Path(storage_path) / "embedding-cache")
+        keys = tuple(_split_key((data_keys or {}).get(split), url, split, limit, settings.seed)
+                     for split, url, limit in (("train", train_url, settings.row_limit),
+                                               ("val", val_url, settings.val_row_limit)))
+        features, embedding = embed_splits(train, val, backbone_dir, settings, cache, keys)
+        features["num_labels"] = len(label_map)
+        trial_fn = tune.with_parameters(train_head_trial, features=features, settings=asdict(settings))
+    else:
+        trial_fn = tune.with_parameters(train_trial, train=train, val=val, label_map=label_map,
+                                        backbone=backbone_dir, settings=asdict(settings))
+    trainable = tune.with_resources(trial_fn, {"cpu": settings.cpus_per_trial})
     scheduler = ASHAScheduler(
         metric=settings.metric,
         mode=settings.mode,
@@ -509,6 +637,10 @@ def run_search(
     if checkpoint is None:
         raise RuntimeError(f"text search {run_name!r}: best trial {best_trial.trial_id} has no checkpoint")
 
+    checkpoint_dir = _local_checkpoint_dir(checkpoint, storage_path if "://" not in storage_path else None)
+    if settings.method == "embeddings":
+        checkpoint_dir = _head_model_dir(checkpoint_dir, best_trial.config, backbone_dir, label_map, settings,
+                                         embedding["dim"], _final_dir(grid.experiment_path))
     return SearchResult(
         trials=trials,
         best_trial_id=best_trial.trial_id,
@@ -516,12 +648,30 @@ def run_search(
         best_metrics={
             k: best_epoch[k] for k in ("val_accuracy", "val_macro_f1", "val_loss", "epoch") if k in best_epoch
         },
-        best_checkpoint_dir=_local_checkpoint_dir(
-            checkpoint, storage_path if "://" not in storage_path else None
-        ),
+        best_checkpoint_dir=checkpoint_dir,
         trial_epochs_run=sum(t.epochs_run for t in trials),
         trial_epochs_budget=settings.num_trials * settings.max_epochs,
         num_stopped_early=sum(t.stopped_early for t in trials),
         experiment_path=grid.experiment_path,
         wall_time_s=round(wall, 2),
+        embedding=embedding,
     )
+
+
+def _head_model_dir(checkpoint_dir: str, config: Mapping[str, Any], backbone_dir: str, label_map, settings,
+                    dim: int, target: Path) -> str:
+    """The best head (its best epoch's checkpoint) with the backbone and tokenizer: the model folder."""
+    from safetensors.torch import load_file
+
+    from ocm_ml.text.head import HEAD_WEIGHTS, EmbeddingHead, save_head_model_dir
+
+    head = EmbeddingHead(dim, len(label_map), int(config.get("hidden", 0)), float(config.get("dropout", 0.0)))
+    head.load_state_dict(load_file(str(Path(checkpoint_dir) / HEAD_WEIGHTS)))
+    return save_head_model_dir(backbone_dir, head, label_map, settings.max_length, target,
+                               extra={"trained_on": "cached mean-pooled embeddings", "config": dict(config)})
+
+
+def _final_dir(experiment_path: str) -> Path:
+    if "://" in str(experiment_path):  # remote storage: the model folder is written locally for registration
+        return Path(tempfile.mkdtemp(prefix="ocm-text-model-"))
+    return Path(experiment_path) / "best-model"

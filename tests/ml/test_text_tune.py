@@ -72,6 +72,7 @@ def search(ray_local, text_data):
     from ocm_ml.text.tune import run_search
 
     settings = SearchSettings(
+        method="finetune",
         num_trials=4,
         max_epochs=4,
         row_limit=None,
@@ -118,15 +119,18 @@ def test_metrics_match_hand_computed_values():
 def test_default_space_builds_tune_domains():
     from ray.tune.search.sample import Categorical, Float
 
-    space = build_search_space(SearchSettings().search_space)
+    finetune = SearchSettings(method="finetune")
+    space = build_search_space(finetune.space(), "finetune")
     assert set(space) == {"learning_rate", "batch_size", "weight_decay"}
     assert isinstance(space["learning_rate"], Float) and isinstance(space["batch_size"], Categorical)
     assert space["batch_size"].categories == [16, 32]
     assert build_search_space({"batch_size": 8})["batch_size"] == 8
     validate_settings(SearchSettings())
-    demo = SearchSettings.demo(num_trials=2)
-    validate_settings(demo)
-    assert demo.num_trials == 2 and demo.freeze_layers == 4 and demo.val_row_limit == 500
+    validate_settings(finetune)
+    heads = build_search_space(SearchSettings().space(), "embeddings")
+    assert set(heads) == {"learning_rate", "batch_size", "weight_decay", "hidden", "dropout", "class_weighting"}
+    assert heads["class_weighting"].categories == ["none", "balanced"] and 0 in heads["hidden"].categories
+    assert SearchSettings().row_limit is None  # the default search uses every training row
 
 
 @pytest.mark.parametrize(
@@ -147,7 +151,22 @@ def test_invalid_search_space_fails_fast(spec, message):
         build_search_space(spec)
     assert message in str(err.value)
     with pytest.raises(ValueError):
+        validate_settings(SearchSettings(method="finetune", search_space=spec))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"class_weighting": {"type": "choice", "values": ["none", "inverse"]}}, "is not one of"),
+        ({"hidden": {"type": "uniform", "low": 0, "high": 512}}, "use a 'choice'"),
+        ({"dropout": {"type": "uniform", "low": 0.0, "high": 1.5}}, "must be in [0, 1)"),
+        ({"freeze": 2}, "unknown hyperparameter(s) ['freeze'] for method 'embeddings'"),
+    ],
+)
+def test_invalid_head_space_fails_fast(spec, message):
+    with pytest.raises(ValueError) as err:
         validate_settings(SearchSettings(search_space=spec))
+    assert message in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -159,6 +178,8 @@ def test_invalid_search_space_fails_fast(spec, message):
         ({"reduction_factor": 1}, "reduction_factor must be > 1"),
         ({"num_trials": 0}, "num_trials must be a positive integer"),
         ({"row_limit": 0}, "row_limit must be a positive integer"),
+        ({"method": "lora"}, "method must be one of ['embeddings', 'finetune']"),
+        ({"embed_actors": 0}, "embed_actors must be a positive integer"),
     ],
 )
 def test_invalid_settings_fail_fast(changes, message):
