@@ -21,6 +21,7 @@ import dagster as dg
 from pydantic import Field
 
 from ocm_assets.families import Family
+from ocm_ml.contract import DatasetMetadata
 from ocm_resources.alerts import WebhookAlerts
 from ocm_resources.prediction_logs import PredictionLogStore
 from ocm_resources.registry import DataRegistry, RegistryVersion
@@ -140,10 +141,8 @@ def _version_of(tag: str, commit: str) -> RegistryVersion:
 
 def _sample_rows(registry: DataRegistry, version: RegistryVersion, path: str, rows: int):
     """Up to ``rows`` rows of ``path`` at ``version``, every k-th row (a split may be stored in label order)."""
-    import pyarrow.parquet as pq
-
-    with registry.open(version, path) as fh:
-        table = pq.read_table(fh)
+    with registry.parquet(version, path) as parquet:
+        table = parquet.read()
     step = max(1, table.num_rows // max(rows, 1))
     return table.take(list(range(0, table.num_rows, step))[:rows])
 
@@ -182,20 +181,18 @@ def served_summaries(fam: Family, table) -> dict[str, Any]:
             for name in ("text_length", "token_count", "oov_share") if name in table.column_names}
 
 
-def holdout_labels(fam: Family, registry: DataRegistry, metadata: dict[str, Any]) -> list[str] | None:
+def holdout_labels(fam: Family, registry: DataRegistry, metadata: DatasetMetadata) -> list[str] | None:
     """The holdout's labels as the served log names them: class ids (images) or label names (texts)."""
-    import pyarrow.parquet as pq
-
     from ocm_ml.contract import holdout_path
 
     version = registry.holdout(fam.dataset)
     if version is None:
         return None
-    with registry.open(version, holdout_path(fam.dataset)) as fh:
-        labels = pq.read_table(fh, columns=["label"]).column("label").to_pylist()
+    with registry.parquet(version, holdout_path(fam.dataset)) as parquet:
+        labels = parquet.read(columns=["label"]).column("label").to_pylist()
     if fam.kind == "image":
         return [str(int(x)) for x in labels]
-    label_map = metadata.get("label_map") or {}
+    label_map = metadata.label_map or {}
     return [str(label_map.get(str(x), x)) for x in labels]
 
 

@@ -144,15 +144,13 @@ def sensor_tick(defs, instance, sensor_name: str, cursor: str | None):
 
 
 def show_endpoint(fam, registry, tag: str, url: str) -> dict:
-    import pyarrow.parquet as pq
-
     info = http(f"{url}/info")
     show(f"  GET {url}/info -> model {info.get('model_uri')} (registry v{info.get('model_version')}), "
           f"data {info.get('data_version')} @ {str(info.get('dvc_commit'))[:10]}, MLflow run {str(info.get('run_id'))[:8]}, "
           f"Dagster run {str(info.get('dagster_run_id'))[:8]}")
     version = registry.resolve(tag)
-    with registry.open(version, f"{version.dataset}/val.parquet") as fh:
-        rows = pq.ParquetFile(fh).read_row_group(0).slice(0, 4)
+    with registry.parquet(version, f"{version.dataset}/val.parquet") as parquet:
+        rows = parquet.read_row_group(0).slice(0, 4)
     labels = rows.column("label").to_pylist()
     if fam.kind == "image":
         out = http(f"{url}/predict", {"images": rows.column("image").to_pylist()})

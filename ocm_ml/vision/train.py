@@ -37,7 +37,7 @@ import queue as std_queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from typing import Any
 
 import lightning
@@ -48,6 +48,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from ray.train.v2.api.callback import UserCallback
 from torch import nn
 
+from ocm_ml.contract import check_normalization
 from ocm_ml.vision.lightning_module import LIGHTNING_CHECKPOINT_NAME, ImageClassifier, load_network
 from ocm_ml.vision.model import normalize_pixels
 from ocm_ml.vision.settings import GRADIENT_COMPRESSION, TrainSettings, validate_settings
@@ -390,8 +391,7 @@ def train_fashion_mnist(
             "Ray is not initialised: call ray.init(...) (or use the Ray resource) before training."
         )
     validate_settings(settings, ray.cluster_resources())
-    if not std > 0:
-        raise ValueError(f"normalization std must be > 0, got {std}")
+    mean, std = astuple(check_normalization({"mean": mean, "std": std}, where="train_fashion_mnist"))
 
     train_ds = _read_images(
         train_url, _data_filesystem(train_url, data_filesystem, storage_filesystem), settings.row_limit
