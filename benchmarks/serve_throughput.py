@@ -3,27 +3,22 @@
 Both serve the same ResNet18 (1-channel, Fashion-MNIST shape) from the same MLflow registry with the same
 FastAPI app and contract; one real Fashion-MNIST test image per request (28x28 floats, ~6 KB of JSON);
 ``wrk`` as load generator (one thread, keep-alive, ``--latency``) at concurrency 1, 8 and 32, the targets
-measured side by side, interleaved per level.
+measured side by side, interleaved per level. The Ray head is the one ocm starts (``start_loopback_ray``:
+loopback, token auth, and Serve's ingress from ``ocm_resources.env.serve_ingress_environment``).
 
 Targets:
-  naive        python -m ocm_ml.serve.naive (uvicorn, no batching, torch with 2 threads)
-  serve-direct ocm's deployment, adaptive batching, reached on the replica's own port (direct ingress,
-               RAY_SERVE_THROUGHPUT_OPTIMIZED=1): what ocm publishes as the fast URL
-  serve-proxy  the same deployment through Serve's HTTP proxy (the contract URL /fashion_mnist)
-  serve-batch  direct ingress with Ray's @serve.batch instead of the adaptive batcher (hot-reconfigured)
+  naive        python -m ocm_ml.serve.naive (uvicorn, no batching, torch with --torch-threads)
+  serve-direct ocm's deployment, adaptive batching, reached on the replica's own direct-ingress port
+  contract     the same deployment at the contract URL (the Serve HTTP port, ``/fashion_mnist``): HAProxy in
+               front of the replica by default; ``--ingress proxy`` measures Serve's Python proxy there
+  serve-batch  direct ingress with Ray's @serve.batch instead of the adaptive batcher (hot-reconfigured;
+               not in the default set)
 
-    .venv/bin/python benchmarks/serve_throughput.py                 # ~3 min, table on stdout
-    .venv/bin/python benchmarks/serve_throughput.py --duration 5 --targets naive,serve-direct --json out.json
+    .venv/bin/python benchmarks/serve_throughput.py --duration 5     # ~3 min, table + "must show" on stdout
+    .venv/bin/python benchmarks/serve_throughput.py --ingress proxy   # the contract URL through Serve's proxy
 
-Measured 2026-11-22 on the shared 2-core machine while other agents trained (load average 6-28, so the
-absolute numbers are 3-5x below FACTS.md's quiet-machine ones; the ratios are the result), 10 s per level,
-0 errors, req/s (p50 / p99 ms):
-
-| c  | naive            | serve-direct     | serve-proxy      | serve-batch      | direct/naive |
-|----|------------------|------------------|------------------|------------------|--------------|
-| 1  | 39 (24.4 / 48)   | 40 (24.7 / 55)   | 24 (40.9 / 82)   | 33 (28.5 / 121)  | 1.03x        |
-| 8  | 57 (120 / 357)   | 105 (70.7 / 176) | 55 (129 / 353)   | 104 (71.7 / 186) | 1.83x        |
-| 32 | 46 (570 / 1920)  | 211 (135 / 636)  | 81 (391 / 652)   | 88 (336 / 629)   | 4.59x        |
+The last lines check issue 14's "must show": contract / naive at c=32 >= 4x with p99 < 100 ms, serve-direct
+and contract / naive at c=1 >= 1.0x, 0 errors. docs/performance.md has the measured tables.
 
 Everything lives in a temporary folder (MLflow sqlite, a git+DVC registry) and a private in-process Ray;
 nothing is left running. Ports are picked free (never 8000/3000/5000/8265).
@@ -44,8 +39,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-# Read by Ray Serve at import and by the cluster processes at start.
-os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+# Read by Ray Serve at import and by the cluster processes at start (the ingress settings come from
+# start_loopback_ray). Direct-ingress replicas wait 30 s on shutdown for load balancers to drain.
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 # Ray starts its workers (Serve replicas included) at nice 15; the naive server runs at nice 0. On a shared
 # machine that alone decides the race, so the replicas run at the naive server's priority.
@@ -58,7 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODEL_NAME = "bench.fashion-mnist-classifier"
-ALL_TARGETS = ("naive", "serve-direct", "serve-proxy", "serve-batch")
+ALL_TARGETS = ("naive", "serve-direct", "contract", "serve-batch")
+DEFAULT_TARGETS = ("naive", "serve-direct", "contract")
 
 
 def free_port() -> int:
@@ -67,9 +63,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout_s: float = 180) -> None:
+def wait_http(url: str, timeout_s: float = 180, proc: subprocess.Popen | None = None,
+              log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-2000:] if log is not None and log.exists() else ""
+            raise RuntimeError(f"the server for {url} exited with {proc.returncode}:\n{tail}")
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
                 if r.status == 200:
@@ -94,13 +94,16 @@ def setup_model(work: Path) -> dict:
     pub = RegistryPublisher(work / "registry", remote_dir=work / "dvc-remote")
     pub.init()
     small = sources.ImageSplit(train.images[:256], train.labels[:256])
-    pub.publish("fashion-mnist", "1.0.0", {"train": sources.image_table(small), "val": sources.image_table(small)},
-                {"normalization": {"mean": mean, "std": std}, "classes": list(sources.FASHION_MNIST_CLASSES)})
+    splits = {"train": sources.image_table(small), "val": sources.image_table(small)}
+    published = pub.publish("fashion-mnist", "1.0.0", splits,
+                            {"normalization": {"mean": mean, "std": std},
+                             "classes": list(sources.FASHION_MNIST_CLASSES)})
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking_uri)
     exp = mlflow.create_experiment("bench", artifact_location=(work / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=exp):
-        mlflow.set_tags({"dvc_data_version": "fashion-mnist-v1.0.0", "dagster_run_id": "benchmark"})
+        mlflow.set_tags({"dvc_data_version": published.tag, "dvc_commit": published.commit,
+                         "dagster_run_id": "benchmark"})
         mlflow.pytorch.log_model(build_resnet18(10).eval(), name="model", serialization_format="pickle",
                                  registered_model_name=MODEL_NAME, pip_requirements=["torch"])
     image = train.images[int(np.argmax(train.labels == 9))]  # an ankle boot
@@ -140,7 +143,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--levels", default="1,8,32")
-    parser.add_argument("--targets", default=",".join(ALL_TARGETS))
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help=f"any of {ALL_TARGETS}")
+    parser.add_argument("--ingress", choices=["haproxy", "proxy"], default="haproxy",
+                        help="on the contract port: HAProxy (ocm's default) or Serve's Python proxy")
     parser.add_argument("--torch-threads", type=int, default=2, help="torch threads of both servers")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -148,6 +153,8 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     targets = [t for t in args.targets.split(",") if t]
+    if args.ingress == "proxy":
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
     unknown = set(targets) - set(ALL_TARGETS)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; choose from {ALL_TARGETS}")
@@ -169,32 +176,33 @@ def main() -> None:
                 [sys.executable, "-m", "ocm_ml.serve.naive", "--model-uri", model["model_uri"],
                  "--tracking-uri", model["tracking_uri"], "--registry-url", model["registry_url"],
                  "--port", str(port), "--torch-threads", str(args.torch_threads)],
-                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(work / "naive.log", "wb"),
             )
             urls["naive"] = f"http://127.0.0.1:{port}"
-            wait_http(f"{urls['naive']}/health")
+            wait_http(f"{urls['naive']}/health", proc=naive, log=work / "naive.log")
 
         serve_targets = [t for t in targets if t.startswith("serve")]
         if serve_targets:
-            import ray
             from ray import serve
 
             from ocm_ml.serve.deployments import build_app, config_hash, rebuild_app
+            from ocm_resources.ray import start_loopback_ray
             from ocm_resources.serve_control import ServeControl
 
-            control = ServeControl(address=None)
-
-            ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2,
-                     log_to_driver=False)
+            start_loopback_ray(num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2,
+                               log_to_driver=False)
             serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+            control = ServeControl(address=None)
             user_config = {"kind": "image", "model_uri": model["model_uri"], "tracking_uri": model["tracking_uri"],
                            "registry_url": model["registry_url"], "torch_threads": args.torch_threads,
                            "max_batch_size": args.max_batch_size}
             control.run("fashion_mnist", build_app("image", user_config, max_ongoing_requests=128, version="bench"),
                         config_hash(user_config))
             found = control.urls("fashion_mnist")
-            urls["serve-direct"] = urls["serve-batch"] = found["direct"][0] if found["direct"] else found["proxy"]
-            urls["serve-proxy"] = found["proxy"]
+            if not found["direct"]:
+                raise RuntimeError(f"no direct-ingress replica URL in {found}: is direct ingress on?")
+            urls["serve-direct"] = urls["serve-batch"] = found["direct"][0]
+            urls["contract"] = found["proxy"]
             wait_http(f"{found['proxy']}/health")
 
         for name in targets:
@@ -207,7 +215,7 @@ def main() -> None:
         for level in levels:
             for name in targets:
                 wanted = "serve" if name == "serve-batch" else "adaptive"
-                if name.startswith("serve") and wanted != batcher:
+                if name != "naive" and wanted != batcher:
                     # Ray's batcher with the wait FACTS.md measured (2 ms); the adaptive one never waits.
                     control.reconfigure("fashion_mnist", {"batcher": wanted, "batch_wait_timeout_s": 0.002
                                                           if wanted == "serve" else 0.0}, rebuild_app)
@@ -244,10 +252,39 @@ def main() -> None:
         print(f"| {level} | " + " | ".join(cells) + " |")
     errors = sum(r["errors"] for per in results.values() for r in per.values())
     print(f"\nerrors (non-2xx + socket) over all runs: {errors}")
+    print(f"ingress on the contract port: {args.ingress}; load average {os.getloadavg()[0]:.1f} at the end")
+    checks = must_show(results, levels, errors)
+    for line in checks:
+        print(line)
     if args.json:
         args.json.write_text(json.dumps({"urls": urls, "results": results, "duration_s": args.duration,
-                                         "torch_threads": args.torch_threads}, indent=2))
+                                         "torch_threads": args.torch_threads, "ingress": args.ingress,
+                                         "must_show": checks}, indent=2))
 
+
+def must_show(results: dict[str, dict[int, dict]], levels: list[int], errors: int) -> list[str]:
+    """Issue 14's serving ratios, each measured in this run, with whether it holds."""
+    if "naive" not in results:
+        return []
+    out = []
+
+    def ratio(target: str, level: int) -> float | None:
+        if level not in results.get(target, {}) or level not in results["naive"]:
+            return None
+        return results[target][level]["rps"] / results["naive"][level]["rps"]
+
+    top = max(levels)
+    if (r := ratio("contract", top)) is not None:
+        p99 = results["contract"][top]["p99_ms"]
+        ok = r >= 4.0 and p99 < 100.0
+        out.append(f"must show: contract / naive at c={top} = {r:.2f}x (>= 4x), p99 {p99:.1f} ms (< 100 ms): "
+                   + ("yes" if ok else "NO"))
+    for target in ("serve-direct", "contract"):
+        if (r := ratio(target, 1)) is not None:
+            verdict = "yes" if r >= 1.0 else "NO"
+            out.append(f"must show: {target} / naive at c=1 = {r:.2f}x (>= 1.0x): {verdict}")
+    out.append(f"must show: 0 errors: {'yes' if errors == 0 else f'NO ({errors})'}")
+    return out
 
 if __name__ == "__main__":
     main()

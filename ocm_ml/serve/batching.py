@@ -4,8 +4,10 @@ Ray's ``@serve.batch`` forms batches on a timer, independently of the model: whi
 next ones are cut from whatever arrived during ``batch_wait_timeout_s`` and queue for the model, so under
 load the batches stay small. Here the single worker takes everything that queued up while the previous
 batch computed (up to ``max_batch_size``): at low load a request runs at once, alone; at high load the
-batches grow with the queue. The forward pass runs off the event loop, so HTTP parsing and validation of
-the next requests overlap with it.
+batches grow with the queue. A request that finds the model free and nobody waiting runs its batch of one
+in its own task, with no hand-over to the worker (the concurrency-1 path costs a function call, ~0.2 us,
+instead of a task switch, ~30 us); the worker takes whatever queued up behind it. The forward pass runs off
+the event loop, so HTTP parsing and validation of the next requests overlap with it.
 
 The queue is bounded in items (``max_queued_items``, e.g. images, as ``submit(item, size=n)`` counts
 them): a request that would overflow it raises :class:`QueueFull` at once (the app answers 503 with
@@ -61,6 +63,7 @@ class AdaptiveBatcher(Generic[T, R]):
         self._queued_items = 0
         self._ready: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._busy = False  # a batch is computing (the worker's, or a lone request's own)
         self.batches = 0
         self.items = 0
         self.rejected = 0
@@ -94,6 +97,8 @@ class AdaptiveBatcher(Generic[T, R]):
             raise QueueFull(self._queued_items, size, limit)
         if self._ready is None:
             self._ready = asyncio.Event()
+        if not self._busy and not self._queue and self.batch_wait_timeout_s <= 0:
+            return await self._run_alone(item)
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._run())
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
@@ -101,6 +106,25 @@ class AdaptiveBatcher(Generic[T, R]):
         self._queued_items += size
         self._ready.set()
         return await future
+
+    async def _run_alone(self, item: T) -> R:
+        """The model is free and nothing waits: run ``[item]`` now, in the caller's task. Requests arriving
+        meanwhile queue for the worker, which starts once this batch is done."""
+        self._busy = True
+        self.batches += 1
+        self.items += 1
+        try:
+            results = await self._fn([item])
+            if len(results) != 1:
+                raise RuntimeError(f"batch function returned {len(results)} results for 1 item")
+            return results[0]
+        finally:
+            self._busy = False
+            if self._queue:
+                if self._worker is None or self._worker.done():
+                    self._worker = asyncio.get_running_loop().create_task(self._run())
+                assert self._ready is not None
+                self._ready.set()
 
     def _take(self) -> list[tuple[T, asyncio.Future[R]]]:
         batch = []
@@ -115,9 +139,10 @@ class AdaptiveBatcher(Generic[T, R]):
         assert self._ready is not None
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
+            if not self._queue or self._busy:  # nothing to do, or a lone request's batch still computes
                 self._ready.clear()
                 await self._ready.wait()
+                continue
             wait = self.batch_wait_timeout_s
             if wait > 0 and len(self._queue) < self.max_batch_size:
                 deadline = loop.time() + wait
@@ -132,6 +157,7 @@ class AdaptiveBatcher(Generic[T, R]):
                 continue
             self.batches += 1
             self.items += len(batch)
+            self._busy = True
             try:
                 results = await self._fn([item for item, _ in batch])
                 if len(results) != len(batch):
@@ -143,6 +169,8 @@ class AdaptiveBatcher(Generic[T, R]):
                 if not isinstance(exc, Exception):
                     raise
                 continue
+            finally:
+                self._busy = False
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
