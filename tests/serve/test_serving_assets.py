@@ -91,6 +91,18 @@ def stack(tmp_path_factory, serve_http):
     __import__('os').environ.pop('MLFLOW_REGISTRY_URI', None)
 
 
+@pytest.fixture(autouse=True)
+def _stack_mlflow_uris(request):
+    """tests/conftest.py restores MLflow's process-wide URIs after every test: point them at the module's
+    store again before each test that uses it (the tests here log runs through the fluent API)."""
+    if "stack" in request.fixturenames:
+        import mlflow as ml
+
+        mlflow = request.getfixturevalue("stack")[1]
+        ml.set_tracking_uri(mlflow.resolved_tracking_uri())
+        ml.set_registry_uri(mlflow.resolved_registry_uri())
+
+
 def new_version(pub, instance, version: str, knows: set[int], mlflow, val_classes: set[int] = ALL, seed: int = 0):
     """Publish a version, register a detector that knows ``knows`` for its partition; returns (tag, version)."""
     import mlflow as ml
