@@ -255,6 +255,7 @@ def ray_up(stack: Stack) -> None:
             (ports.ray_dashboard, "Ray dashboard", "OCM_RAY_DASHBOARD_PORT"),
             (ports.ray_agent, "Ray dashboard agent", "OCM_RAY_AGENT_PORT"),
             (ports.serve, "Serve HTTP", "OCM_SERVE_PORT"),
+            (ports.ray_metrics, "Ray metrics export (Prometheus)", "OCM_RAY_METRICS_PORT"),
         ):
             check_port(port, what, var, stack)
         ensure_ray_token()
@@ -272,6 +273,7 @@ def ray_up(stack: Stack) -> None:
              f"--port={ports.ray}", f"--ray-client-server-port={ports.ray_client}",
              f"--dashboard-host={LOOPBACK}", f"--dashboard-port={ports.ray_dashboard}",
              f"--dashboard-agent-listen-port={ports.ray_agent}", "--include-dashboard=true",
+             f"--metrics-export-port={ports.ray_metrics}",  # Serve's request metrics, docs/monitoring.md
              f"--num-cpus={os.environ.get('OCM_RAY_CPUS', '4')}", f"--object-store-memory={1024**3}",
              f"--temp-dir={stack.ray_tmp}", "--disable-usage-stats"],
             RAY_ADDRESS=f"{LOOPBACK}:{ports.ray}",

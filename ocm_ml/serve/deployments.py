@@ -111,6 +111,16 @@ class _Classifier:
         self.challenger_stats = _new_challenger_stats()
         self._challenger_logged_at = 0.0
         self.prediction_log = PredictionRecorder()
+        # Per served model version (Serve's own metrics have route, application, deployment and replica).
+        from ray.serve import metrics as serve_metrics
+
+        tag_keys = ("model_version", "data_version")
+        self._version_requests = serve_metrics.Counter(
+            "ocm_requests", description="Answered /predict requests per served model version", tag_keys=tag_keys)
+        self._version_items = serve_metrics.Counter(
+            "ocm_predictions", description="Answered inputs (images or texts) per served model version",
+            tag_keys=tag_keys)
+        self._version_tags: tuple[Any, dict[str, str]] = (None, {})
 
     def __serve_build_asgi_app__(self):
         return create_app(self)
@@ -118,9 +128,15 @@ class _Classifier:
     def log_prediction(self, request_id: str | None, inputs: Any, bundle: ModelBundle, predictions: Any,
                        confidences: Any, class_ids: Any = None) -> str:
         """The app's one call per answered request: the request id (the incoming ``X-Request-Id``, else
-        Serve's own id of this request) and, when sampled, a prediction-log record."""
+        Serve's own id of this request), the per-version counters and, when sampled, a prediction-log record."""
         if not request_id:
             request_id = _serve_request_id() or uuid.uuid4().hex
+        if self._version_tags[0] is not bundle:
+            self._version_tags = (bundle, {"model_version": str(bundle.resolved.model_version),
+                                           "data_version": str(bundle.data_version)})
+        tags = self._version_tags[1]
+        self._version_requests.inc(1, tags)
+        self._version_items.inc(len(inputs), tags)
         if self.prediction_log.sampled():
             self.prediction_log.record(request_id, bundle, inputs, predictions, confidences, class_ids)
         return request_id

@@ -320,3 +320,26 @@ def test_drift_checks_on_served_traffic_and_one_retrain_request(monitored, tmp_p
             assert isinstance(again, dg.SkipReason)  # the same failure never asks twice
     finally:
         hook.close()
+
+
+def test_serve_metrics_are_scraped_on_loopback(logged_app):
+    """Ray's Prometheus export (the port `make dev` pins with --metrics-export-port) carries Serve's request
+    counters and latencies per route, application and deployment."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    url = f"http://127.0.0.1:{port}/metrics"
+    for _ in range(5):
+        httpx.post(f"{logged_app['url']}/predict", json={"images": [[0] * 784]})
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(url, timeout=10).text
+        if f'application="{LOGGED_IMAGES}"' in text and "ray_ocm_requests" in text:
+            break
+        time.sleep(2)
+    lines = [line for line in text.splitlines() if f'application="{LOGGED_IMAGES}"' in line]
+    names = {line.split("{")[0] for line in lines}
+    assert "ray_serve_deployment_request_counter_total" in names, sorted(names)
+    assert any(n.startswith("ray_serve_deployment_processing_latency_ms") for n in names), sorted(names)
+    per_version = [line for line in lines if line.startswith("ray_ocm_requests")]
+    assert per_version and all('model_version="1"' in line for line in per_version), per_version
