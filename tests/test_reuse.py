@@ -111,3 +111,47 @@ def test_identical_content_under_a_new_tag_reuses_the_model_and_a_change_trains_
     _, recoded = materialize(other_code, instance, v2.tag, QUICK)
     assert recoded["reused"] is False and recoded["registered_version"] == 3
     assert training_runs(mlflow) == 3
+
+
+TINY_SEARCH = {"num_trials": 1, "max_epochs": 1, "row_limit": None, "val_row_limit": None, "max_length": 16,
+               "freeze_layers": 0, "max_concurrent_trials": 1, "grace_period": 1}
+
+
+def test_identical_texts_under_a_new_tag_are_not_searched_again(tmp_path, ray_local):
+    from ocm_assets.text import hpo_key
+    from ocm_ml.text.backbone import make_tiny_backbone
+    from tests.registry_helpers import text_version
+
+    tweets = family("tweet_sentiment")
+    pub, reg = new_registry(tmp_path)
+    publish_holdout(pub, "tweet-sentiment", n=30)
+    tables, metadata = text_version(n_train=60, n_val=20)
+    v1 = pub.publish("tweet-sentiment", "1.0.0", tables, metadata)
+    backbone = make_tiny_backbone(tmp_path / "tiny_bert", tables["train"].column("text").to_pylist(), seed=0)
+    mlflow = LocalMlflow(home=str(tmp_path), env_name="reuse", code_version="0123abcd")
+    resources = {"registry": reg, "ray_cluster": RayHead(keep_alive=True), "mlflow": mlflow,
+                 "checkpoints": CheckpointStorage(base_path=str(tmp_path / "ray-results"))}
+    config = {"ops": {"tweet_sentiment__hpo": {"config": {**TINY_SEARCH, "backbone": str(backbone)}}}}
+
+    def searches() -> int:
+        client = mlflow.configure()
+        experiment = client.get_experiment_by_name(f"reuse.{tweets.dataset}")
+        return len(client.search_runs([experiment.experiment_id], filter_string="tags.ocm_stage = 'hpo'"))
+
+    def run(tag):
+        if not instance.has_dynamic_partition(tweets.partitions_name, tag):
+            instance.add_dynamic_partitions(tweets.partitions_name, [tag])
+        result = dg.materialize(family_assets(tweets), partition_key=tag, resources=resources, instance=instance,
+                                run_config=config)
+        return {e.asset_key: {k: v.value for k, v in e.materialization.metadata.items()}
+                for e in result.get_asset_materialization_events()}
+
+    with dg.instance_for_test() as instance:
+        first = run(v1.tag)
+        assert first[model_key(tweets)]["registered_version"] == 1 and searches() == 1
+        v2 = pub.publish("tweet-sentiment", "1.0.1", tables, metadata)
+        second = run(v2.tag)
+        assert searches() == 1  # Ray Tune was not started again
+        for key in (hpo_key(tweets), model_key(tweets)):
+            assert second[key]["reused"] is True and second[key]["registered_version"] == 1
+        assert partition_tag(v2.tag) in mlflow.version(tweets.dataset, 1).tags
