@@ -1,4 +1,4 @@
-"""Training throughput: Ray Train DDP (N workers) vs a bare single-process PyTorch loop, same model and data.
+"""Training throughput: Ray Train DDP (N workers) vs plain torch DDP and a bare single-process loop, same data.
 
     .venv/bin/python benchmarks/ddp_vs_single.py                  # 16,384 rows, batch 128, 2 epochs, 2 rounds
     .venv/bin/python benchmarks/ddp_vs_single.py --with-defaults  # + DDP with PyTorch's and Ray's defaults
@@ -15,6 +15,11 @@ epoch is a warm-up and is reported but left out of the comparison when there are
 - "ray ddp": ``ocm_ml.vision.train.train_fashion_mnist`` itself (Ray Data streaming + Lightning + RayDDPStrategy,
   the product's defaults: bf16 gradient all-reduce), ``--workers`` workers x 1 CPU, on a local Ray with as many
   CPUs as the machine has and ocm's idle-worker setting (``ocm_resources.ray.IDLE_WORKER_KEEP_MS``).
+- "plain torch ddp": what a user who leaves Ray Train would run, torchrun-style: ``--workers`` processes
+  (``torch.multiprocessing.spawn``) x 1 torch thread, gloo, the same model, optimizer, per-process batch, DDP
+  options and gradient hook (``ocm_ml.vision.train.DDP_KWARGS``, ``comm_hook``: bf16 unless
+  ``--ddp-setting gradient_compression=...``), each rank its contiguous half of the same rows, in memory.
+  The run prints Ray Train DDP / plain DDP (issue 14: >= 0.9x).
 - "--with-defaults" adds the same DDP run with float32 all-reduce and Ray's own 1 s idle-worker timeout: what
   the two settings buy.
 
@@ -94,6 +99,77 @@ def single_process(
         rates.append(images / (time.perf_counter() - start))
         cpu_ms.append(1000 * (time.process_time() - cpu_start) / images)
     return rates, cpu_ms[-1]
+
+
+def _plain_ddp_worker(rank: int, world: int, port: int, train_path: str, batch_size: int, epochs: int, lr: float,
+                      seed: int, compression: str, out: str) -> None:
+    """One rank of the plain torch.distributed baseline (``torch.multiprocessing.spawn``, torchrun-style):
+    gloo, 1 torch thread, the same model, optimizer, DDP options and gradient hook as ocm's workers, this
+    rank's contiguous share of the rows in memory (Ray Data's equal split is contiguous too)."""
+    import json
+
+    import pyarrow.parquet as pq
+    import torch
+    import torch.distributed as dist
+    from torch.nn import functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ocm_ml.vision.lightning_module import build_optimizer
+    from ocm_ml.vision.model import build_resnet18, normalize_pixels
+    from ocm_ml.vision.train import DDP_KWARGS, comm_hook, pixels_from_arrow
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(seed)
+        table = pq.read_table(train_path)
+        share = table.num_rows // world
+        table = table.slice(rank * share, share)
+        pixels = pixels_from_arrow(table.column("image"))
+        labels = table.column("label").to_numpy()
+        model = DistributedDataParallel(build_resnet18(10).train(), **DDP_KWARGS)
+        hook = comm_hook(compression)
+        if hook is not None:
+            model.register_comm_hook(None, hook)
+        optimizer = build_optimizer(model.parameters(), lr)
+        rates, cpu_ms = [], []
+        for _ in range(epochs):
+            dist.barrier()
+            start, cpu_start, images = time.perf_counter(), time.process_time(), 0
+            for i in range(0, len(labels), batch_size):
+                x = normalize_pixels(torch.from_numpy(pixels[i : i + batch_size].astype("float32")), MEAN, STD)
+                y = torch.from_numpy(labels[i : i + batch_size].astype("int64"))
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                optimizer.step()
+                images += len(y)
+            dist.barrier()
+            rates.append(images * world / (time.perf_counter() - start))
+            cpu_ms.append(1000 * (time.process_time() - cpu_start) / images)
+        if rank == 0:
+            Path(out, "plain.json").write_text(json.dumps({"rates": rates, "cpu_ms": cpu_ms[-1]}))
+    finally:
+        dist.destroy_process_group()
+
+
+def plain_ddp(train_path: str, batch_size: int, epochs: int, lr: float, workers: int, seed: int,
+              compression: str) -> tuple[list[float], float]:
+    """Plain torch DDP, ``workers`` processes x 1 thread: per-epoch img/s of all ranks, CPU ms/img of rank 0."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_plain_ddp_worker, nprocs=workers, join=True,
+                 args=(workers, port, train_path, batch_size, epochs, lr, seed, compression, out))
+        result = json.loads(Path(out, "plain.json").read_text())
+    return result["rates"], result["cpu_ms"]
 
 
 def ray_ddp(
@@ -223,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
         "--ddp-setting", action="append", default=[], metavar="KEY=VALUE",
         help="override a TrainSettings field on the DDP side(s), e.g. prefetch_batches=2 (repeatable)",
     )
-    parser.add_argument("--skip-single", action="store_true", help="only run the Ray DDP side(s)")
+    parser.add_argument("--skip-single", action="store_true", help="leave out the single-process sides")
+    parser.add_argument("--skip-plain", action="store_true", help="leave out the plain torch DDP side")
     parser.add_argument(
         "--wait-load",
         type=float,
@@ -241,6 +318,10 @@ def main(argv: list[str] | None = None) -> None:
     threads = [] if args.skip_single else [int(t) for t in args.single_threads.split(",") if t]
     overrides = dict(_setting(text) for text in args.ddp_setting)
     ddp_sides = {f"ray train ddp, {args.workers} workers x 1 CPU": (IDLE_WORKER_KEEP_MS, overrides)}
+    from ocm_ml.vision.train import TrainSettings
+
+    plain_compression = overrides.get("gradient_compression", TrainSettings().gradient_compression)
+    plain_name = f"plain torch ddp, {args.workers} x 1 thread"
     if args.with_defaults:
         ddp_sides["  same, fp32 all-reduce, Ray idle 1 s"] = (1000, {**overrides, "gradient_compression": "none"})
     # (round, name, global batch, per-epoch img/s, CPU ms per image, Ray helpers' share of a core, load before, after)
@@ -266,6 +347,13 @@ def main(argv: list[str] | None = None) -> None:
                     (round_, name, args.batch_size * args.workers, rates, cpu_ms, helpers, load, os.getloadavg()[0])
                 )
                 print(f"round {round_}: {name.strip()}: img/s per epoch {[round(r) for r in rates]}", flush=True)
+            if not args.skip_plain:
+                load = wait_for_load(args.wait_load, args.wait_timeout)
+                rates, cpu_ms = plain_ddp(train_path, args.batch_size, args.epochs, args.lr, args.workers, args.seed,
+                                          plain_compression)
+                sides.append((round_, plain_name, args.batch_size * args.workers, rates, cpu_ms, None, load,
+                              os.getloadavg()[0]))
+                print(f"round {round_}: {plain_name}: img/s per epoch {[round(r) for r in rates]}", flush=True)
 
     print()
     print(
@@ -295,6 +383,9 @@ def main(argv: list[str] | None = None) -> None:
         best = max(singles, key=singles.get)
         for name in ddp_sides:
             print(f"{name.strip()} / best single-process ({best}): {medians[name] / singles[best]:.2f}x")
+    if plain_name in medians:
+        for name in ddp_sides:
+            print(f"{name.strip()} / {plain_name}: {medians[name] / medians[plain_name]:.2f}x (goal >= 0.90x)")
     one, many = "single process, 1 torch thread", f"single process, {max(threads, default=1)} torch threads"
     if one in medians and many in medians:
         # How well this host runs two threads at once: near 2x on a quiet host, far lower when its vCPUs are
