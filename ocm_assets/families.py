@@ -32,7 +32,7 @@ class Family:
     retrain_cron: str = "0 3 * * 1"
     # Promotion: the gate's defaults (overridable per run in the champion's config).
     gate: Gate = field(default_factory=Gate, hash=False, compare=False)
-    # Evaluation: validation rows scored per model (None: the whole split); the holdout is always scored whole.
+    # Evaluation: validation rows scored per model (None: the whole split); the holdout is scored whole.
     eval_val_rows: int | None = None
 
     @property

@@ -71,8 +71,8 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
         group_name=fam.name,
         partitions_def=partitions_for(fam),
         ins={"dataset": dg.AssetIn(dataset_key(fam)), "preprocessing": dg.AssetIn(preprocessing_key(fam))},
-        description=f"ResNet18 trained with Ray Train DDP + Lightning on one data version of `{fam.dataset}`, "
-        "logged and registered in MLflow.",
+        description=f"ResNet18 trained with Ray Train DDP + Lightning on one data version of "
+        f"`{fam.dataset}`, logged and registered in MLflow.",
         kinds={"ray", "pytorch", "mlflow"},
         tags={"ocm/family": fam.name},
     )

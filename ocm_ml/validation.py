@@ -141,7 +141,8 @@ class PixelStats:
     total_sq: float = 0.0
 
     def add(self, batch: pa.RecordBatch) -> None:
-        values = pc.list_flatten(batch.column("image")).to_numpy(zero_copy_only=False).astype(np.float64) / 255.0
+        pixels = pc.list_flatten(batch.column("image")).to_numpy(zero_copy_only=False)
+        values = pixels.astype(np.float64) / 255.0
         self.count += values.size
         self.total += float(values.sum())
         self.total_sq += float(np.square(values).sum())

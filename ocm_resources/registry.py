@@ -110,8 +110,9 @@ def _run(cmd: list[str], cwd: Path | None = None, what: str = "", timeout: float
     if proc.returncode != 0:
         detail = (stderr or stdout).strip()
         hint = ""
-        if any(s in detail for s in ("terminal prompts disabled", "could not read Username", "Permission denied",
-                                     "Authentication failed", "Host key verification failed")):
+        if any(s in detail for s in ("terminal prompts disabled", "could not read Username",
+                                     "Permission denied", "Authentication failed",
+                                     "Host key verification failed")):
             hint = (" (the registry asks for credentials, and git never prompts here: configure a credential "
                     "helper, a token in the environment or an SSH key for this host)")
         raise RegistryError(f"{what or ' '.join(cmd)} failed: {detail}{hint}")
@@ -317,7 +318,8 @@ class DvcRegistry(DataRegistry):
         try:
             url = dvc.api.get_url(path, repo=self.repo_url, rev=version.commit, remote=self.remote)
         except Exception as exc:
-            raise RegistryError(f"cannot resolve the DVC remote URL of {path} at {version.tag}: {exc}") from exc
+            raise RegistryError(
+                f"cannot resolve the DVC remote URL of {path} at {version.tag}: {exc}") from exc
         return FileInfo(path=path, url=url, md5=md5, size=int(info.get("size") or 0))
 
     @contextmanager
@@ -470,7 +472,8 @@ class RegistryPublisher:
             raise RegistryError(
                 f"refusing to publish {dataset}: {len(overlap)} row(s) of the train split are in the holdout "
                 f"{contract.holdout_tag(dataset)} (first train rows: {overlap[:5]}). No version may train on "
-                "the holdout: remove those rows (ocm's own versions are built from the data minus the holdout)."
+                "the holdout: remove those rows (ocm's own versions are built from the data minus the "
+                "holdout)."
             )
 
     def publish_holdout(self, dataset: str, table, message: str | None = None) -> RegistryVersion:

@@ -4,7 +4,7 @@ A bundle is built from a Serve ``user_config`` (see :class:`ServeConfig`)::
 
     bundle = load_bundle(ServeConfig.from_user_config({
         "kind": "image",
-        "model_uri": "models:/local.fashion-mnist-classifier/3",   # or models:/name@champion, runs:/<id>/model
+        "model_uri": "models:/local.fashion-mnist-classifier/3",  # or models:/name@alias, runs:/<id>/model
         "tracking_uri": "sqlite:////abs/.ocm/mlflow/mlflow.db",
         "registry_url": "/abs/.ocm/registry",                      # DVC data registry, path or git URL
     }))
@@ -111,8 +111,8 @@ class ServeConfig:
                 raise ValueError(f"{key} must be a string, got {type(value).__name__}")
             if url_credentials(value):
                 raise ValueError(
-                    f"{key} {redact_credentials(value)!r} carries credentials in its URL, and the user_config "
-                    f"is visible in the Ray dashboard and Serve's status: {self.CREDENTIAL_HINT}"
+                    f"{key} {redact_credentials(value)!r} carries credentials in its URL, and the "
+                    f"user_config is visible in the Ray dashboard and Serve's status: {self.CREDENTIAL_HINT}"
                 )
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
@@ -128,7 +128,8 @@ class ServeConfig:
         if self.batch_wait_timeout_s < 0:
             raise ValueError(f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
         if self.challenger_mode not in CHALLENGER_MODES:
-            raise ValueError(f"challenger_mode must be one of {CHALLENGER_MODES}, got {self.challenger_mode!r}")
+            raise ValueError(
+                f"challenger_mode must be one of {CHALLENGER_MODES}, got {self.challenger_mode!r}")
         if not 0.0 <= self.challenger_share <= 1.0:
             raise ValueError(f"challenger_share must be within 0-1, got {self.challenger_share}")
         if self.challenger_uri is not None and self.model_uri is None:
@@ -289,7 +290,8 @@ def read_dataset_metadata(registry_url: str, tag: str, commit: str | None) -> tu
         text = dvc.api.read(path, repo=registry_url, rev=commit, mode="r")
     except Exception as exc:
         raise LoadError(
-            f"cannot read {path} of {tag} at commit {commit[:10]} from the data registry {registry_url}: {exc}"
+            f"cannot read {path} of {tag} at commit {commit[:10]} from the data registry {registry_url}: "
+            f"{exc}"
         ) from exc
     try:
         metadata = contract.parse_metadata(text, where=f"{path} of {tag} at {commit[:10]}")
@@ -426,7 +428,8 @@ def _image_predictor(model: Any, metadata: DatasetMetadata, data_version: str):
     from ocm_ml.vision.predictor import ImagePredictor
 
     if metadata.normalization is None:
-        raise LoadError(f"metadata.json of {data_version} has no normalization {{mean, std}}: an image model needs it")
+        raise LoadError(
+            f"metadata.json of {data_version} has no normalization {{mean, std}}: an image model needs it")
     n_outputs = None
     try:
         import torch
@@ -441,7 +444,8 @@ def _image_predictor(model: Any, metadata: DatasetMetadata, data_version: str):
     classes = metadata.class_names or tuple(str(i) for i in range(n_outputs))
     if n_outputs != len(classes):
         raise LoadError(
-            f"the model has {n_outputs} outputs but metadata.json of {data_version} lists {len(classes)} classes"
+            f"the model has {n_outputs} outputs but metadata.json of {data_version} lists "
+            f"{len(classes)} classes"
         )
     return ImagePredictor(model, metadata.normalization.mean, metadata.normalization.std, classes)
 
@@ -491,7 +495,8 @@ def load_bundle(config: ServeConfig) -> ModelBundle:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.registry_uri or config.tracking_uri)
+    client = MlflowClient(tracking_uri=config.tracking_uri,
+                          registry_uri=config.registry_uri or config.tracking_uri)
     resolved = resolve_model(config.model_uri, client)
     tag = resolved.run_tags.get("dvc_data_version")
     if not tag:

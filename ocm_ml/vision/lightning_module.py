@@ -2,8 +2,8 @@
 
 Optimizer: Adam (fused kernel, see ``build_optimizer``). Learning rate: ``lr_schedule="onecycle"`` (the
 default, as in ``TrainSettings``; it needs ``total_steps`` or batches with a length) warms up linearly to
-``learning_rate`` over the first quarter of the steps and anneals it with a cosine to 1 % at the last one — the
-weights a short run ends with are then those of a small learning rate, which is worth several points of
+``learning_rate`` over the first quarter of the steps and anneals it with a cosine to 1 % at the last one —
+the weights a short run ends with are then those of a small learning rate, which is worth several points of
 accuracy after one epoch; ``"constant"`` keeps Adam at ``learning_rate``.
 
 Batches are ``(x, y)``: ``x`` float (N, 1, 28, 28) already normalized (see ``model.normalize_pixels``), ``y``
@@ -87,8 +87,8 @@ class ImageClassifier(lightning.LightningModule):
         total = self.hparams.total_steps or self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total < 1:
             raise ValueError(
-                "lr_schedule='onecycle' needs the number of optimizer steps, and the training batches have no "
-                "length: pass total_steps=epochs * batches_per_epoch, or lr_schedule='constant'"
+                "lr_schedule='onecycle' needs the number of optimizer steps, and the training batches have "
+                "no length: pass total_steps=epochs * batches_per_epoch, or lr_schedule='constant'"
             )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle(int(total)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -119,7 +119,7 @@ def one_cycle(total_steps: int, warmup: float = 0.25, start: float = 0.1, end: f
 
 
 def load_network(checkpoint: str | Path) -> nn.Module:
-    """The bare ``nn.Module`` (ResNet18) from a Lightning checkpoint file or a folder holding ``checkpoint.ckpt``.
+    """The bare ``nn.Module`` (ResNet18) from a Lightning checkpoint file or a folder with checkpoint.ckpt.
 
     Returned on the CPU, in eval mode.
     """

@@ -1,8 +1,8 @@
 """Distributed data-parallel training of the Fashion-MNIST ResNet18 on Ray Train (V2) with Lightning.
 
 The caller initialises Ray and hands over parquet locations (registry schema: ``image`` list<uint8> of 784
-row-major 28x28 pixels in 0-255, ``label`` int64), the data version's normalization mean/std, and where to keep
-checkpoints:
+row-major 28x28 pixels in 0-255, ``label`` int64), the data version's normalization mean/std, and where to
+keep checkpoints:
 
 >>> result = train_fashion_mnist(
 ...     "/remote/ab/cdef.parquet", "/remote/12/3456.parquet", mean=0.286, std=0.353,
@@ -13,10 +13,10 @@ checkpoints:
 How it fits together:
 
 - Data is streamed: ``ray.data.read_parquet`` on the driver, split across workers by Ray Train
-  (``get_dataset_shard``), and iterated in each worker with ``iter_torch_batches``; pixels are normalized in the
-  collate function, a batch at a time. No worker ever holds the whole data set.
-- Each worker runs a plain ``lightning.Trainer`` with Ray's DDP strategy and environment; Ray's report callback
-  saves a checkpoint at the end of every epoch. After a worker dies, Ray restarts the group (up to
+  (``get_dataset_shard``), and iterated in each worker with ``iter_torch_batches``; pixels are normalized in
+  the collate function, a batch at a time. No worker ever holds the whole data set.
+- Each worker runs a plain ``lightning.Trainer`` with Ray's DDP strategy and environment; Ray's report
+  callback saves a checkpoint at the end of every epoch. After a worker dies, Ray restarts the group (up to
   ``max_failures`` times) and the loop resumes from the latest checkpoint.
 - Per-epoch progress reaches the caller while training runs: a Ray Train ``UserCallback`` (it runs in the
   Train controller and sees every worker's metrics) puts one aggregated record per epoch on a
@@ -60,12 +60,13 @@ logger = logging.getLogger(__name__)
 NUM_CLASSES = 10
 IMAGE_PIXELS = 28 * 28
 EPOCH_KEYS = (
-    "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_second", "data_wait_fraction",
+    "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_second",
+    "data_wait_fraction",
 )
 _FAILURE_TEXT_LIMIT = 2000
 # The driver blocks on the progress queue for up to this long between events. ``fit()`` returning puts
-# ``_FIT_RETURNED`` on the queue, so the wait never delays the end of a run; a longer wait means fewer wake-ups
-# of the driver and the queue actor, which share the CPUs with the training workers.
+# ``_FIT_RETURNED`` on the queue, so the wait never delays the end of a run; a longer wait means fewer
+# wake-ups of the driver and the queue actor, which share the CPUs with the training workers.
 _EVENT_WAIT_S = 30.0
 _FIT_RETURNED = {"kind": "fit-returned"}
 DATA_TASK_CPUS = 0  # logical CPUs per Ray Data read task; see _read_images
@@ -134,8 +135,8 @@ class _EpochThroughput(lightning.Callback):
 def comm_hook(compression: str):
     """The DDP communication hook for ``compression`` (``GRADIENT_COMPRESSION``), or None for plain float32.
 
-    With one CPU per worker the all-reduce of ResNet18's 45 MB of gradients competes with the backward pass for
-    the same core; sending them as 16-bit halves that work (``benchmarks/ddp_vs_single.py`` measures it).
+    With one CPU per worker the all-reduce of ResNet18's 45 MB of gradients competes with the backward pass
+    for the same core; sending them as 16-bit halves that work (``benchmarks/ddp_vs_single.py`` measures it).
     bf16 keeps float32's range, so no gradient overflows; fp16 keeps more mantissa bits but can overflow.
     """
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -235,7 +236,7 @@ def _mean(values: list[float]) -> float:
 def aggregate_worker_metrics(metrics_per_worker: list[dict[str, Any]]) -> dict[str, float]:
     """One epoch record from every worker's reported metrics.
 
-    Losses and accuracies are already averaged over all workers by Lightning (``sync_dist`` / torchmetrics) and
+    Losses and accuracies are already averaged over all workers by Lightning (``sync_dist``/torchmetrics) and
     throughput already summed, so each worker holds the same values; the mean here only guards against a
     worker that reports something different.
     """
@@ -275,11 +276,11 @@ class _ProgressCallback(UserCallback):
 class TrainResult:
     """What a finished run produced. Metrics are the best checkpoint's (highest ``val_accuracy``).
 
-    ``history`` holds one record per epoch (keys ``EPOCH_KEYS``), aggregated over workers; ``images_per_second``
-    is the training throughput of all workers together, averaged over epochs; ``train_rows`` is the number of
-    training images one epoch went through (after ``row_limit``; Ray's equal split across workers may drop up
-    to ``num_workers - 1`` rows); ``failures`` has one entry per
-    worker failure Ray Train recovered from (or gave up on). ``load_model()`` returns the trained network.
+    ``history`` holds one record per epoch (keys ``EPOCH_KEYS``), aggregated over workers;
+    ``images_per_second`` is the training throughput of all workers together, averaged over epochs;
+    ``train_rows`` is the number of training images one epoch went through (after ``row_limit``; Ray's equal
+    split across workers may drop up to ``num_workers - 1`` rows); ``failures`` has one entry per worker
+    failure Ray Train recovered from (or gave up on). ``load_model()`` returns the trained network.
     """
 
     val_accuracy: float
@@ -405,7 +406,8 @@ def train_fashion_mnist(
     total_steps = None
     if settings.lr_schedule == "onecycle":
         rows = train_ds.count()
-        total_steps = settings.epochs * max(1, math.ceil((rows // settings.num_workers) / settings.batch_size))
+        per_worker = rows // settings.num_workers
+        total_steps = settings.epochs * max(1, math.ceil(per_worker / settings.batch_size))
 
     resources = {"CPU": settings.cpus_per_worker}
     if settings.use_gpu:
