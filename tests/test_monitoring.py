@@ -125,3 +125,22 @@ def test_prediction_log_setting_has_one_home(monkeypatch, tmp_path):
     monkeypatch.setenv("OCM_PREDICTION_LOG_SAMPLE_RATE", "lots")
     with pytest.raises(env.ConfigurationError, match="OCM_PREDICTION_LOG_SAMPLE_RATE"):
         env.prediction_log_store("local")
+
+
+def test_cluster_monitors_scrape_every_ray_pod_of_ocm():
+    from pathlib import Path
+
+    import yaml
+
+    docs = list(yaml.safe_load_all((Path(__file__).resolve().parents[1] / "deploy" / "monitoring.yaml").read_text()))
+    by_kind = {d["kind"]: d for d in docs}
+    assert set(by_kind) == {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+    for doc in docs:
+        assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["metadata"]["namespace"] == "ocm"
+    heads, workers = by_kind["ServiceMonitor"]["spec"], by_kind["PodMonitor"]["spec"]
+    # KubeRay's node-type labels cover the training RayCluster and the RayService's cluster alike
+    assert heads["selector"]["matchLabels"] == {"ray.io/node-type": "head"}
+    assert workers["selector"]["matchLabels"] == {"ray.io/node-type": "worker"}
+    assert heads["endpoints"][0]["port"] == workers["podMetricsEndpoints"][0]["port"] == "metrics"
+    rules = [r["expr"] for g in by_kind["PrometheusRule"]["spec"]["groups"] for r in g["rules"]]
+    assert any("ray_serve_num_http_error_requests_total" in e for e in rules)
