@@ -167,7 +167,7 @@ def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
             mlflow_lib.log_params({
                 "backbone": config.backbone, "num_trials": settings.num_trials, "max_epochs": settings.max_epochs,
                 "row_limit": settings.row_limit, "val_row_limit": settings.val_row_limit,
-                "scheduler": "ASHA", "metric": settings.metric, "mode": settings.mode,
+                "scheduler": settings.scheduler.upper(), "metric": settings.metric, "mode": settings.mode,
                 "grace_period": settings.grace_period, "reduction_factor": settings.reduction_factor,
                 "max_length": settings.max_length, "freeze_layers": settings.freeze_layers,
                 "method": settings.method, "search_space": json.dumps(settings.space()), "data_tag": tag,

@@ -65,7 +65,7 @@ def _described(default: Any, description: str, **kwargs: Any) -> Any:
 @dataclass(frozen=True)
 class SearchSettings:
     """What one text search does: the single source of the fields, their defaults, descriptions and checks
-    (``validate_settings``). The Dagster config ``TextSearchConfig`` is generated from these fields.
+    (``validate_settings``, run once when the object is made). The Dagster config ``TextSearchConfig`` is generated from these fields.
 
     The defaults fit the demo on 2 CPUs: every training tweet embedded once by the frozen backbone (cached),
     then 12 ASHA trials of a head for up to 12 epochs each. ``method="finetune"`` trains the transformer
@@ -80,6 +80,7 @@ class SearchSettings:
         2000, "Validation rows the trials are scored on, every k-th row of the split; None: all.")
     metric: str = _described("val_macro_f1", "val_accuracy, val_macro_f1 or val_loss.")
     mode: str = _described("max", "max or min for the metric.")
+    scheduler: str = _described("asha", "asha: ASHA stops weak trials early; fifo: every trial runs max_epochs.")
     grace_period: int = _described(2, "ASHA: epochs before a trial may be stopped.")
     reduction_factor: int = _described(3, "ASHA: keep 1/reduction_factor of the trials at each rung.")
     max_concurrent_trials: int | None = _described(None, "None: as many as the cluster's CPUs fit.")
@@ -92,6 +93,9 @@ class SearchSettings:
     search_space: dict[str, Any] | None = _described(
         None, "Plain-data space: {name: number | {type: loguniform|uniform, low, high} | {type: choice, values}};"
         " None: the method's default (default_search_space).")
+
+    def __post_init__(self) -> None:
+        validate_settings(self)  # the one check: a SearchSettings that exists is valid
 
     def space(self) -> dict[str, Any]:
         return self.search_space if self.search_space is not None else default_search_space(self.method)
@@ -257,6 +261,8 @@ def validate_settings(settings: SearchSettings) -> None:
         )
     if not isinstance(settings.seed, int):
         raise ValueError(f"SearchSettings.seed must be an integer, got {settings.seed!r}")
+    if settings.scheduler not in ("asha", "fifo"):
+        raise ValueError(f"SearchSettings.scheduler must be 'asha' or 'fifo', got {settings.scheduler!r}")
     if settings.method not in METHODS:
         raise ValueError(f"SearchSettings.method must be one of {list(METHODS)}, got {settings.method!r}")
     positive_int("embed_actors", settings.embed_actors)
@@ -551,13 +557,12 @@ def run_search(
     trial starts; raises ``RuntimeError`` if every trial failed.
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from ocm_ml.text.backbone import resolve_backbone
     from ocm_ml.text.module import check_label_map
 
-    validate_settings(settings)
     label_map = check_label_map(label_map)
     backbone_dir = resolve_backbone(backbone)
     param_space = build_search_space(settings.space(), settings.method)
@@ -592,7 +597,7 @@ def run_search(
         max_t=settings.max_epochs,
         grace_period=settings.grace_period,
         reduction_factor=settings.reduction_factor,
-    )
+    ) if settings.scheduler == "asha" else FIFOScheduler()
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,

@@ -102,6 +102,27 @@ def search(ray_local, text_data):
     return settings, result
 
 
+@pytest.fixture(scope="module")
+def head_search(ray_local, text_data):
+    """The default method: heads on cached embeddings of the tiny BERT."""
+    from ocm_ml.text.tune import run_search
+
+    settings = SearchSettings(
+        num_trials=4, max_epochs=6, val_row_limit=None, metric="val_loss", mode="min", grace_period=1,
+        reduction_factor=2, max_concurrent_trials=1, max_length=16, embed_actors=1,
+        search_space={"learning_rate": {"type": "loguniform", "low": 1e-3, "high": 3e-2},
+                      "hidden": {"type": "choice", "values": [0, 64]}, "batch_size": 32,
+                      "class_weighting": {"type": "choice", "values": ["none", "balanced"]}},
+    )
+    cache = text_data["folder"] / "embedding-cache"
+    result = run_search(text_data["train_url"], text_data["val_url"], LABEL_MAP, text_data["backbone"], settings,
+                        str(text_data["folder"] / "ray_results"), "tiny-heads", cache_dir=str(cache))
+    again = run_search(text_data["train_url"], text_data["val_url"], LABEL_MAP, text_data["backbone"],
+                       SearchSettings(**{**settings.__dict__, "num_trials": 1}),
+                       str(text_data["folder"] / "ray_results"), "tiny-heads-again", cache_dir=str(cache))
+    return settings, result, again
+
+
 # --- pure functions -------------------------------------------------------------------------------------
 
 
@@ -192,8 +213,8 @@ def test_run_search_rejects_bad_input_before_any_trial(tmp_path):
     """No Ray needed: validation happens before Tune is touched."""
     from ocm_ml.text.tune import run_search
 
-    bad_space = SearchSettings(search_space={"learning_rate": {"type": "loguniform", "low": -1, "high": 1}})
     with pytest.raises(ValueError, match="low > 0|finite|must be > 0"):
+        bad_space = SearchSettings(search_space={"learning_rate": {"type": "loguniform", "low": -1, "high": 1}})
         run_search("x.parquet", "y.parquet", LABEL_MAP, None, bad_space, str(tmp_path), "r")
     with pytest.raises(ValueError, match="no such local directory"):
         run_search(
@@ -308,6 +329,48 @@ def test_pyfunc_logs_registers_and_predicts(search, tmp_path):
     assert out["label"].tolist() == ["positive", "negative", "neutral"]
     assert out["confidence"].between(0, 1).all()
     assert model.metadata.get_input_schema().input_names() == ["text"]
+
+
+# --- heads on cached embeddings (the default method) -----------------------------------------------------
+
+
+def test_head_search_embeds_once_and_asha_stops_trials(head_search):
+    settings, result, again = head_search
+    assert result.embedding["cache_misses"] == 2 and result.embedding["cache_hits"] == 0  # train + val
+    assert again.embedding["cache_hits"] == 2 and again.embedding["cache_misses"] == 0  # a re-run reuses them
+    assert all(t.status == "TERMINATED" for t in result.trials), [t.error for t in result.trials]
+    assert result.trial_epochs_budget == 24 and result.trial_epochs_run < 24 and result.num_stopped_early >= 1
+    for t in result.trials:
+        assert {"learning_rate", "hidden", "class_weighting", "batch_size"} == set(t.config)
+        assert [h["epoch"] for h in t.history] == list(range(1, t.epochs_run + 1))
+    # above the 1/3 majority baseline by a margin on these learnable texts
+    assert result.best_metrics["val_accuracy"] >= 0.6
+
+
+def test_head_model_folder_predicts_what_the_search_measured(head_search, text_data, tmp_path):
+    import mlflow
+    import pandas as pd
+
+    from ocm_ml.text.pyfunc import log_text_model
+    from ocm_ml.text.tune import evaluate
+
+    _, result, _ = head_search
+    folder = Path(result.best_checkpoint_dir)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "labels.json", "head.json",
+            "head.safetensors"} <= {p.name for p in folder.iterdir()}
+    scores = evaluate(folder, text_data["val_texts"], text_data["val_labels"])
+    # the saved head is the best epoch's, and serving embeds exactly as the cache did
+    assert scores["accuracy"] == pytest.approx(result.best_metrics["val_accuracy"], abs=1e-6)
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment_id = mlflow.create_experiment("heads", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment_id):
+        info = log_text_model(folder, input_example=["love this", "awful day"],
+                              registered_model_name="test.head-classifier")
+    model = mlflow.pyfunc.load_model(f"models:/test.head-classifier/{info.registered_model_version}")
+    out = model.predict(pd.DataFrame({"text": text_data["val_texts"][:5]}))
+    assert list(out.columns) == ["text", "label", "confidence"] and len(out) == 5
+    assert set(out["label"]) <= set(LABEL_MAP.values()) and out["confidence"].between(0, 1).all()
 
 
 # --- the real pretrained backbone -----------------------------------------------------------------------
