@@ -100,11 +100,12 @@ def demo_config(fam, quick: bool, epochs: int = 1) -> dict:
         if quick:
             train["row_limit"] = 4000
         return {"ops": {f"{fam.name}__model": {"config": train}}, "loggers": QUIET_LOGS}
-    search = {"num_trials": 4, "max_epochs": 2, "row_limit": 1500, "val_row_limit": 500, "freeze_layers": 4,
-              "max_length": 64}
+    # the search's defaults (ocm_ml.text.tune.SearchSettings): every training tweet embedded once by the frozen
+    # MiniLM (cached), then 12 ASHA trials of a head on the embeddings
+    search: dict = {}
     model = {"eval_rows": 2000}
     if quick:
-        search.update(num_trials=2, max_epochs=1, row_limit=300, val_row_limit=200)
+        search.update(num_trials=2, max_epochs=2, row_limit=300, val_row_limit=200)
         model["eval_rows"] = 500
     return {"ops": {f"{fam.name}__hpo": {"config": search}, f"{fam.name}__model": {"config": model}},
             "loggers": QUIET_LOGS}
@@ -227,6 +228,12 @@ def main() -> int:
                           f"{evaluation.metadata['val_rows'].value} validation), {seconds:.0f}s:")
                     for line in evaluation.metadata["comparison"].value.splitlines():
                         show("   ", line)
+                    md = evaluation.metadata
+                    for split in ("val", "holdout") if "tfidf_lr_val_macro_f1" in md else ():
+                        show(f"  text model on {split}: accuracy {md[f'challenger_{split}_accuracy'].value:.3f}, "
+                             f"macro-F1 {md[f'challenger_{split}_macro_f1'].value:.3f}; TF-IDF + LR on all "
+                             f"training rows: accuracy {md[f'tfidf_lr_{split}_accuracy'].value:.3f}, "
+                             f"macro-F1 {md[f'tfidf_lr_{split}_macro_f1'].value:.3f}")
                 if champion is not None:
                     decision = champion.metadata["decision"].value
                     show(f"  gate: {'PROMOTED' if decision == 'promoted' else 'kept the champion'} "
