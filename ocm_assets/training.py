@@ -109,26 +109,10 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
             mlflow_lib.log_params({**dataclasses.asdict(settings), "data_tag": tag, "mean": norm.mean,
                                    "std": norm.std, "storage_path": storage_path})
 
-            def on_epoch(record: dict) -> None:
-                epoch = int(record.get("epoch", 0))
-                context.log.info(
-                    f"epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch")
-                )
-                client.log_batch(run_id, metrics=[
-                    mlflow_lib.entities.Metric(k, float(v), int(time.time() * 1000), epoch)
-                    for k, v in record.items() if k != "epoch"
-                ])
-
             result = train_fashion_mnist(
-                dataset.url("train"),
-                dataset.url("val"),
-                norm.mean,
-                norm.std,
-                settings,
-                storage_path=storage_path,
-                run_name=f"{fam.name}-{tag}",
-                storage_filesystem=checkpoints.filesystem(),
-                on_epoch=on_epoch,
+                dataset.url("train"), dataset.url("val"), norm.mean, norm.std, settings,
+                storage_path=storage_path, run_name=f"{fam.name}-{tag}",
+                storage_filesystem=checkpoints.filesystem(), on_epoch=epoch_logger(context, client, run_id),
             )
             png = training_curve_png(result.history, f"{fam.name} {tag}")
             log_bytes(client, run_id, png, "training_curve.png")
@@ -149,29 +133,45 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
                                   tags={**tags, **reuse.tags, "data_version": tag,
                                         "val_accuracy": f"{result.val_accuracy:.6f}"})
         url = mlflow.run_url(run_id, run.info.experiment_id)
-        return dg.MaterializeResult(
-            metadata={
-                "val_accuracy": dg.MetadataValue.float(result.val_accuracy),
-                "val_loss": dg.MetadataValue.float(result.val_loss),
-                "mlflow_run_id": run_id,
-                **({"mlflow_run_url": dg.MetadataValue.url(url)} if url else {}),
-                "registered_model": version.name,
-                "registered_version": int(version.version),
-                "model_uri": f"models:/{version.name}/{version.version}",
-                "reused": False,
-                "training_key": reuse.key,
-                "checkpoint_path": result.checkpoint_path,
-                "images_per_second": dg.MetadataValue.float(result.images_per_second),
-                "workers": result.num_workers,
-                "train_rows": result.train_rows,
-                "worker_failures_recovered": len(result.failures),
-                "training_seconds": dg.MetadataValue.float(result.elapsed_seconds),
-                "training_curve": markdown_png(png, "training curve"),
-                "history": dg.MetadataValue.json(result.history),
-            }
-        )
+        return dg.MaterializeResult(metadata={
+            **trained_metadata(result, png), "mlflow_run_id": run_id,
+            **({"mlflow_run_url": dg.MetadataValue.url(url)} if url else {}),
+            "registered_model": version.name, "registered_version": int(version.version),
+            "model_uri": f"models:/{version.name}/{version.version}",
+            "reused": False, "training_key": reuse.key,
+        })
 
     return model
+
+
+def epoch_logger(context: dg.AssetExecutionContext, client, run_id: str):
+    """``on_epoch`` for the trainer: a line per epoch in the Dagster run log, its metrics in MLflow."""
+    from mlflow.entities import Metric
+
+    def on_epoch(record: dict) -> None:
+        epoch = int(record.get("epoch", 0))
+        figures = {k: float(v) for k, v in record.items() if k != "epoch"}
+        context.log.info(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in figures.items()))
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in figures.items()])
+
+    return on_epoch
+
+
+def trained_metadata(result, png: bytes) -> dict:
+    """The materialization metadata of a finished training run (``ocm_ml.vision.train.TrainResult``)."""
+    return {
+        "val_accuracy": dg.MetadataValue.float(result.val_accuracy),
+        "val_loss": dg.MetadataValue.float(result.val_loss),
+        "checkpoint_path": result.checkpoint_path,
+        "images_per_second": dg.MetadataValue.float(result.images_per_second),
+        "workers": result.num_workers,
+        "train_rows": result.train_rows,
+        "worker_failures_recovered": len(result.failures),
+        "training_seconds": dg.MetadataValue.float(result.elapsed_seconds),
+        "training_curve": markdown_png(png, "training curve"),
+        "history": dg.MetadataValue.json(result.history),
+    }
 
 
 def ray_cluster_resources(ray_cluster: RayResource) -> dict[str, float]:
