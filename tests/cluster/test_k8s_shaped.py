@@ -37,10 +37,6 @@ GATE = {"floors": {"accuracy": 0.0}, "win_margin": 0.01}
 ENDPOINT = {"replica_cpus": 0.25, "known_answer_rows": 4}
 
 
-class KnownServeControlBug(Exception):
-    """The endpoint step failed the one known way (see the xfail mark); any other failure is a failure."""
-
-
 def _wait_port(port: int, proc: subprocess.Popen, what: str, log: Path, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -163,14 +159,6 @@ def test_wrong_s3_credentials_are_refused(s3_iam):
     assert s3_iam["client"].list_objects_v2(Bucket=IO_BUCKET)["KeyCount"] == 0  # the right keys work
 
 
-@pytest.mark.xfail(
-    strict=True, raises=KnownServeControlBug,
-    reason="the endpoint step fails over Ray Client: ServeControl.connect (ocm_resources/serve_control.py) "
-    "connects with ray.init('ray://…'), and its next call sees ray.is_initialized() with the head's GCS "
-    "address (ray.get_runtime_context().gcs_address) whose port differs from the ray:// address, so it "
-    "refuses its own connection ('this process is connected to Ray at 127.0.0.1:<gcs>, not to the "
-    "long-lived cluster ray://…'). Remove this mark when connect() recognises a Ray Client connection.",
-)
 def test_retrain_and_rollout_one_process_per_step(s3_iam, ray_head, tmp_path, monkeypatch):
     started = time.monotonic()
     pub, _ = new_registry(tmp_path)
@@ -239,8 +227,6 @@ def test_retrain_and_rollout_one_process_per_step(s3_iam, ray_head, tmp_path, mo
             run_config={"ops": {f"{FAMILY.name}__champion": {"config": GATE},
                                 f"{FAMILY.name}__endpoint": {"config": ENDPOINT}}},
         )
-        if not rollout.success and "not to the long-lived cluster ray://" in _failures(rollout):
-            raise KnownServeControlBug(_failures(rollout)[-2000:])
         assert rollout.success, _failures(rollout)
 
         pids = _step_pids(first, retrain, rollout)
