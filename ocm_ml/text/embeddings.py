@@ -49,7 +49,7 @@ def backbone_id(backbone_dir: str | Path) -> str:
 
 
 def data_md5(url: str) -> str:
-    """The md5 of a split file's bytes (the DVC md5 of a registry file), for callers without the registry's."""
+    """The md5 of a split file's bytes (a registry file's DVC md5), for callers without the registry's."""
     import pyarrow.fs
 
     filesystem, path = pyarrow.fs.FileSystem.from_uri(url if "://" in url else Path(url).resolve().as_uri())
@@ -147,7 +147,7 @@ class EmbeddingCache:
 
     def get(self, texts: Sequence[str], *, data_key: str, backbone_dir: str, max_length: int,
             **embed_kwargs) -> np.ndarray:
-        """The cached embeddings of ``texts`` (the rows of the data version ``data_key``), or embed and store."""
+        """The cached embeddings of ``texts`` (the rows of data version ``data_key``), or embed and store."""
         if not data_key:
             raise ValueError("EmbeddingCache.get needs a data_key (the split's content md5)")
         path = self.path_for(data_key, backbone_id(backbone_dir), max_length)

@@ -5,8 +5,8 @@
 - ``PooledHeadClassifier``: backbone encoder + mean pooling + head, with the ``model(**enc).logits`` and
   ``model.config.num_labels`` surface that ``TextPredictor`` uses for a fine-tuned classifier too.
 - ``save_head_model_dir``: the folder ``TextPredictor.from_dir`` and the MLflow pyfunc read: the backbone
-  (``save_pretrained`` of the encoder, ``config.json`` + weights), its tokenizer, ``labels.json``, ``head.json``
-  (sizes, pooling, max_length) and ``head.safetensors``.
+  (``save_pretrained`` of the encoder, ``config.json`` + weights), its tokenizer, ``labels.json``,
+  ``head.json`` (sizes, pooling, max_length) and ``head.safetensors``.
 """
 
 from __future__ import annotations

@@ -1,13 +1,16 @@
 """Hyperparameter search for the text classifier on Ray Tune with ASHA early stopping.
 
-Each trial is a Tune *function trainable* that fine-tunes in-process with a Lightning ``Trainer`` on the
+Two methods (``SearchSettings.method``): ``embeddings`` (default) embeds every text once with the frozen
+backbone (``ocm_ml.text.embeddings``, cached) and each trial fits a head on those features; ``finetune``:
+each trial is a Tune *function trainable* that fine-tunes in-process with a Lightning ``Trainer`` on the
 trial's own CPUs, reporting ``val_loss``, ``val_accuracy``, ``val_macro_f1`` and ``epoch`` once per epoch with
 a checkpoint (model + tokenizer + labels.json). A function trainable, not a ``TorchTrainer`` per trial: on
 CPU a trial is one process, so Ray Train's worker group, DDP and extra actors add start-up time and memory
 (Train V2 would launch a controller plus a worker per trial) and buy nothing; ASHA stops the trial itself.
 
 >>> result = run_search("data/train.parquet", "data/val.parquet", {"0": "negative", "1": "neutral",
-...                     "2": "positive"}, None, SearchSettings(freeze_layers=4), "/tmp/ray_results", "hpo")
+...                     "2": "positive"}, None, SearchSettings(), "/tmp/ray_results", "hpo",
+...                     cache_dir="/tmp/embedding-cache")
 >>> result.best_config, result.best_metrics["val_accuracy"], result.best_checkpoint_dir
 
 The search space is plain data (JSON/YAML friendly), converted by ``build_search_space``::
@@ -65,7 +68,8 @@ def _described(default: Any, description: str, **kwargs: Any) -> Any:
 @dataclass(frozen=True)
 class SearchSettings:
     """What one text search does: the single source of the fields, their defaults, descriptions and checks
-    (``validate_settings``, run once when the object is made). The Dagster config ``TextSearchConfig`` is generated from these fields.
+    (``validate_settings``, run once when the object is made). The Dagster config ``TextSearchConfig`` is
+    generated from these fields.
 
     The defaults fit the demo on 2 CPUs: every training tweet embedded once by the frozen backbone (cached),
     then 12 ASHA trials of a head for up to 12 epochs each. ``method="finetune"`` trains the transformer
@@ -75,12 +79,12 @@ class SearchSettings:
                              "(all the data, cheap trials); finetune: train the transformer (GPU users).")
     num_trials: int = _described(12, "Trials (samples of the search space).")
     max_epochs: int = _described(12, "Epochs a trial may run (ASHA max_t).")
-    row_limit: int | None = _described(None, "Training rows sampled (seeded) from the train split; None: all.")
+    row_limit: int | None = _described(None, "Training rows sampled (seeded) from the train split; None: all")
     val_row_limit: int | None = _described(
         2000, "Validation rows the trials are scored on, every k-th row of the split; None: all.")
     metric: str = _described("val_macro_f1", "val_accuracy, val_macro_f1 or val_loss.")
     mode: str = _described("max", "max or min for the metric.")
-    scheduler: str = _described("asha", "asha: ASHA stops weak trials early; fifo: every trial runs max_epochs.")
+    scheduler: str = _described("asha", "asha: ASHA stops weak trials early; fifo: all run max_epochs.")
     grace_period: int = _described(2, "ASHA: epochs before a trial may be stopped.")
     reduction_factor: int = _described(3, "ASHA: keep 1/reduction_factor of the trials at each rung.")
     max_concurrent_trials: int | None = _described(None, "None: as many as the cluster's CPUs fit.")
@@ -91,8 +95,8 @@ class SearchSettings:
     embed_actors: int = _described(2, "embeddings: Ray Data actors (1 CPU each) that embed the texts.")
     embed_batch_size: int = _described(128, "embeddings: texts per embedding batch.")
     search_space: dict[str, Any] | None = _described(
-        None, "Plain-data space: {name: number | {type: loguniform|uniform, low, high} | {type: choice, values}};"
-        " None: the method's default (default_search_space).")
+        None, "Plain-data space: {name: number | {type: loguniform|uniform, low, high} | "
+        "{type: choice, values}}; None: the method's default (default_search_space).")
 
     def __post_init__(self) -> None:
         validate_settings(self)  # the one check: a SearchSettings that exists is valid
@@ -141,12 +145,15 @@ def _check_values(name: str, values: Sequence[Any]) -> None:
     for v in values:
         if name == "class_weighting":
             if v not in CLASS_WEIGHTINGS:
-                raise ValueError(f"search space 'class_weighting': {v!r} is not one of {list(CLASS_WEIGHTINGS)}")
+                raise ValueError(
+                    f"search space 'class_weighting': {v!r} is not one of {list(CLASS_WEIGHTINGS)}")
             continue
         if not _is_number(v):
             raise ValueError(f"search space {name!r}: {v!r} is not a finite number")
-        if name in ("batch_size", "hidden") and (not float(v).is_integer() or v < (1 if name == "batch_size" else 0)):
-            raise ValueError(f"search space {name!r}: {v!r} is not a {'positive' if name == 'batch_size' else 'non-negative'} integer")
+        least = 1 if name == "batch_size" else 0
+        if name in ("batch_size", "hidden") and (not float(v).is_integer() or v < least):
+            what = "positive" if least else "non-negative"
+            raise ValueError(f"search space {name!r}: {v!r} is not a {what} integer")
         if name == "learning_rate" and v <= 0:
             raise ValueError(f"search space 'learning_rate': {v!r} must be > 0")
         if name == "weight_decay" and v < 0:
@@ -443,9 +450,11 @@ def train_head_trial(
             val_loss = float(torch.nn.functional.cross_entropy(logits, y_val))
         pred = logits.argmax(1).numpy()
         metrics = {"epoch": epoch, "train_loss": total / len(y_train), "val_loss": val_loss,
-                   "val_accuracy": accuracy(y_val.numpy(), pred), "val_macro_f1": macro_f1(y_val.numpy(), pred)}
+                   "val_accuracy": accuracy(y_val.numpy(), pred),
+                   "val_macro_f1": macro_f1(y_val.numpy(), pred)}
         with tempfile.TemporaryDirectory(prefix="ocm-head-ckpt-") as tmp:
-            save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(Path(tmp) / HEAD_WEIGHTS))
+            state = {k: v.contiguous() for k, v in head.state_dict().items()}
+            save_file(state, str(Path(tmp) / HEAD_WEIGHTS))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
@@ -548,10 +557,10 @@ def run_search(
     """ASHA search over ``settings.space()`` on the already initialised Ray; returns the summary.
 
     ``method="embeddings"``: both splits are embedded once through ``EmbeddingCache(cache_dir)`` (default:
-    ``<storage_path>/embedding-cache``), keyed by ``data_keys`` (``{"train": md5, "val": md5}``, the registry's
-    content md5s; without them, the md5 of the files) and the backbone; the trials fit heads on the cached
-    features; the best head is saved with the backbone as the model folder. ``method="finetune"``: each trial
-    fine-tunes the transformer.
+    ``<storage_path>/embedding-cache``), keyed by ``data_keys`` (``{"train": md5, "val": md5}``, the
+    registry's content md5s; without them, the md5 of the files) and the backbone; the trials fit heads on
+    the cached features; the best head is saved with the backbone as the model folder.
+    ``method="finetune"``: each trial fine-tunes the transformer.
 
     Fails fast (``ValueError``) on invalid settings, search space, label map, backbone or data before any
     trial starts; raises ``RuntimeError`` if every trial failed.
