@@ -7,6 +7,7 @@ import pytest
 
 from ocm_assets.data import build_dataset_asset, build_preprocessing_asset, dataset_key, preprocessing_key
 from ocm_assets.families import family
+from ocm_assets.training import model_key
 from ocm_ml import sources
 from tests.registry_helpers import LABEL_MAP, image_split, image_version, new_registry, text_version
 
@@ -117,21 +118,57 @@ def corrupt_versions():
 
 
 @pytest.mark.parametrize("case", ["pixel-range", "unknown-label", "wrong-shape", "wrong-normalization"])
-def test_corrupt_version_fails_blocking_check_and_stops_downstream(tmp_path, case):
+def test_corrupt_version_fails_blocking_check_and_stops_downstream(tmp_path, case, ray_local):
     tables, metadata, check, failure = corrupt_versions()[case]
+    from ocm_assets.build import family_assets
+    from ocm_resources.mlflow import LocalMlflow
+    from ocm_resources.ray import RayHead
+    from ocm_resources.storage import CheckpointStorage
+
     pub, reg = new_registry(tmp_path)
     v = pub.publish("fashion-mnist", "1.0.0", tables, metadata)
-    result, mats, checks = run(FASHION, reg, v.tag)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(FASHION.partitions_name, [v.tag])
+    # The whole retrain selection (dataset, preprocessing, model) with real resources (Ray: the session's):
+    # the model step would train if the blocking check let it run.
+    result = dg.materialize(
+        family_assets(FASHION), partition_key=v.tag, instance=instance, raise_on_error=False,
+        resources={"registry": reg, "ray_cluster": RayHead(), "mlflow": LocalMlflow(home=str(tmp_path)),
+                   "checkpoints": CheckpointStorage(base_path=str(tmp_path / "ray-results"))},
+    )  # fmt: skip
+    mats = {e.asset_key for e in result.get_asset_materialization_events()}
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert not result.success
     assert not checks[check].passed
     if failure:
         assert any(failure in k for k in checks[check].metadata["failures"].value), checks[check].metadata
-    if check == "schema":
-        # blocking: preprocessing (and everything after it) never ran
+    # blocking: the model step was planned in this run (its ASSET_MATERIALIZATION_PLANNED event) and never
+    # started: the engine logged that it did not execute it, no other event of it is in the run's log, it has
+    # no step stats, and nothing it makes was materialized
+    logs = instance.all_logs(result.run_id)
+    stats_of = {s.step_key for s in instance.get_run_step_stats(result.run_id)}
+
+    def events_of(step: str) -> set:
+        return {e.dagster_event_type for e in logs if e.step_key == step and e.is_dagster_event}
+
+    def not_executed(step: str) -> bool:
+        return any(e.step_key == step and f"Dependencies for step {step} failed" in e.user_message
+                   and e.user_message.endswith("Not executing.") for e in logs)
+
+    def planned_only(step: str) -> bool:
+        kinds = events_of(step)
+        return dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED in kinds and kinds <= {
+            dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED, dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED}
+
+    assert planned_only("fashion_mnist__model") and "fashion_mnist__model" not in stats_of
+    assert not_executed("fashion_mnist__model")
+    assert model_key(FASHION) not in mats
+    failed = next(e for e in result.all_events if e.event_type_value == "PIPELINE_FAILURE")
+    assert "Steps failed: ['fashion_mnist__" in failed.message and "__model" not in failed.message
+    if check == "schema":  # the dataset's check: preprocessing never ran either
+        assert planned_only("fashion_mnist__preprocessing")
+        assert not_executed("fashion_mnist__preprocessing")
         assert preprocessing_key(FASHION) not in mats
-        skipped = [e.step_key for e in result.all_events if e.event_type_value == "STEP_SKIPPED"]
-        assert "fashion_mnist__preprocessing" in skipped or not any(
-            e.step_key == "fashion_mnist__preprocessing" for e in result.all_events if e.is_step_start)
 
 
 def test_missing_file_fails_the_dataset_with_a_clear_error(tmp_path):
