@@ -253,12 +253,30 @@ class PredictionRecorder:
             hist = np.stack([summary[f"hist_{i:02d}"] for i in range(HIST_BINS)], axis=1)
             arrays["hist"] = pa.FixedSizeListArray.from_arrays(pa.array(hist.ravel()), HIST_BINS)
         if texts:
-            vocab = getattr(items[-1][2], "vocabulary", None)
-            summary = summarize_texts([t for part in texts for t in part], vocab() if callable(vocab) else None)
+            summary = summarize_texts([t for part in texts for t in part], self._vocabulary(items[-1][2]))
             for name in ("text_length", "token_count", "oov_share"):
                 arrays[name] = pa.array(summary[name])
         assert all(len(a) == rows for a in arrays.values())
         return pa.table(arrays)
+
+    def _vocabulary(self, bundle: Any) -> frozenset[str] | None:
+        """The whole-word entries of the text model's tokenizer vocabulary (ocm's pyfunc), cached per bundle;
+        None when the model has no reachable tokenizer (then ``oov_share`` is NaN)."""
+        cached = getattr(self, "_vocab_cache", (None, None))
+        if cached[0] is bundle:
+            return cached[1]
+        vocab = None
+        try:
+            model = bundle.model
+            python_model = model.unwrap_python_model() if hasattr(model, "unwrap_python_model") else model
+            predictor = getattr(python_model, "_predictor", None)
+            tokenizer = getattr(predictor, "tokenizer", None)
+            if tokenizer is not None:
+                vocab = frozenset(w.casefold() for w in tokenizer.get_vocab() if w.isalnum())
+        except Exception:  # a pyfunc of another shape: no vocabulary
+            vocab = None
+        self._vocab_cache = (bundle, vocab)
+        return vocab
 
     def _write(self, table, settings: LogSettings, filesystem, base: str) -> int:
         import pyarrow.compute as pc

