@@ -1,4 +1,8 @@
-"""The adaptive batcher: no wait at low load, batches grow while the model is busy, errors reach every caller."""
+"""The adaptive batcher: no wait at low load, batches grow while the model is busy, errors reach every caller.
+
+Every test runs on a virtual clock (tests/virtual_clock.py): sleeps take no real time and ``loop.time()`` is
+exact, so the assertions are about order, counts, which batch a request joined and when (in virtual
+seconds) a batch ran, never about how fast this machine is."""
 
 from __future__ import annotations
 
@@ -7,10 +11,11 @@ import asyncio
 import pytest
 
 from ocm_ml.serve.batching import AdaptiveBatcher
+from tests.virtual_clock import run_virtual
 
 
 def run(coro):
-    return asyncio.run(coro)
+    return run_virtual(coro)
 
 
 def test_single_request_runs_alone_and_at_once():
@@ -27,7 +32,7 @@ def test_single_request_runs_alone_and_at_once():
         assert await batcher.submit(21) == 42
         return loop.time() - t0
 
-    assert run(main()) < 0.05
+    assert run(main()) == 0.0  # no timer waited on: it ran at once
     assert calls == [[21]]
 
 
@@ -52,23 +57,28 @@ def test_batches_form_while_the_model_is_busy():
     assert stats["batches"] == 3 and stats["items"] == 7
 
 
-def test_wait_timeout_fills_a_batch():
+@pytest.mark.parametrize(("arrivals", "ran_at", "batches"), [
+    (3, 0.02, [[0, 1, 2]]),  # full when the third arrives (0.01 s apart): runs then, before the deadline
+    (2, 0.2, [[0, 1]]),  # never full: runs at the deadline, 0.2 s after the first arrived
+])
+def test_wait_timeout_fills_a_batch(arrivals, ran_at, batches):
     calls = []
 
     async def fn(items):
-        calls.append(list(items))
+        calls.append((asyncio.get_running_loop().time(), list(items)))
         return items
 
     async def main():
         batcher = AdaptiveBatcher(fn, max_batch_size=3, batch_wait_timeout_s=0.2)
         futures = []
-        for i in range(3):
+        for i in range(arrivals):
             futures.append(asyncio.ensure_future(batcher.submit(i)))
             await asyncio.sleep(0.01)
         return await asyncio.gather(*futures)
 
-    assert run(main()) == [0, 1, 2]
-    assert calls == [[0, 1, 2]]
+    assert run(main()) == list(range(arrivals))
+    assert [items for _, items in calls] == batches
+    assert calls[0][0] == pytest.approx(ran_at, abs=1e-9)
 
 
 def test_errors_reach_every_caller_and_the_batcher_recovers():
@@ -150,7 +160,7 @@ def test_a_full_queue_refuses_at_once_and_recovers():
         return info.value, refused_in, stats, done, after
 
     exc, refused_in, stats, done, after = run(main())
-    assert refused_in < 0.01 and exc.retry_after_s >= 1
+    assert refused_in == 0.0 and exc.retry_after_s >= 1  # refused without waiting for anything
     assert stats["queued_items"] == 4 and stats["rejected"] == 1 and stats["max_queued_items"] == 5
     assert done == ["a", "b", "c"] and after == "f"
     assert ["d"] not in calls
