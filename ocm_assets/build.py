@@ -89,7 +89,7 @@ def is_training_step(asset: dg.AssetsDefinition) -> bool:
 
 
 def build_definitions(resources: dict | None = None, families: tuple[Family, ...] = FAMILIES) -> dg.Definitions:
-    from ocm_resources.env import build_executor, build_resources
+    from ocm_resources.env import build_executor, build_resources, retrain_on_drift
 
     assets, jobs, sensors, schedules = [], [], [], []
     for fam in families:
@@ -104,7 +104,8 @@ def build_definitions(resources: dict | None = None, families: tuple[Family, ...
             *build_automation_sensors(fam, [k for k in conditions if k not in rollout_keys], rollout_keys),
         ]
         schedules.append(build_retrain_schedule(fam, job))
-        watch_assets, watch_sensors, watch_jobs, watch_schedules = monitoring.build_monitoring(fam, job)
+        watch_assets, watch_sensors, watch_jobs, watch_schedules = monitoring.build_monitoring(
+            fam, job, retrain_on_drift())
         assets, sensors, jobs, schedules = (assets + watch_assets, sensors + watch_sensors, jobs + watch_jobs,
                                             schedules + watch_schedules)
     return dg.Definitions(

@@ -454,11 +454,12 @@ def build_alert_sensor(fam: Family) -> dg.SensorDefinition:
     return alert_sensor
 
 
-def build_monitoring(fam: Family, retrain_job):
-    """``served_traffic``, its sensors, its job and the hourly schedule: (assets, sensors, jobs, schedules)."""
+def build_monitoring(fam: Family, retrain_job, retrain_on_drift: bool = False):
+    """``served_traffic``, its sensors, its job and the hourly schedule: (assets, sensors, jobs, schedules).
+    ``retrain_on_drift``: the schedule's runs ask for a retrain when a drift check fails."""
     asset = build_served_traffic_asset(fam)
     sensors = [build_drift_retrain_sensor(fam, retrain_job), build_alert_sensor(fam)]
-    return [asset], sensors, [served_traffic_job(fam)], [build_hourly_check_schedule(fam)]
+    return [asset], sensors, [served_traffic_job(fam)], [build_hourly_check_schedule(fam, retrain_on_drift)]
 
 
 def served_traffic_job(fam: Family):
@@ -467,7 +468,7 @@ def served_traffic_job(fam: Family):
         description=f"Check one hour of {fam.name}'s served traffic (drift, confidence).")
 
 
-def build_hourly_check_schedule(fam: Family) -> dg.ScheduleDefinition:
+def build_hourly_check_schedule(fam: Family, retrain_on_drift: bool = False) -> dg.ScheduleDefinition:
     @dg.schedule(name=f"{fam.name}_served_traffic_hourly", cron_schedule="10 * * * *", execution_timezone="UTC",
                  job_name=f"{fam.name}_served_traffic", default_status=dg.DefaultScheduleStatus.RUNNING,
                  description=f"Ten minutes past each hour: check the hour before of {fam.name}'s served traffic.")
@@ -476,7 +477,8 @@ def build_hourly_check_schedule(fam: Family) -> dg.ScheduleDefinition:
 
         when = context.scheduled_execution_time - timedelta(hours=1)
         key = HOURLY.get_partition_key_for_timestamp(when.timestamp())
-        return dg.RunRequest(run_key=key, partition_key=key)
+        config = {"ops": {f"{fam.name}__served_traffic": {"config": {"retrain_on_drift": True}}}}
+        return dg.RunRequest(run_key=key, partition_key=key, run_config=config if retrain_on_drift else None)
 
     return hourly
 

@@ -316,6 +316,17 @@ def prediction_log_store(env: str | None = None):
     )
 
 
+def retrain_on_drift() -> bool:
+    """``OCM_RETRAIN_ON_DRIFT`` (default off): the hourly served-traffic check runs with ``retrain_on_drift``,
+    so a drift failure asks for one retrain of the newest registry version (docs/monitoring.md)."""
+    raw = os.environ.get("OCM_RETRAIN_ON_DRIFT", "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigurationError(f"OCM_RETRAIN_ON_DRIFT={raw!r} must be 1/true/yes/on or 0/false/no/off")
+
+
 def alerts_resource():
     """The alert webhook (``OCM_ALERT_WEBHOOK_URL``, a Slack-compatible incoming webhook); off when unset."""
     import dagster as dg

@@ -144,3 +144,25 @@ def test_cluster_monitors_scrape_every_ray_pod_of_ocm():
     assert heads["endpoints"][0]["port"] == workers["podMetricsEndpoints"][0]["port"] == "metrics"
     rules = [r["expr"] for g in by_kind["PrometheusRule"]["spec"]["groups"] for r in g["rules"]]
     assert any("ray_serve_num_http_error_requests_total" in e for e in rules)
+
+
+def test_hourly_schedule_checks_the_hour_before_and_carries_retrain_on_drift(monkeypatch):
+    from datetime import UTC, datetime
+
+    import dagster as dg
+
+    from ocm_assets.families import FAMILIES
+    from ocm_assets.monitoring import build_hourly_check_schedule
+    from ocm_resources import env
+
+    fam = FAMILIES[0]
+    when = datetime(2026, 12, 3, 14, 10, tzinfo=UTC)
+    plain = build_hourly_check_schedule(fam)(dg.build_schedule_context(scheduled_execution_time=when))
+    assert plain.partition_key == "2026-12-03-13:00" and plain.run_config == {}
+    monkeypatch.setenv("OCM_RETRAIN_ON_DRIFT", "yes")
+    schedule = build_hourly_check_schedule(fam, env.retrain_on_drift())
+    request = schedule(dg.build_schedule_context(scheduled_execution_time=when))
+    assert request.run_config["ops"][f"{fam.name}__served_traffic"]["config"] == {"retrain_on_drift": True}
+    monkeypatch.setenv("OCM_RETRAIN_ON_DRIFT", "sometimes")
+    with pytest.raises(env.ConfigurationError, match="OCM_RETRAIN_ON_DRIFT"):
+        env.retrain_on_drift()
