@@ -179,7 +179,7 @@ def main() -> None:
                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(work / "naive.log", "wb"),
             )
             urls["naive"] = f"http://127.0.0.1:{port}"
-            wait_http(f"{urls['naive']}/health", proc=naive, log=work / "naive.log")
+            wait_http(f"{urls['naive']}/health", 600, proc=naive, log=work / "naive.log")
 
         serve_targets = [t for t in targets if t.startswith("serve")]
         if serve_targets:
