@@ -131,10 +131,10 @@ def build_dataset_asset(fam: Family) -> dg.AssetsDefinition:
         names = record.metadata.class_names
         label_ids = list(range(len(names)))
 
-        rows, columns = {}, None
+        rows, schemas = {}, {}
         for split in SPLITS:
             with registry.parquet(version, split_path(version.dataset, split)) as parquet:
-                rows[split], columns = parquet.metadata.num_rows, parquet.schema_arrow
+                rows[split], schemas[split] = parquet.metadata.num_rows, parquet.schema_arrow
         from ocm_ml.validation import label_counts
 
         balance = label_counts(iter_batches(registry, version, "train", columns=["label"]))
@@ -160,7 +160,7 @@ def build_dataset_asset(fam: Family) -> dg.AssetsDefinition:
                 "rows_val": rows["val"],
                 "class_balance_train": dg.MetadataValue.json(balance_named),
                 "dagster/column_schema": dg.TableSchema(
-                    columns=[dg.TableColumn(f.name, str(f.type)) for f in columns]
+                    columns=[dg.TableColumn(f.name, str(f.type)) for f in schemas[SPLITS[-1]]]
                 ),
                 "dagster/row_count": rows["train"] + rows["val"],
             },
@@ -216,13 +216,14 @@ def build_preprocessing_asset(fam: Family) -> dg.AssetsDefinition:
         metadata = dataset.metadata
         if fam.kind == "image":
             passed, check_meta = _normalization_agrees(registry, version, metadata)
-            value = {"mean": metadata.normalization.mean, "std": metadata.normalization.std,
+            norm = metadata.require_normalization()
+            value = {"mean": norm.mean, "std": norm.std,
                      "classes": list(metadata.class_names)}
             ui_meta = {"mean": value["mean"], "std": value["std"],
                        "classes": dg.MetadataValue.json(value["classes"])}
         else:
             passed, check_meta = _label_map_agrees(registry, version, metadata)
-            value = {"label_map": dict(metadata.label_map)}
+            value = {"label_map": metadata.require_label_map()}
             ui_meta = {"label_map": dg.MetadataValue.json(value["label_map"]),
                        "num_labels": len(value["label_map"])}
         # content, not the tag: the same preprocessing of the same data is the same data version
@@ -244,7 +245,8 @@ def _normalization_agrees(registry: DataRegistry, version: RegistryVersion, meta
     """Whether the published mean/std agree with the training split's, recomputed streaming."""
     from ocm_ml.validation import pixel_stats_streaming
 
-    mean, std = metadata.normalization.mean, metadata.normalization.std
+    norm = metadata.require_normalization()
+    mean, std = norm.mean, norm.std
     stats = pixel_stats_streaming(iter_batches(registry, version, "train", columns=["image"]))
     passed = max(abs(stats.mean - mean), abs(stats.std - std)) <= NORMALIZATION_TOLERANCE
     check_meta = {
@@ -264,7 +266,7 @@ def _label_map_agrees(registry: DataRegistry, version: RegistryVersion, metadata
     seen: set[int] = set()
     for split in SPLITS:
         seen |= set(label_counts(iter_batches(registry, version, split, columns=["label"])))
-    published = {int(k) for k in metadata.label_map}
+    published = {int(k) for k in metadata.require_label_map()}
     passed = seen == published
     check_meta = {
         "labels_in_map": dg.MetadataValue.json(sorted(published)),

@@ -174,7 +174,7 @@ def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
             })
             context.log.info(f"searching {settings.num_trials} trials x {settings.max_epochs} epochs on {tag}")
             result = run_search(
-                dataset.url("train"), dataset.url("val"), dict(preprocessing.label_map),
+                dataset.url("train"), dataset.url("val"), preprocessing.require_label_map(),
                 backbone, settings, storage_path=storage_path, run_name=f"{fam.name}-{tag}",
                 cache_dir=_embedding_cache_dir(checkpoints),
                 data_keys={split: dataset.files[split].md5 for split in ("train", "val")},
@@ -196,7 +196,7 @@ def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
             context.log.info(f"trial {t.trial_id}: {t.config} best {settings.metric}={t.best_metric} "
                              f"after {t.epochs_run} epochs{' (stopped by ASHA)' if t.stopped_early else ''}")
         value = {
-            "tag": tag, "commit": dataset.commit, "dataset": dataset, "label_map": dict(preprocessing.label_map),
+            "tag": tag, "commit": dataset.commit, "dataset": dataset, "label_map": preprocessing.require_label_map(),
             "parent_run_id": parent_id, "experiment_id": parent.info.experiment_id,
             "best_trial_id": result.best_trial_id, "best_config": result.best_config,
             "best_metrics": result.best_metrics, "best_checkpoint_dir": result.best_checkpoint_dir,

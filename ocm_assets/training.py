@@ -5,6 +5,7 @@ import base64
 import dataclasses
 import time
 import typing
+from typing import Any, ClassVar
 
 import dagster as dg
 import pydantic
@@ -23,28 +24,34 @@ def model_key(fam: Family) -> dg.AssetKey:
     return dg.AssetKey([fam.name, "model"])
 
 
-def config_from_settings(settings_cls: type, doc: str) -> type[dg.Config]:
-    """A Dagster run config generated from a core settings dataclass: the same fields, defaults and
-    descriptions (``field(metadata={"description": ...})``), written once, in the core. ``config.settings()``
-    builds the dataclass back from a run's values."""
+class SettingsConfig(dg.Config):
+    """A Dagster run config generated from a core settings dataclass (:func:`config_from_settings`);
+    ``settings()`` builds that dataclass back from a run's values."""
+
+    settings_class: ClassVar[type]
+
+    def settings(self) -> Any:
+        return self.settings_class(**self.model_dump())
+
+
+def config_from_settings(settings_cls: type) -> type[SettingsConfig]:
+    """The fields of ``settings_cls`` (a dataclass) as a :class:`SettingsConfig`: the same names, types,
+    defaults and descriptions (``field(metadata={"description": ...})``), written once, in the core."""
     hints = typing.get_type_hints(settings_cls)
-    fields = {
+    fields: dict[str, Any] = {
         f.name: (hints[f.name], pydantic.Field(default=f.default, description=f.metadata["description"]))
         for f in dataclasses.fields(settings_cls)
     }
-    name = settings_cls.__name__.replace("Settings", "Config")
-    config = pydantic.create_model(name, __base__=dg.Config, __doc__=doc, __module__=__name__, **fields)
-
-    def settings(self):
-        return settings_cls(**self.model_dump())
-
-    config.settings = settings
+    config = pydantic.create_model(f"{settings_cls.__name__}Fields", __base__=SettingsConfig, **fields)
+    config.settings_class = settings_cls
     return config
 
 
-VisionTrainConfig = config_from_settings(
-    TrainSettings, "Ray Train DDP settings (``ocm_ml.vision.settings.TrainSettings``); the defaults finish "
-    "on 2 CPU cores.")
+class VisionTrainConfig(config_from_settings(TrainSettings)):
+    """Ray Train DDP settings (``ocm_ml.vision.settings.TrainSettings``); the defaults finish on 2 CPUs."""
+
+    def settings(self) -> TrainSettings:
+        return super().settings()
 
 
 def markdown_png(png: bytes, alt: str) -> dg.MetadataValue:
@@ -97,7 +104,7 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
         reuse = lookup(context, fam, mlflow, dataset, preprocessing, dataclasses.asdict(settings))
         if reuse.version is not None:  # same data, preprocessing, code and config: nothing to train
             return dg.MaterializeResult(metadata=reuse_metadata(context, mlflow, reuse))
-        norm = preprocessing.normalization
+        norm = preprocessing.require_normalization()
         tag = context.partition_key
         storage_path = checkpoints.path_for(fam.name, tag, context.run.run_id)
         tags = lineage(mlflow, context, dataset)

@@ -145,16 +145,22 @@ class DatasetMetadata:
         """Self, when it holds what a dataset of ``kind`` needs (image: normalization and classes; text: a
         label map); :class:`ContractError` naming what is missing otherwise."""
         if kind == "image":
-            if self.normalization is None:
-                check_normalization(None, where)
+            self.require_normalization(where)
             if self.classes is None:
                 check_classes(None, where)
         elif kind == "text":
-            if self.label_map is None:
-                check_label_map(None, where)
+            self.require_label_map(where)
         else:
             raise ContractError(f"unknown dataset kind {kind!r}: expected 'image' or 'text'")
         return self
+
+    def require_normalization(self, where: str = "metadata.json") -> Normalization:
+        """The normalization (an image dataset's metadata has one); :class:`ContractError` otherwise."""
+        return self.normalization if self.normalization is not None else check_normalization(None, where)
+
+    def require_label_map(self, where: str = "metadata.json") -> dict[str, str]:
+        """The label map (a text dataset's metadata has one); :class:`ContractError` otherwise."""
+        return dict(self.label_map if self.label_map is not None else check_label_map(None, where))
 
 
 def parse_metadata(source: str | bytes | Mapping[str, Any], where: str = "metadata.json") -> DatasetMetadata:

@@ -427,7 +427,8 @@ def _image_predictor(model: Any, metadata: DatasetMetadata, data_version: str):
     normalization and classes (numbered when metadata.json names none)."""
     from ocm_ml.vision.predictor import ImagePredictor
 
-    if metadata.normalization is None:
+    norm = metadata.normalization
+    if norm is None:
         raise LoadError(
             f"metadata.json of {data_version} has no normalization {{mean, std}}: an image model needs it")
     n_outputs = None
@@ -447,7 +448,7 @@ def _image_predictor(model: Any, metadata: DatasetMetadata, data_version: str):
             f"the model has {n_outputs} outputs but metadata.json of {data_version} lists "
             f"{len(classes)} classes"
         )
-    return ImagePredictor(model, metadata.normalization.mean, metadata.normalization.std, classes)
+    return ImagePredictor(model, norm.mean, norm.std, classes)
 
 
 def _image_bundle(model: Any, common: dict[str, Any], metadata: dict[str, Any], warmup: bool) -> ImageBundle:
@@ -461,9 +462,10 @@ def _image_bundle(model: Any, common: dict[str, Any], metadata: dict[str, Any], 
 
 
 def _text_bundle(model: Any, common: dict[str, Any], metadata: DatasetMetadata, warmup: bool) -> TextBundle:
-    if metadata.label_map is None:
+    label_map = metadata.label_map
+    if label_map is None:
         raise LoadError(f"metadata.json of {common['data_version']} has no label_map: a text model needs it")
-    bundle = TextBundle(model=model, metadata=dict(metadata.raw), label_map=dict(metadata.label_map),
+    bundle = TextBundle(model=model, metadata=dict(metadata.raw), label_map=dict(label_map),
                         **common)
     if warmup:
         try:
