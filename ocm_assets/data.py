@@ -63,7 +63,9 @@ def require_data_checks_passed(context: dg.AssetExecutionContext, fam: Family) -
             for e in context.instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
             if e.dagster_event is not None
         ]
-        found = [ev for ev in evaluations if ev.asset_key == key and ev.check_name == check]
+        # Events of this type carry an AssetCheckEvaluation; the isinstance narrows the union for the checker.
+        found = [ev for ev in evaluations if isinstance(ev, dg.AssetCheckEvaluation)
+                 and ev.asset_key == key and ev.check_name == check]
         if not found or not found[-1].passed:
             what = "did not run" if not found else "failed"
             raise dg.Failure(

@@ -128,6 +128,7 @@ def lookup(context: dg.AssetExecutionContext, fam: Family, mlflow: MlflowTrackin
 def reuse_metadata(context: dg.AssetExecutionContext, mlflow: MlflowTracking, reuse: Reuse) -> dict[str, Any]:
     """Tag the found version with this partition, log that nothing is trained, return the metadata."""
     version, partition = reuse.version, context.partition_key
+    assert version is not None, "reuse_metadata is called only when lookup() found a version"
     mlflow.client.set_model_version_tag(version.name, version.version, partition_tag(partition),
                                         context.run.run_id)
     origin = version.tags.get("dagster_partition", "?")

@@ -73,6 +73,7 @@ def _serve_details(name: str | None = None) -> dict[str, Any]:
     from ray.serve.context import _get_global_client
 
     client = _get_global_client()
+    assert client is not None  # _get_global_client raises (it does not return None) when Serve is not running
     details = client.get_serve_details()
     if not any(group.get("app_name") for group in details.get("target_groups") or []):
         # Under HAProxy ingress (ocm's local default, docs/performance.md) HAProxy is the only target listed;

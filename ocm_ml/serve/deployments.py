@@ -336,7 +336,7 @@ class _Classifier:
         if self._reload_lock is None:
             self._reload_lock = asyncio.Lock()
         async with self._reload_lock:
-            error = None
+            error, config = None, None
             try:
                 config = ServeConfig.from_user_config({"kind": self.kind, **(user_config or {})})
                 if config.kind != self.kind:
@@ -348,6 +348,7 @@ class _Classifier:
                     raise ValueError(redact_credentials(error))
                 self._reject(user_config, error)
                 return
+            assert config is not None  # no error: from_user_config returned
             self._apply_serving(config)
             bundle = self.bundle if config.model_uri is not None else None
             challenger_config = config.challenger_config()

@@ -511,6 +511,8 @@ def load_bundle(config: ServeConfig) -> ModelBundle:
         with _mlflow_uris(config.tracking_uri, config.registry_uri):
             flavor = _flavor(resolved.load_uri)
             if flavor == "pytorch":
+                import mlflow.pytorch
+
                 model = mlflow.pytorch.load_model(resolved.load_uri, map_location="cpu")
             else:
                 model = mlflow.pyfunc.load_model(resolved.load_uri)

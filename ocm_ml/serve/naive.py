@@ -60,7 +60,7 @@ def create_naive_app(user_config: dict[str, Any], torch_threads: int | None = No
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--kind", choices=["image", "text"], default="image")
     parser.add_argument("--model-uri", required=True)
     parser.add_argument("--tracking-uri")

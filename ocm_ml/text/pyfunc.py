@@ -21,12 +21,13 @@ from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
+from mlflow.pyfunc.model import PythonModel  # where it is defined: mlflow.pyfunc does not re-export it
 
 MODEL_DIR_ARTIFACT = "model_dir"
 _RUNTIME_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "pandas", "numpy", "safetensors")
 
 
-class TextClassifierPyfunc(mlflow.pyfunc.PythonModel):
+class TextClassifierPyfunc(PythonModel):
     def __init__(self, batch_size: int = 64):
         self.batch_size = batch_size
         self._predictor = None

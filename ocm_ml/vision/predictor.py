@@ -24,10 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.pyfunc.model import PythonModel  # where it is defined: mlflow.pyfunc does not re-export it
 from torch import nn
 
 WEIGHTS_ARTIFACT = "weights"
@@ -156,7 +158,7 @@ def pixels_from(model_input: Any) -> np.ndarray:
     return pixels
 
 
-class ImageClassifierModel(mlflow.pyfunc.PythonModel):
+class ImageClassifierModel(PythonModel):
     """The registered image model: raw pixels in, ``class_id``, ``class_name``, ``confidence`` out."""
 
     def __init__(self) -> None:
