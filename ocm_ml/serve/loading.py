@@ -194,8 +194,9 @@ def _mlflow_uris(tracking_uri: str | None, registry_uri: str | None) -> Iterator
         try:
             if tracking_uri:
                 mlflow.set_tracking_uri(tracking_uri)
-            if registry_uri or tracking_uri:
-                mlflow.set_registry_uri(registry_uri or tracking_uri)
+            registry = registry_uri or tracking_uri
+            if registry:
+                mlflow.set_registry_uri(registry)
             yield
         finally:
             mlflow.set_tracking_uri(old_tracking)

@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 METHODS = ("embeddings", "finetune")
 #: What each method searches; ``choice`` values of ``class_weighting`` are names, every other value a number.
@@ -137,7 +137,7 @@ class SearchResult:
 # --- validation -----------------------------------------------------------------------------------------
 
 
-def _is_number(x: Any) -> bool:
+def _is_number(x: Any) -> TypeGuard[int | float]:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 

@@ -188,10 +188,12 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(settings.cpus_per_worker, 1))
 
     collate = ImageBatchCollate(config["mean"], config["std"])
-    train_batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    assert train_shard is not None and val_shard is not None  # the trainer is given both datasets
+    train_batches = train_shard.iter_torch_batches(
         batch_size=settings.batch_size, collate_fn=collate, prefetch_batches=settings.prefetch_batches,
     )
-    val_batches = ray.train.get_dataset_shard("val").iter_torch_batches(
+    val_batches = val_shard.iter_torch_batches(
         batch_size=settings.batch_size, collate_fn=collate
     )
 
