@@ -313,7 +313,9 @@ def newest_partition(instance: dg.DagsterInstance, fam: Family) -> str | None:
     keys = [k for k in instance.get_dynamic_partitions(fam.partitions_name) if TAG_RE.match(k)]
 
     def semver(key: str) -> tuple[int, ...]:
-        return tuple(int(p) for p in TAG_RE.match(key)["version"].split("."))
+        match = TAG_RE.match(key)
+        assert match is not None  # keys holds only the keys TAG_RE matches
+        return tuple(int(p) for p in match["version"].split("."))
 
     return max(keys, key=semver) if keys else None
 

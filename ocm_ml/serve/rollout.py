@@ -81,9 +81,11 @@ class Probe:
         return self
 
     def _loop(self) -> None:
+        send = self._send
+        assert send is not None  # __enter__ starts this thread only with a send function
         while not self._stop.is_set():
             try:
-                self._send()
+                send()
             except Exception:  # counted; the replica's own counters decide the step
                 self.failed += 1
                 self._stop.wait(0.05)
