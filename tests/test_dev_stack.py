@@ -30,6 +30,7 @@ PORT_VARS = (
     "OCM_SERVE_PORT",
     "OCM_DAGSTER_PORT",
     "OCM_MLFLOW_PORT",
+    "OCM_RAY_METRICS_PORT",
 )
 
 
