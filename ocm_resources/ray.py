@@ -114,10 +114,11 @@ def _loopback_problem() -> str | None:
     """Why the Ray this process started is not a loopback head with token auth, or None."""
     import ray
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    from ray.util import get_node_ip_address
 
     from ocm_resources.env import LOOPBACK
 
-    node_ip = ray._private.worker.global_worker.node.node_ip_address
+    node_ip = get_node_ip_address()  # public: this process's node (ray._private.worker._global_node)
     gcs = ray.get_runtime_context().gcs_address
     if node_ip != LOOPBACK or not gcs.startswith(f"{LOOPBACK}:"):
         return f"its node IP is {node_ip} and its GCS {gcs}, not {LOOPBACK} (its ports would be on the network)"
