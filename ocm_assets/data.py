@@ -178,6 +178,9 @@ def build_dataset_asset(fam: Family) -> dg.AssetsDefinition:
                 "failed_rows": sum(r.failed_rows for r in reports.values()),
                 "failures": dg.MetadataValue.json(failures),
                 "examples": dg.MetadataValue.json([e for r in reports.values() for e in r.examples]),
+                "flagged": dg.MetadataValue.json(
+                    {f"{split}: {k}": v for split, r in reports.items() for k, v in r.flagged.items()}
+                ),
             },
         )
 

