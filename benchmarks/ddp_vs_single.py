@@ -185,8 +185,9 @@ def ray_ddp(
     def on_epoch(record: dict) -> None:
         cpu_at_epoch.append((time.perf_counter(), *ray_cpu_seconds()))
 
-    from ocm_resources.ray import system_config
+    from ocm_resources.ray import single_node_ray, system_config
 
+    single_node_ray()  # loopback only, as ocm's own heads
     ray.init(
         address="local",
         num_cpus=os.cpu_count(),

@@ -60,6 +60,9 @@ def main() -> int:
     work = Path(args.work).resolve()
     paths = tweets(work)
     label_map = {str(i): name for i, name in enumerate(TWEET_LABELS)}
+    from ocm_resources.ray import single_node_ray
+
+    single_node_ray()  # loopback only, as ocm's own heads
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20,
              log_to_driver=False)
     settings = SearchSettings(num_trials=args.trials, max_epochs=args.epochs)

@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
-    from ocm_resources.ray import system_config
+    from ocm_resources.ray import single_node_ray, system_config
 
+    single_node_ray()  # loopback only, as ocm's own heads
     ray.init(  # as ocm's Ray heads run (ocm_resources.ray)
         address="local",
         num_cpus=2,

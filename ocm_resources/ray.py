@@ -55,7 +55,7 @@ def system_config(idle_worker_keep_ms: int = IDLE_WORKER_KEEP_MS) -> dict[str, i
     return {IDLE_WORKER_CONFIG_KEY: idle_worker_keep_ms}
 
 
-def _single_node_ray() -> None:
+def single_node_ray() -> None:
     """Make this process start its Ray as a single-node cluster on loopback (:data:`LOCAL_RAY_ENV` of
     ``ocm_resources.env``). Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, into
     ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``, when ``ray`` is first imported; a process that
@@ -74,7 +74,7 @@ def _single_node_ray() -> None:
 
 def is_loopback_address(address: str) -> bool:
     """``127.0.0.1:6379``, ``localhost:6379`` (not a ``ray://`` client address): a head on this machine's
-    loopback, which a driver reaches only as a single-node cluster (see :func:`_single_node_ray`)."""
+    loopback, which a driver reaches only as a single-node cluster (see :func:`single_node_ray`)."""
     if address.startswith("ray://"):
         return False
     host = address.rsplit(":", 1)[0].strip("[]")
@@ -99,7 +99,7 @@ def start_loopback_ray(**init_kwargs: Any) -> Any:
 
     from ocm_resources.env import LOOPBACK
 
-    _single_node_ray()
+    single_node_ray()
     kwargs = {"dashboard_host": LOOPBACK, **init_kwargs, "_node_ip_address": LOOPBACK}
     kwargs.pop("address", None)
     context = ray.init(address="local", **kwargs)
@@ -489,7 +489,7 @@ class RayHead(LocalRay):
 
         _set_auth_mode(self.auth_mode)
         if is_loopback_address(address):
-            _single_node_ray()  # else Ray rewrites 127.0.0.1 to the machine's address and cannot connect
+            single_node_ray()  # else Ray rewrites 127.0.0.1 to the machine's address and cannot connect
         # The Ray Client proxy starts a server process per client; on a busy machine that start
         # sometimes fails ("Initialization failure from server") and a second attempt succeeds.
         attempts = 2 if address.startswith("ray://") else 1

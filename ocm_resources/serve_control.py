@@ -140,11 +140,11 @@ class ServeControl(dg.ConfigurableResource):
                 f"this process is connected to Ray at {current}, not to the long-lived cluster {address}; "
                 "run the endpoint step in its own process (the default multiprocess executor does)"
             )
-        from ocm_resources.ray import _set_auth_mode, _single_node_ray, is_loopback_address
+        from ocm_resources.ray import _set_auth_mode, is_loopback_address, single_node_ray
 
         _set_auth_mode("auto")
         if is_loopback_address(address):
-            _single_node_ray()  # else Ray rewrites 127.0.0.1 to the machine's address and cannot connect
+            single_node_ray()  # else Ray rewrites 127.0.0.1 to the machine's address and cannot connect
         ray.init(address=address, log_to_driver=False)
         _client_address["address"] = address if address.startswith("ray://") else None
 
