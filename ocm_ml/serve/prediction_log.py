@@ -279,8 +279,10 @@ class PredictionRecorder:
         return vocab
 
     def _write(self, table, settings: LogSettings, filesystem, base: str) -> int:
-        import pyarrow.compute as pc
+        import pyarrow.compute as _pc
         import pyarrow.parquet as pq
+
+        pc: Any = _pc  # its import-time generated functions (unique, equal, ...) are not in pyarrow's stubs
 
         hours = pc.floor_temporal(table["ts"], unit="hour")
         written = 0
@@ -327,8 +329,10 @@ def read_log(root: str, family: str, start: datetime, end: datetime, *, filesyst
     columns when nothing was logged). ``filesystem``: a pyarrow filesystem for ``root`` (default: derived
     from it, S3 credentials from the environment)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
+    import pyarrow.compute as _pc
     import pyarrow.parquet as pq
+
+    pc: Any = _pc  # its import-time generated functions (and_, less, ...) are not in pyarrow's stubs
 
     if filesystem is None:
         filesystem, base = filesystem_for(root)
