@@ -24,6 +24,9 @@ HEAD_WEIGHTS = "head.safetensors"
 
 
 class EmbeddingHead(torch.nn.Module):
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, dim: int, num_labels: int, hidden: int = 0, dropout: float = 0.0):
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))

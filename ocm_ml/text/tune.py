@@ -589,10 +589,10 @@ def run_search(
         if cache_dir is None and "://" in str(storage_path):
             raise ValueError("method 'embeddings' with remote checkpoint storage needs a local cache_dir")
         cache = EmbeddingCache(cache_dir or Path(storage_path) / "embedding-cache")
-        keys = tuple(_split_key((data_keys or {}).get(split), url, split, limit, settings.seed)
-                     for split, url, limit in (("train", train_url, settings.row_limit),
-                                               ("val", val_url, settings.val_row_limit)))
-        features, embedding = embed_splits(train, val, backbone_dir, settings, cache, keys)
+        keys = (data_keys or {})
+        train_key = _split_key(keys.get("train"), train_url, "train", settings.row_limit, settings.seed)
+        val_key = _split_key(keys.get("val"), val_url, "val", settings.val_row_limit, settings.seed)
+        features, embedding = embed_splits(train, val, backbone_dir, settings, cache, (train_key, val_key))
         features["num_labels"] = len(label_map)
         trial_fn = tune.with_parameters(train_head_trial, features=features, settings=asdict(settings))
     else:
