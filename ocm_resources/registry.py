@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,8 +35,22 @@ from ocm_ml.contract import SPLITS, TAG_RE, ContractError, DatasetMetadata, Data
 BATCH_ROWS = 8192  # rows per record batch when a registry parquet file is streamed
 
 
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_url_credentials(text: str) -> str:
+    """``https://user:token@host/repo`` -> ``https://***@host/repo``: registry URLs may carry a token."""
+    return _URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}***@", text)
+
+
 class RegistryError(RuntimeError):
-    """The registry could not answer: the message says what was asked, what was wrong and what to do."""
+    """The registry could not answer: the message says what was asked, what was wrong and what to do.
+
+    Credentials in any URL of the message (the repo URL, git's own output) are redacted: the message goes to
+    run logs, the UI and sensor ticks."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact_url_credentials(str(message)))
 
 
 @dataclass(frozen=True, order=True)

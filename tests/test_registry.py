@@ -306,3 +306,14 @@ def test_registry_and_serving_loader_read_metadata_by_the_same_rules(tmp_path):
         reg.read_metadata(gap)
     with pytest.raises(LoadError, match="label_map keys must be the ids 0..1"):
         read_dataset_metadata(str(pub.root), gap.tag, gap.commit)
+
+
+def test_registry_errors_never_carry_url_credentials(tmp_path):
+    from ocm_resources.registry import DvcRegistry, RegistryError
+
+    url = "https://ocm-bot:s3cr3t-token@127.0.0.1:9/data/registry.git"
+    with pytest.raises(RegistryError) as info:
+        DvcRegistry(repo_url=url, git_timeout_s=5).list_versions("fashion-mnist")
+    text = str(info.value)
+    assert "s3cr3t-token" not in text and "ocm-bot" not in text
+    assert "https://***@127.0.0.1:9/data/registry.git" in text  # still says which registry it was
