@@ -69,67 +69,6 @@ def _png_md(png: bytes, alt: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
-def _figure(width: float = 7.0, height: float = 3.2):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(1, 1, figsize=(width, height), dpi=90)
-
-
-def _png(fig) -> bytes:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def input_drift_png(report: dict[str, Any], threshold: float, title: str) -> bytes:
-    fig, ax = _figure(max(6.0, 0.4 * len(report["features"]) + 2))
-    names = list(report["features"])
-    values = [report["features"][n]["psi"] for n in names]
-    ax.bar(range(len(names)), values, color=["tab:red" if report["features"][n]["drifted"] else "tab:blue"
-                                             for n in names])
-    ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold}")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set_ylabel("PSI")
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
-    return _png(fig)
-
-
-def prediction_drift_png(report: dict[str, Any], title: str) -> bytes:
-    import numpy as np
-
-    fig, ax = _figure()
-    classes = list(report["reference_shares"])
-    x = np.arange(len(classes))
-    ax.bar(x - 0.2, [report["reference_shares"][c] for c in classes], 0.4, label="holdout")
-    ax.bar(x + 0.2, [report["served_shares"][c] for c in classes], 0.4, label="served")
-    ax.set_xticks(x, [c if len(c) <= 10 else c[:9] + "." for c in classes], rotation=60, fontsize=7)
-    ax.set_ylabel("share")
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
-    return _png(fig)
-
-
-def confidence_png(confidences, low: float, title: str) -> bytes:
-    fig, ax = _figure()
-    ax.hist(list(confidences), bins=20, range=(0, 1), color="tab:blue")
-    ax.axvline(low, color="black", linestyle="--", linewidth=1, label=f"low confidence < {low}")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("answers")
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
-    return _png(fig)
-
-
 def _version_of(tag: str, commit: str) -> RegistryVersion:
     from ocm_ml.contract import TAG_RE
 
@@ -265,6 +204,8 @@ def build_served_traffic_asset(fam: Family) -> dg.AssetsDefinition:
             "mean_confidence": confidence["mean_confidence"],
             "window_start": str(window.start),
         })
+
+        from ocm_ml.plots import confidence_png, input_drift_png, prediction_drift_png
 
         results = {
             "input_drift": (inputs["passed"], dict(
