@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 from fastapi import FastAPI, Request
@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from ocm_ml.serve.batching import QueueFull
-from ocm_ml.serve.loading import ModelBundle
+from ocm_ml.serve.loading import ImageBundle, ModelBundle
 from ocm_ml.serve.schemas import (
     ErrorResponse,
     HealthResponse,
@@ -49,13 +49,25 @@ SERVICE_NAMES = {"image": "fashion-mnist-classifier", "text": "tweet-sentiment-c
 
 
 class Backend(Protocol):
-    """What the app needs from whoever holds the model."""
+    """What the app needs from whoever holds the model (read-only here: the backend swaps them). A backend
+    may also have ``health_details() -> dict`` for extra /health fields (the Ray deployments do)."""
 
-    kind: str
-    started_at: float  # time.monotonic() at start
-    limits: Limits
-    bundle: ModelBundle | None
-    last_reload_error: str | None
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def started_at(self) -> float:
+        """time.monotonic() at start."""
+        ...
+
+    @property
+    def limits(self) -> Limits: ...
+
+    @property
+    def bundle(self) -> ModelBundle | None: ...
+
+    @property
+    def last_reload_error(self) -> str | None: ...
 
     async def infer(self, inputs: Any) -> tuple[ModelBundle, Any, Any]:
         """Validated inputs → (bundle that answered, labels or class ids, confidences)."""
@@ -202,7 +214,7 @@ def create_app(backend: Backend, *, title: str | None = None) -> FastAPI:
             "model_uri": bundle.model_uri if bundle is not None else None,
             "uptime_seconds": round(time.monotonic() - backend.started_at, 3),
             "last_reload_error": redact_credentials(backend.last_reload_error),
-            **(backend.health_details() if hasattr(backend, "health_details") else {}),
+            **(details() if (details := getattr(backend, "health_details", None)) is not None else {}),
         }
         return _json(body, status_code=200 if bundle is not None else 503)
 
@@ -237,7 +249,7 @@ def create_app(backend: Backend, *, title: str | None = None) -> FastAPI:
             if isinstance(answer, Response):
                 return answer
             bundle, ids, confs = answer
-            classes = bundle.classes
+            classes = cast(ImageBundle, bundle).classes  # the image app is built around image bundles only
             predictions = [
                 {"class_id": int(i), "class_name": classes[i], "confidence": float(c)}
                 for i, c in zip(ids.tolist(), confs.tolist(), strict=True)

@@ -51,7 +51,7 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import orjson
@@ -83,7 +83,7 @@ def config_hash(user_config: dict[str, Any] | None) -> str:
 class _Classifier:
     """Shared replica logic; the concrete deployments only fix ``kind``."""
 
-    kind: ClassVar[str] = ""
+    kind: str = ""  # a class attribute; typed like an instance one so that the class satisfies app.Backend
     #: Serve's RequestIdMiddleware (proxy and direct ingress) returns X-Request-Id: the app must not add one.
     server_sets_request_id: ClassVar[bool] = True
 
@@ -114,7 +114,8 @@ class _Classifier:
         # Per served model version (Serve's own metrics have route, application, deployment and replica).
         from ray.serve import metrics as serve_metrics
 
-        tag_keys = ("model_version", "data_version")
+        # cast: Ray annotates tag_keys as Tuple[str] (exactly one key), but takes a tuple of any length
+        tag_keys = cast(Any, ("model_version", "data_version"))
         self._version_requests = serve_metrics.Counter(
             "ocm_requests", description="Answered /predict requests per served model version", tag_keys=tag_keys)
         self._version_items = serve_metrics.Counter(
@@ -291,8 +292,10 @@ class _Classifier:
         self._adaptive.set_max_batch_size(config.max_batch_size)
         self._adaptive.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self._adaptive.set_max_queued_items(config.queued_items_limit)
-        self._serve_batched.set_max_batch_size(config.max_batch_size)
-        self._serve_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        # cast: serve.batch gives the method set_max_batch_size/set_batch_wait_timeout_s, its type doesn't say so
+        serve_batched = cast(Any, self._serve_batched)
+        serve_batched.set_max_batch_size(config.max_batch_size)
+        serve_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         if config.torch_threads:
             import torch
 
@@ -300,18 +303,19 @@ class _Classifier:
 
     async def _needs_load(self, config: ServeConfig, current: ModelBundle | None,
                           current_key: tuple[Any, ...] | None) -> bool:
-        if config.model_uri is None:
+        model_uri = config.model_uri
+        if model_uri is None:
             return False
         if current is None or config.model_key() != current_key:
             return True
-        if "@" not in config.model_uri:
+        if "@" not in model_uri:
             return False
         # Same alias URI: reload only if the alias now points at another version.
         from mlflow.tracking import MlflowClient
 
         def _version() -> str | None:
             client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.registry_uri or config.tracking_uri)
-            return resolve_model(config.model_uri, client).model_version
+            return resolve_model(model_uri, client).model_version
 
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._load_pool, _version) != current.resolved.model_version

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -159,7 +159,9 @@ class ServeConfig:
         body = self.max_body_bytes
         if body is None and isinstance(self.max_batch, int) and isinstance(self.max_text_length, int):
             body = default_max_body_bytes(self.kind, self.max_batch, self.max_text_length)
-        return Limits(max_batch=self.max_batch, max_text_length=self.max_text_length, max_body_bytes=body)
+        # body is None only when max_batch or max_text_length is not an int, which Limits refuses first
+        return Limits(max_batch=self.max_batch, max_text_length=self.max_text_length,
+                      max_body_bytes=cast(int, body))
 
     @property
     def queued_items_limit(self) -> int:
@@ -336,6 +338,10 @@ class ModelBundle:
             "loaded_at": self.loaded_at,
         }
 
+    def predict(self, inputs: Any, /) -> tuple[Any, Any]:
+        """Validated inputs → (class ids or labels, confidences); each kind of bundle answers its own way."""
+        raise NotImplementedError(f"{type(self).__name__} does not predict; use an ImageBundle or TextBundle")
+
 
 @dataclass
 class ImageBundle(ModelBundle):
@@ -498,6 +504,9 @@ def load_bundle(config: ServeConfig) -> ModelBundle:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    # ServeConfig.__post_init__ refuses a model_uri without a registry_url
+    registry_url = cast(str, config.registry_url)
+
     client = MlflowClient(tracking_uri=config.tracking_uri,
                           registry_uri=config.registry_uri or config.tracking_uri)
     resolved = resolve_model(config.model_uri, client)
@@ -512,23 +521,23 @@ def load_bundle(config: ServeConfig) -> ModelBundle:
         with _mlflow_uris(config.tracking_uri, config.registry_uri):
             flavor = _flavor(resolved.load_uri)
             if flavor == "pytorch":
-                import mlflow.pytorch
+                import mlflow.pytorch as mlflow_pytorch
 
-                model = mlflow.pytorch.load_model(resolved.load_uri, map_location="cpu")
+                model: Any = mlflow_pytorch.load_model(resolved.load_uri, map_location="cpu")
             else:
                 model = mlflow.pyfunc.load_model(resolved.load_uri)
     except Exception as exc:
         raise LoadError(f"cannot load {resolved.load_uri} from MLflow: {exc}") from exc
     common = dict(kind=config.kind, model_uri=config.model_uri, resolved=resolved, data_version=tag)
     if config.kind == "text":
-        metadata, md5 = read_dataset_metadata(config.registry_url, tag, commit)
+        metadata, md5 = read_dataset_metadata(registry_url, tag, commit)
         return _text_bundle(model, {**common, "metadata_md5": md5}, metadata, config.warmup)
     predictor = getattr(model.unwrap_python_model(), "predictor", None) if flavor == "pyfunc" else None
     if predictor is not None:  # ocm's own image model: the preprocessing travels with it
         metadata = predictor.preprocessing()
         md5 = hashlib.md5(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
     elif flavor == "pytorch":
-        parsed, md5 = read_dataset_metadata(config.registry_url, tag, commit)
+        parsed, md5 = read_dataset_metadata(registry_url, tag, commit)
         predictor = _image_predictor(model, parsed, tag)
         metadata = dict(parsed.raw)
     else:
