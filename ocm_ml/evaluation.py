@@ -241,14 +241,14 @@ class TfidfLogisticRegression:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
 
-        labels = np.asarray(labels, dtype=np.int64)
-        if len(texts) != len(labels) or len(texts) == 0:
-            raise ValueError(f"TF-IDF baseline: {len(texts)} texts and {len(labels)} labels; need as many, > 0")
-        if len(np.unique(labels)) < 2:
+        y = np.asarray(labels, dtype=np.int64)
+        if len(texts) != len(y) or len(texts) == 0:
+            raise ValueError(f"TF-IDF baseline: {len(texts)} texts and {len(y)} labels; need as many, > 0")
+        if len(np.unique(y)) < 2:
             raise ValueError("TF-IDF baseline: the training split has a single label; nothing to fit")
         vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2 if len(texts) >= 100 else 1)
         features = vectorizer.fit_transform([str(t) for t in texts])
-        classifier = LogisticRegression(C=C, max_iter=1000, random_state=seed).fit(features, labels)
+        classifier = LogisticRegression(C=C, max_iter=1000, random_state=seed).fit(features, y)
         return cls(vectorizer, classifier, class_names)
 
     def predict(self, texts: Sequence[str]) -> tuple[list[str], list[float]]:

@@ -20,6 +20,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -143,7 +144,8 @@ def load_tweets(csv_path: Path | str | None = None) -> pa.Table:
         raise SourceError(f"{path}: columns {sorted(missing)} missing (have {list(frame.columns)})")
     frame = frame.dropna(subset=["sentiment", "text"])
     frame["text"] = frame["text"].astype(str).str.strip()
-    frame = frame[frame["text"] != ""]
+    # a boolean mask selects rows, so this is still a DataFrame (the stubs' __getitem__ overloads lose it)
+    frame = cast("pd.DataFrame", frame[frame["text"] != ""])
     sentiment = frame["sentiment"].astype(str).str.strip().str.lower()
     unknown = sorted(set(sentiment) - set(TWEET_LABELS))
     if unknown:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning
 import numpy as np
@@ -98,7 +99,7 @@ class TextDataset(torch.utils.data.Dataset):
         return self._n
 
     def __getitem__(self, i: int) -> dict:
-        item = {k: v[i] for k, v in self.encodings.items()}
+        item: dict[str, Any] = {k: v[i] for k, v in self.encodings.items()}
         if self.labels is not None:
             item["labels"] = self.labels[i]
         return item
@@ -198,7 +199,9 @@ class TextClassifier(lightning.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(
-            params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+            params,
+            lr=self.hparams.learning_rate,  # pyright: ignore[reportAttributeAccessIssue]  # hparams stubs
+            weight_decay=self.hparams.weight_decay,  # pyright: ignore[reportAttributeAccessIssue]  # same
         )
 
 

@@ -39,18 +39,25 @@ class TextClassifierPyfunc(PythonModel):
             context.artifacts[MODEL_DIR_ARTIFACT], batch_size=self.batch_size
         )
 
-    def predict(
+    def predict(  # pyright: ignore[reportIncompatibleMethodOverride]  # MLflow types model_input loosely
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         texts = _texts_from(model_input)
-        pairs = self._predictor.predict(texts) if texts else []
+        pairs: list[tuple[str, float]] = []
+        if texts:
+            if self._predictor is None:
+                raise RuntimeError(
+                    "TextClassifierPyfunc.predict ran before load_context: use mlflow.pyfunc.load_model"
+                )
+            pairs = self._predictor.predict(texts)
         return pd.DataFrame(
             {
                 "text": texts,
                 "label": [label for label, _ in pairs],
                 "confidence": [float(conf) for _, conf in pairs],
             },
-            columns=["text", "label", "confidence"],
+            # pandas' Axes stub does not accept a plain list[str]
+            columns=["text", "label", "confidence"],  # pyright: ignore[reportArgumentType]
         )
 
 
@@ -69,7 +76,7 @@ def _texts_from(model_input) -> list[str]:
         raise ValueError(
             f"expected a DataFrame with a 'text' column or a list of strings, got {type(model_input)}"
         )
-    if column.isna().any():
+    if bool(column.isna().any()):
         raise ValueError("input has missing texts")
     return [str(t) for t in column.tolist()]
 
@@ -109,7 +116,7 @@ def log_text_model(
         name=name,
         python_model=TextClassifierPyfunc(),
         artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
-        input_example=example,
+        input_example=example,  # pyright: ignore[reportArgumentType]  # MLflow: None is its default
         registered_model_name=registered_model_name,
         **kwargs,
     )

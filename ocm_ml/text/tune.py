@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, cast
 
 METHODS = ("embeddings", "finetune")
 #: What each method searches; ``choice`` values of ``class_weighting`` are names, every other value a number.
@@ -289,7 +289,7 @@ def load_split(
     df = pd.read_parquet(url, columns=["text", "label"])
     if df.empty:
         raise ValueError(f"{url}: no rows")
-    if df["text"].isna().any() or df["label"].isna().any():
+    if bool(df["text"].isna().any() or df["label"].isna().any()):
         raise ValueError(f"{url}: null text or label")
     known = {int(k) for k in label_map}
     bad = sorted(set(df["label"].astype(int)) - known)
@@ -306,13 +306,13 @@ def majority_baseline(labels: Sequence[int]) -> dict[str, float]:
 
     from ocm_ml.text.module import accuracy, macro_f1
 
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.size == 0:
+    y = np.asarray(labels, dtype=np.int64)
+    if y.size == 0:
         raise ValueError("majority_baseline needs at least one label")
-    values, counts = np.unique(labels, return_counts=True)
+    values, counts = np.unique(y, return_counts=True)
     majority = int(values[counts.argmax()])
-    pred = np.full_like(labels, majority)
-    return {"label": majority, "accuracy": accuracy(labels, pred), "macro_f1": macro_f1(labels, pred)}
+    pred = np.full_like(y, majority)
+    return {"label": majority, "accuracy": accuracy(y, pred), "macro_f1": macro_f1(y, pred)}
 
 
 def evaluate(model_dir: str | Path, texts: Sequence[str], labels: Sequence[int]) -> dict[str, float]:
@@ -634,7 +634,8 @@ def run_search(
     grid = tuner.fit()
     wall = time.monotonic() - started
 
-    results = list(grid)
+    # ResultGrid iterates through __getitem__/__len__ only, which its stubs do not call Iterable
+    results = [grid[i] for i in range(len(grid))]
     trials = [_summarize(r, settings) for r in results]
     scored = [
         (t, r) for t, r in zip(trials, results, strict=True) if t.best_metric is not None and r.error is None
@@ -643,7 +644,8 @@ def run_search(
         errors = "; ".join(f"{t.trial_id}: {t.error}" for t in trials if t.error) or "no metrics reported"
         raise RuntimeError(f"text search {run_name!r}: no trial produced a result ({errors})")
     pick = max if settings.mode == "max" else min
-    best_trial, best_result = pick(scored, key=lambda tr: tr[0].best_metric)
+    # every scored trial has a best_metric (filtered above)
+    best_trial, best_result = pick(scored, key=lambda tr: cast(float, tr[0].best_metric))
     best_epoch = pick(
         (h for h in best_trial.history if settings.metric in h), key=lambda h: h[settings.metric]
     )
