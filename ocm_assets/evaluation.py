@@ -4,7 +4,7 @@ version; the champion gate reads it."""
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import dagster as dg
 from pydantic import Field
@@ -39,7 +39,8 @@ def challenger_version(context: dg.AssetExecutionContext, mlflow: MlflowTracking
         mat = records[0].asset_materialization
         registered = mat.metadata.get("registered_version") if mat else None
         if registered is not None:
-            version = mlflow.version(fam.dataset, registered.value)
+            # the model assets write registered_version as an int (IntMetadataValue)
+            version = mlflow.version(fam.dataset, cast(int, registered.value))
             if not serves_partition(version, partition):  # registered for it, or reused for it
                 raise dg.Failure(f"version {version.version} of {version.name} is tagged with partition "
                                  f"{version.tags.get('dagster_partition')!r}, not {partition!r}")

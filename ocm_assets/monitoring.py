@@ -261,7 +261,7 @@ def newest_partition(instance: dg.DagsterInstance, fam: Family) -> str | None:
     return max(keys, key=semver) if keys else None
 
 
-def _cursor(raw: str | None) -> dict[str, int]:
+def _cursor(raw: str | None) -> dict[str, Any]:
     import json
 
     try:

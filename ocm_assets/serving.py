@@ -12,7 +12,7 @@ the instance's run queue limits to one run per value (``ocm_resources.env.LOCAL_
 values). Each rollout judges the challenger its own partition registered.
 """
 
-from typing import Any
+from typing import Any, cast
 
 import dagster as dg
 from pydantic import Field
@@ -78,7 +78,8 @@ def latest_evaluation(instance: dg.DagsterInstance, fam: Family, partition: str)
     if mat is None or "evaluation" not in mat.metadata:
         raise dg.Failure(f"{partition} has no evaluation: materialize {evaluation_key(fam).to_user_string()} "
                          "for it (the rollout job does)")
-    return mat.metadata["evaluation"].value
+    # the evaluation asset writes this entry as MetadataValue.json of a dict
+    return cast("dict[str, Any]", mat.metadata["evaluation"].value)
 
 
 def _holdout_figures(record: dict[str, Any], role: str) -> dict[str, float] | None:
@@ -148,7 +149,9 @@ def build_champion_asset(fam: Family) -> dg.AssetsDefinition:
             "partition": partition,
             "challenger_version": challenger,
             "champion_before": current_version or 0,
-            "challenger_holdout": dg.MetadataValue.json(_holdout_figures(record, "challenger")),
+            # JsonMetadataValue takes None; only the MetadataValue.json shortcut is annotated narrower
+            "challenger_holdout": dg.MetadataValue.json(  # pyright: ignore[reportArgumentType]
+                _holdout_figures(record, "challenger")),
             "champion_holdout": dg.MetadataValue.json(_holdout_figures(record, "champion") or {}),
             "to_serve": value["model_uri"],
             "mlflow_evaluation_run_id": record.get("mlflow_run_id", ""),
@@ -191,7 +194,8 @@ class EndpointConfig(dg.Config):
         default=True, description="Send validation rows as probe traffic during canary/shadow, so a rollout "
         "is judged even when no client calls the endpoint.")
 
-    def validate(self) -> None:
+    # an instance method shadowing pydantic's deprecated classmethod BaseModel.validate (pydantic v1 API)
+    def validate(self) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]
         """Refuse a bad setting before anything changes."""
         if self.known_answer_rows < 1:
             raise ValueError(f"known_answer_rows must be >= 1, got {self.known_answer_rows}")
@@ -312,8 +316,10 @@ class _Endpoint:
 
         probe = self.serve.probe(self.fam.name, self.validation(1)[2]) if self.config.rollout_probe else None
         if policy.strategy == "canary":
-            result = run_canary(policy, lambda share: self.run({**staged, "challenger_share": share}), read_stats,
-                                probe, log)
+            def set_share(share: float) -> None:
+                self.run({**staged, "challenger_share": share})
+
+            result = run_canary(policy, set_share, read_stats, probe, log)
         else:
             result = run_shadow(policy, read_stats, probe, log)
         if not result.passed:

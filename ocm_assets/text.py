@@ -133,7 +133,8 @@ def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
     )
     def hpo(
         context: dg.AssetExecutionContext,
-        config: TextSearchConfig,
+        # a class pydantic builds at import time; dagster reads this annotation for the run config
+        config: TextSearchConfig,  # pyright: ignore[reportInvalidTypeForm]
         ray_cluster: RayResource,
         mlflow: MlflowTracking,
         checkpoints: CheckpointStorage,
@@ -268,8 +269,10 @@ def build_text_model_asset(fam: Family) -> dg.AssetsDefinition:
             mlflow_lib.log_metrics({"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"],
                                     "majority_baseline_accuracy": baseline, "eval_rows": len(texts)})
             info = log_text_model(hpo["best_checkpoint_dir"], name="model", input_example=texts[:2])
-        version = mlflow.register(info.model_uri, fam.dataset, tags={**tags, "data_version": hpo["tag"],
-                                                                     "best_trial_id": hpo["best_trial_id"]})
+        # ActiveRun.__exit__ never swallows an exception (returns exc_type is None), so info is bound
+        version = mlflow.register(info.model_uri,  # pyright: ignore[reportPossiblyUnboundVariable]
+                                  fam.dataset, tags={**tags, "data_version": hpo["tag"],
+                                                     "best_trial_id": hpo["best_trial_id"]})
         url = mlflow.run_url(hpo["parent_run_id"], hpo["experiment_id"])
         return dg.MaterializeResult(metadata={
             "val_accuracy": dg.MetadataValue.float(scores["accuracy"]),
