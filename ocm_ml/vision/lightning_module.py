@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning
 import torch
@@ -25,6 +26,9 @@ from torch.nn import functional as F
 
 from ocm_ml.vision.model import build_resnet18
 from ocm_ml.vision.settings import DEFAULT_LR_SCHEDULE, LR_SCHEDULES
+
+if TYPE_CHECKING:
+    from lightning.pytorch.utilities.types import OptimizerLRScheduler
 
 LIGHTNING_CHECKPOINT_NAME = "checkpoint.ckpt"  # what ray.train.lightning.RayTrainReportCallback writes
 
@@ -80,11 +84,13 @@ class ImageClassifier(lightning.LightningModule):
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val", self.val_acc)
 
-    def configure_optimizers(self):
-        optimizer = build_optimizer(self.parameters(), self.hparams.learning_rate)
-        if self.hparams.lr_schedule != "onecycle":
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        # cast: save_hyperparameters() stores an AttributeDict; Lightning types hparams as a plain mapping too
+        hparams = cast(Any, self.hparams)
+        optimizer = build_optimizer(self.parameters(), hparams.learning_rate)
+        if hparams.lr_schedule != "onecycle":
             return optimizer
-        total = self.hparams.total_steps or self.trainer.estimated_stepping_batches
+        total = hparams.total_steps or self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total < 1:
             raise ValueError(
                 "lr_schedule='onecycle' needs the number of optimizer steps, and the training batches have "

@@ -169,7 +169,10 @@ class ImageClassifierModel(PythonModel):
             context.artifacts[WEIGHTS_ARTIFACT], context.artifacts[PREPROCESSING_ARTIFACT]
         )
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    # mlflow's PythonModel.predict has no return annotation, so pyright infers None for it
+    def predict(  # pyright: ignore[reportIncompatibleMethodOverride]
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         if self.predictor is None:
             raise RuntimeError("the model's artifacts are not loaded (load it with mlflow.pyfunc.load_model)")
         ids, confidences = self.predictor.predict(pixels_from(model_input))
@@ -177,7 +180,8 @@ class ImageClassifierModel(PythonModel):
             "class_id": ids,
             "class_name": [self.predictor.class_name(int(i)) for i in ids],
             "confidence": confidences.astype(np.float64),
-        }, columns=list(OUTPUT_COLUMNS))
+        # pandas-stubs' SequenceNotStr rejects list[str] under this typeshed (list.index's signature)
+        }, columns=list(OUTPUT_COLUMNS))  # pyright: ignore[reportArgumentType]
 
 
 if __name__ != "ocm_ml.vision.predictor":  # executed by MLflow as model code, not imported by ocm

@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, astuple, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import lightning
 import numpy as np
@@ -497,7 +497,7 @@ def train_fashion_mnist(
     finally:
         elapsed = time.perf_counter() - started
         try:
-            ray.kill(events.actor)
+            ray.kill(cast(Any, events.actor))  # cast: a Queue always has its actor (typed Optional)
         except Exception:  # the queue actor may already be gone with a dying cluster
             pass
 
@@ -524,11 +524,12 @@ def train_fashion_mnist(
     best_checkpoint, best_metrics = best
     best_epoch = int(best_metrics.get("epoch", -1))
     best_record = history.get(best_epoch, {})
+    reported = cast("dict[str, float]", best_metrics)  # cast: Ray types them Any; the workers report floats
     ordered = [history[e] for e in sorted(history)]
     rates = [r["images_per_second"] for r in ordered if r["images_per_second"] == r["images_per_second"]]
     return TrainResult(
-        val_accuracy=float(best_record.get("val_accuracy", best_metrics.get("val_accuracy", float("nan")))),
-        val_loss=float(best_record.get("val_loss", best_metrics.get("val_loss", float("nan")))),
+        val_accuracy=float(best_record.get("val_accuracy", reported.get("val_accuracy", float("nan")))),
+        val_loss=float(best_record.get("val_loss", reported.get("val_loss", float("nan")))),
         history=ordered,
         checkpoint_path=str(best_checkpoint.path),
         images_per_second=_mean(rates) if rates else 0.0,
