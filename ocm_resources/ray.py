@@ -69,7 +69,8 @@ def single_node_ray() -> None:
     os.environ.update(env)
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:
-        constants.ENABLE_RAY_CLUSTER = False
+        # Ray 2.60 has no public API for this: the flag lives only in its private constants module
+        constants.ENABLE_RAY_CLUSTER = False  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def is_loopback_address(address: str) -> bool:
@@ -214,8 +215,9 @@ def _set_auth_mode(mode: Literal["auto", "token", "disabled"]) -> None:
     explicit address it never does, and the connection fails. "auto" turns it on when RAY_AUTH_MODE is unset
     and a token is available; "token"/"disabled" set RAY_AUTH_MODE."""
     try:
+        # Ray 2.60 has no public API for this (Config is in the compiled _raylet, which ships no stub)
         from ray._private.authentication import authentication_token_setup as auth
-        from ray._raylet import Config
+        from ray._raylet import Config  # pyright: ignore[reportAttributeAccessIssue]
     except ImportError:  # another Ray layout: the environment variable is the public interface
         if mode != "auto":
             os.environ["RAY_AUTH_MODE"] = mode
