@@ -74,7 +74,8 @@ def test_local_builds_the_embedded_stack(monkeypatch, tmp_path):
 
 def test_cluster_builds_remote_resources_from_the_environment(cluster_env):
     r = build_resources("cluster")
-    assert set(r) == {"registry", "ray_cluster", "mlflow", "checkpoints", "serve", "io_manager"}
+    assert set(r) == {"registry", "ray_cluster", "mlflow", "checkpoints", "serve", "io_manager", "prediction_logs",
+                      "alerts"}
 
     # step outputs on S3: OCM_IO_BUCKET unset, so the checkpoint bucket; keys only as EnvVar
     io = r["io_manager"]
@@ -280,7 +281,13 @@ def test_local_ports_bind_host_and_ray_settings(monkeypatch):
     assert serve_host("local") == "127.0.0.1"
     set_env(monkeypatch, CLUSTER)
     assert serve_host("cluster") == "0.0.0.0"  # pods keep their own binding
-    assert local_ray_environment() == {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    env = local_ray_environment()
+    assert {k: env[k] for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE")} == {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    # Serve's ingress on the heads ocm starts: HAProxy on the contract port, kept on loopback by the wrapper
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith(
+        "scripts/haproxy-loopback")
+    assert 0 < int(env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]) < 65536
 
 
 def test_shell_env_for_dev_sh_and_a_clear_error_without_traceback():
