@@ -150,8 +150,8 @@ def build_champion_asset(fam: Family) -> dg.AssetsDefinition:
             "challenger_version": challenger,
             "champion_before": current_version or 0,
             # JsonMetadataValue takes None; only the MetadataValue.json shortcut is annotated narrower
-            "challenger_holdout": dg.MetadataValue.json(  # pyright: ignore[reportArgumentType]
-                _holdout_figures(record, "challenger")),
+            "challenger_holdout": dg.MetadataValue.json(
+                _holdout_figures(record, "challenger")),  # pyright: ignore[reportArgumentType]
             "champion_holdout": dg.MetadataValue.json(_holdout_figures(record, "champion") or {}),
             "to_serve": value["model_uri"],
             "mlflow_evaluation_run_id": record.get("mlflow_run_id", ""),
