@@ -149,8 +149,7 @@ def build_evaluation_asset(fam: Family) -> dg.AssetsDefinition:
                 "warmup": False}
         bundles = {label: load_bundle(ServeConfig.from_user_config({**base, "model_uri": f"models:/{name}/{v.version}"}))
                    for label, v in versions.items()}
-        class_names = list(bundles["challenger"].classes if fam.kind == "image"
-                           else [bundles["challenger"].label_map[k] for k in sorted(bundles["challenger"].label_map, key=int)])
+        class_names = bundles["challenger"].class_names
         streams, holdout_commit = _streams(fam, registry, partition, config.val_rows or fam.eval_val_rows)
         start = time.perf_counter()
         results = evaluate({f"v{versions[label].version} ({label})": bundle.predict for label, bundle in bundles.items()},

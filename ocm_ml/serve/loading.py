@@ -342,6 +342,11 @@ class ModelBundle:
         """Validated inputs → (class ids or labels, confidences); each kind of bundle answers its own way."""
         raise NotImplementedError(f"{type(self).__name__} does not predict; use an ImageBundle or TextBundle")
 
+    @property
+    def class_names(self) -> list[str]:
+        """The output classes in class-id order (images: the model's classes; texts: the label map's names)."""
+        raise NotImplementedError(f"{type(self).__name__} has no classes; use an ImageBundle or TextBundle")
+
 
 @dataclass
 class ImageBundle(ModelBundle):
@@ -360,6 +365,10 @@ class ImageBundle(ModelBundle):
     def classes(self) -> tuple[str, ...]:
         return tuple(self.model.class_names)
 
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
     def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """float32 (N, 784) pixels in 0–255 → (class ids, confidences)."""
         return self.model.predict(pixels)
@@ -375,6 +384,10 @@ class ImageBundle(ModelBundle):
 @dataclass
 class TextBundle(ModelBundle):
     label_map: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.label_map[k] for k in sorted(self.label_map, key=int)]
 
     def predict(self, texts: Sequence[str]) -> tuple[list[str], list[float]]:
         """Texts → (labels, confidences) through the pyfunc's ``predict(DataFrame[text])``."""
