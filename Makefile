@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_DATA_DISABLE_PROGRESS_BARS := 1
 
-.PHONY: install demo test test-slow dev stop lint bench lock clean-state lineage-screenshots
+.PHONY: install demo test test-all test-slow dev stop lint bench lock clean-state lineage-screenshots
 
 install:
 	@scripts/install.sh
@@ -19,11 +19,14 @@ install:
 demo: install
 	@$(PY) -m scripts.demo
 
-# Every test, the slow ones included, once, in a shuffled order (its seed is printed: pass
-# PYTEST_ARGS=--randomly-seed=N to repeat an order, or TEST_ORDER= for file order).
-TEST_ORDER ?= -p randomly
+# The tests not marked slow, in file order (what .ci/run runs). `make test-all` runs every test, the slow
+# ones included, in a shuffled order (its seed is printed: PYTEST_ARGS=--randomly-seed=N repeats an order).
+# It is not CI's default yet: its first full run here failed tests that pass alone (docs/embedded.md#tests).
 test: install
-	@$(PY) -m pytest -p no:cacheprovider $(TEST_ORDER) $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
+
+test-all: install
+	@$(PY) -m pytest -p no:cacheprovider -p randomly $(PYTEST_ARGS)
 
 test-slow: install
 	@$(PY) -m pytest -m slow -p no:cacheprovider --durations=0 $(PYTEST_ARGS)
