@@ -65,15 +65,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 MEAN, STD = 0.2, 0.3
 
 
+def train_epoch(model, optimizer, pixels, labels, batch_size: int) -> int:
+    """One epoch of the bare loop both baselines run (single process and plain DDP): images seen."""
+    import torch
+    import torch.nn.functional as F
+
+    from ocm_ml.vision.model import normalize_pixels
+
+    images = 0
+    for i in range(0, len(labels), batch_size):
+        x = normalize_pixels(torch.from_numpy(pixels[i : i + batch_size].astype("float32")), MEAN, STD)
+        y = torch.from_numpy(labels[i : i + batch_size].astype("int64"))
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        images += len(y)
+    return images
+
+
 def single_process(
     train_path: str, batch_size: int, epochs: int, lr: float, threads: int, seed: int
 ) -> list[float]:
     import pyarrow.parquet as pq
     import torch
-    from torch.nn import functional as F
 
     from ocm_ml.vision.lightning_module import build_optimizer
-    from ocm_ml.vision.model import build_resnet18, normalize_pixels
+    from ocm_ml.vision.model import build_resnet18
     from ocm_ml.vision.train import pixels_from_arrow
 
     torch.set_num_threads(threads)
@@ -87,15 +105,7 @@ def single_process(
     for _ in range(epochs):
         start = time.perf_counter()
         cpu_start = time.process_time()
-        images = 0
-        for i in range(0, len(labels), batch_size):
-            x = normalize_pixels(torch.from_numpy(pixels[i : i + batch_size].astype("float32")), MEAN, STD)
-            y = torch.from_numpy(labels[i : i + batch_size].astype("int64"))
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            optimizer.step()
-            images += len(y)
+        images = train_epoch(model, optimizer, pixels, labels, batch_size)
         rates.append(images / (time.perf_counter() - start))
         cpu_ms.append(1000 * (time.process_time() - cpu_start) / images)
     return rates, cpu_ms[-1]
@@ -111,11 +121,10 @@ def _plain_ddp_worker(rank: int, world: int, port: int, train_path: str, batch_s
     import pyarrow.parquet as pq
     import torch
     import torch.distributed as dist
-    from torch.nn import functional as F
     from torch.nn.parallel import DistributedDataParallel
 
     from ocm_ml.vision.lightning_module import build_optimizer
-    from ocm_ml.vision.model import build_resnet18, normalize_pixels
+    from ocm_ml.vision.model import build_resnet18
     from ocm_ml.vision.train import DDP_KWARGS, comm_hook, pixels_from_arrow
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -136,15 +145,8 @@ def _plain_ddp_worker(rank: int, world: int, port: int, train_path: str, batch_s
         rates, cpu_ms = [], []
         for _ in range(epochs):
             dist.barrier()
-            start, cpu_start, images = time.perf_counter(), time.process_time(), 0
-            for i in range(0, len(labels), batch_size):
-                x = normalize_pixels(torch.from_numpy(pixels[i : i + batch_size].astype("float32")), MEAN, STD)
-                y = torch.from_numpy(labels[i : i + batch_size].astype("int64"))
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                optimizer.step()
-                images += len(y)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            images = train_epoch(model, optimizer, pixels, labels, batch_size)
             dist.barrier()
             rates.append(images * world / (time.perf_counter() - start))
             cpu_ms.append(1000 * (time.process_time() - cpu_start) / images)
