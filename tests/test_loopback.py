@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -47,12 +48,19 @@ def test_in_process_head_listens_on_loopback_only(tmp_path):
         assert line, (tmp_path / "head.err").read_text()[-3000:]
         assert json.loads(line)["gcs"].startswith("127.0.0.1:")
         driver = psutil.Process(head.pid)
-        tree = [driver, *driver.children(recursive=True)]
+        # HAProxy, the ingress (#14), binds the Serve port a moment after serve.start returns, from a process
+        # of its own: wait for that listener in the head's tree, then look at everything the tree listens on
+        deadline = time.monotonic() + 120
+        while True:
+            tree = [driver, *driver.children(recursive=True)]
+            found = listeners(tree)
+            if serve_port in {port for _, port, _ in found} or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert serve_port in {port for _, port, _ in found}, found
         names = " ".join(p.name() for p in tree)
-        for part in ("gcs_server", "raylet", "ray::DashboardA", "ray::RuntimeEnv", "ray::ProxyActor"):
+        for part in ("gcs_server", "raylet", "ray::DashboardA", "ray::RuntimeEnv", "ray::ProxyActor", "haproxy"):
             assert part in names, names
-        found = listeners(tree)
-        assert serve_port in {port for _, port, _ in found}
         assert len(found) >= 8, found
         exposed = [item for item in found if not is_loopback(item[0])]
         assert not exposed, "listening beyond loopback:\n" + "\n".join(map(str, exposed))

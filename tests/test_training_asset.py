@@ -7,6 +7,7 @@ import pytest
 
 from ocm_assets.build import family_assets
 from ocm_assets.families import family
+from ocm_assets.reuse import REUSE_TAG
 from ocm_assets.training import model_key
 from ocm_resources.mlflow import LocalMlflow
 from ocm_resources.ray import RayHead
@@ -32,12 +33,12 @@ def stack(tmp_path_factory, ray_local):
     return pub, reg, v1, resources
 
 
-def materialize(resources, tag, config, instance=None):
+def materialize(resources, tag, config, instance=None, tags=None):
     instance = instance or dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(FASHION.partitions_name, [tag])
     return dg.materialize(
         family_assets(FASHION), partition_key=tag, resources=resources, instance=instance,
-        run_config={"ops": {"fashion_mnist__model": {"config": config}}}, raise_on_error=False,
+        run_config={"ops": {"fashion_mnist__model": {"config": config}}}, raise_on_error=False, tags=tags,
     )
 
 
@@ -126,12 +127,15 @@ def test_unknown_partition_is_refused(stack):
 
 
 def test_same_partition_and_seed_reproduce_validation_accuracy(stack):
-    """Re-materializing one partition with one seed gives the same validation accuracy (±0.5 points) on CPU."""
+    """Re-materializing one partition with one seed gives the same validation accuracy (±0.5 points) on CPU.
+
+    Both runs are tagged ``ocm/reuse=off``: from a clean checkout the second would otherwise reuse the first's
+    model by its training key (ocm_assets/reuse.py), and a reused model reproduces nothing."""
     _, _, v1, resources = stack
     config = {**QUICK, "epochs": 1, "seed": 7}
     runs = []
     for _ in range(2):
-        result = materialize(resources, v1.tag, config)
+        result = materialize(resources, v1.tag, config, tags={REUSE_TAG: "off"})
         assert result.success
         mat = next(e.materialization for e in result.get_asset_materialization_events()
                    if e.asset_key == model_key(FASHION))

@@ -24,6 +24,7 @@ A bare number is a fixed value (``"batch_size": 16``).
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -542,6 +543,20 @@ def _local_checkpoint_dir(checkpoint, fallback_parent: str | None) -> str:
     return f"{scheme}://{checkpoint.path.lstrip('/')}"
 
 
+def _check_freeze_layers(backbone_dir: str | Path, freeze_layers: int) -> None:
+    """Fine-tuning freezes the lowest ``freeze_layers`` encoder layers: refuse, before any trial starts, a
+    number the backbone does not have (each trial would otherwise fail with the same error)."""
+    config = Path(backbone_dir) / "config.json"
+    if not config.is_file():
+        return  # not a local transformers folder: TextClassifier checks the loaded model itself
+    layers = json.loads(config.read_text()).get("num_hidden_layers")
+    if isinstance(layers, int) and freeze_layers > layers:
+        raise ValueError(
+            f"SearchSettings.freeze_layers={freeze_layers} but the backbone {backbone_dir} has only {layers} "
+            f"encoder layers: set freeze_layers to at most {layers}"
+        )
+
+
 def run_search(
     train_url: str,
     val_url: str,
@@ -596,6 +611,7 @@ def run_search(
         features["num_labels"] = len(label_map)
         trial_fn = tune.with_parameters(train_head_trial, features=features, settings=asdict(settings))
     else:
+        _check_freeze_layers(backbone_dir, settings.freeze_layers)
         trial_fn = tune.with_parameters(train_trial, train=train, val=val, label_map=label_map,
                                         backbone=backbone_dir, settings=asdict(settings))
     trainable = tune.with_resources(trial_fn, {"cpu": settings.cpus_per_trial})

@@ -84,6 +84,7 @@ def search(ray_local, text_data):
         cpus_per_trial=1,
         seed=0,
         max_length=16,
+        freeze_layers=0,  # the whole tiny backbone trains (the default 4 is for MiniLM's 6 layers)
         search_space={
             "learning_rate": {"type": "loguniform", "low": 1e-5, "high": 2e-3},
             "batch_size": {"type": "choice", "values": [8, 16]},
@@ -229,6 +230,17 @@ def test_run_search_rejects_bad_input_before_any_trial(tmp_path):
     with pytest.raises(ValueError, match="label_map keys"):
         run_search("x.parquet", "y.parquet", {"1": "a", "2": "b"}, None, SearchSettings(), str(tmp_path), "r")
     assert not list(tmp_path.iterdir())
+
+
+def test_finetune_refuses_more_frozen_layers_than_the_backbone_has(text_data, tmp_path):
+    """Checked against the backbone's config before Tune starts, not once per failing trial."""
+    from ocm_ml.text.tune import run_search
+
+    settings = SearchSettings(method="finetune", freeze_layers=3, num_trials=1, max_epochs=1, grace_period=1)
+    with pytest.raises(ValueError, match=r"freeze_layers=3 but the backbone .* has only 2 encoder layers"):
+        run_search(text_data["train_url"], text_data["val_url"], LABEL_MAP, text_data["backbone"], settings,
+                   str(tmp_path / "ray_results"), "too-frozen")
+    assert not (tmp_path / "ray_results" / "too-frozen").exists()
 
 
 def test_resolve_backbone(tmp_path):
