@@ -39,7 +39,7 @@ stop:
 
 lint: install
 	@$(VENV)/bin/ruff check ocm_assets ocm_resources ocm_ml ocm_cli tests benchmarks scripts
-	@$(VENV)/bin/basedpyright
+	@$(VENV)/bin/basedpyright -p pyproject.toml
 
 bench: install
 	@$(PY) benchmarks/load_time.py
