@@ -212,10 +212,26 @@ def black_hole():
         yield sock
 
 
+@pytest.fixture
+def git_waits(monkeypatch):
+    """``(command, timeout, process)`` for every ``communicate()`` on a git child process: what each git was
+    given to wait with, and (``process.returncode``) how it ended. The real ``communicate`` still runs."""
+    waits = []
+    communicate = subprocess.Popen.communicate
+
+    def recording(self, *args, **kwargs):
+        if self.args[0] == "git":
+            waits.append((list(self.args), kwargs.get("timeout", args[1] if len(args) > 1 else None), self))
+        return communicate(self, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", recording)
+    return waits
+
+
 def _in_thread(fn, deadline_s):
-    """Run ``fn`` in a thread; fail (rather than hang the suite) when it is still running after the deadline."""
+    """Run ``fn`` in a thread and return the error it raised; fail (rather than hang the suite) when it is
+    still running after the deadline (a bounded wait, not a measurement)."""
     import threading
-    import time
 
     out = {}
 
@@ -225,24 +241,29 @@ def _in_thread(fn, deadline_s):
         except BaseException as exc:  # noqa: BLE001 - handed to the asserting thread
             out["error"] = exc
 
-    start = time.monotonic()
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     thread.join(deadline_s)
     assert not thread.is_alive(), f"still running after {deadline_s} s"
-    return time.monotonic() - start, out.get("error")
+    return out.get("error")
 
 
 @pytest.mark.parametrize("scheme", ["git", "http"])
-def test_black_holed_registry_times_out_and_its_helpers_die(black_hole, scheme, monkeypatch):
+def test_black_holed_registry_times_out_and_its_helpers_die(black_hole, scheme, monkeypatch, git_waits):
+    """Checks that git was waited for with ``git_timeout_s`` exactly, then killed (SIGKILL) with its helpers,
+    and that the error names the timeout and the setting to raise."""
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     port = black_hole.getsockname()[1]
-    reg = DvcRegistry(repo_url=f"{scheme}://127.0.0.1:{port}/repo.git", git_timeout_s=1.5)
-    elapsed, error = _in_thread(lambda: reg.scan("fashion-mnist"), deadline_s=15)
+    url = f"{scheme}://127.0.0.1:{port}/repo.git"
+    reg = DvcRegistry(repo_url=url, git_timeout_s=1.5)
+    error = _in_thread(lambda: reg.scan("fashion-mnist"), deadline_s=60)
     assert isinstance(error, RegistryError), error
-    assert 1.5 <= elapsed < 6
     assert "no answer within 1.5 s" in str(error) and "git_timeout_s" in str(error)
+    command, timeout, proc = git_waits[0]
+    assert command == ["git", "ls-remote", "--tags", "--", url] and timeout == 1.5, (command, timeout)
+    assert {id(p) for _, _, p in git_waits} == {id(proc)}  # one git, no retry
+    assert proc.returncode == -9  # stopped by the timeout's SIGKILL, not ended on its own
     # the process that held the connection (git itself for git://, git-remote-http for http://) was killed
     # with its group: the server sees the connection closed
     black_hole.settimeout(5)
@@ -253,13 +274,17 @@ def test_black_holed_registry_times_out_and_its_helpers_die(black_hole, scheme, 
             pass
 
 
-def test_a_registry_that_asks_for_credentials_fails_at_once():
+def test_a_registry_that_asks_for_credentials_fails_at_once(git_waits):
+    """Checks that git ends by itself on the 401 (its own exit status, never the timeout's kill) and the error
+    says credentials are needed; a prompting git would sit until the 30 s timeout and be killed instead."""
     import threading
-    import time
     from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    asked = []
 
     class AsksForPassword(BaseHTTPRequestHandler):
         def do_GET(self):
+            asked.append(self.path)
             self.send_response(401)
             self.send_header("WWW-Authenticate", 'Basic realm="registry"')
             self.send_header("Content-Length", "0")
@@ -272,13 +297,16 @@ def test_a_registry_that_asks_for_credentials_fails_at_once():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         reg = DvcRegistry(repo_url=f"http://127.0.0.1:{server.server_port}/repo.git", git_timeout_s=30)
-        start = time.monotonic()
-        with pytest.raises(RegistryError, match=r"asks for credentials, and git never prompts"):
+        with pytest.raises(RegistryError, match=r"asks for credentials, and git never prompts") as failed:
             reg.scan("fashion-mnist")
-        assert time.monotonic() - start < 10  # failed on the 401, not at the timeout
     finally:
         server.shutdown()
         server.server_close()
+    assert "no answer within" not in str(failed.value)
+    assert asked and all(p.startswith("/repo.git/info/refs") for p in asked), asked
+    (command, timeout, proc), *_ = git_waits
+    assert command[:3] == ["git", "ls-remote", "--tags"] and timeout == 30
+    assert proc.returncode > 0, proc.returncode  # git gave up on the 401 itself; -9 would be the timeout
 
 
 def test_a_url_that_looks_like_an_option_is_a_url(tmp_path, monkeypatch):
