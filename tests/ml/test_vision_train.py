@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -107,12 +106,28 @@ def test_validate_settings_accepts(settings, cluster):
     ("settings", "expected"),
     [(TrainSettings(num_workers=0), "num_workers=0"), (TrainSettings(num_workers=5), "asks for 5 CPUs")],
 )
-def test_training_with_bad_settings_fails_before_scheduling(ray_local, data, tmp_path, settings, expected):
-    started = time.perf_counter()
+def test_training_with_bad_settings_fails_before_scheduling(ray_local, data, tmp_path, settings, expected,
+                                                           monkeypatch):
+    """Checks the order: the settings are refused before any data is read or any TorchTrainer is built."""
+    import ray.train.torch
+
+    happened = []
+    read_images, trainer = train_module._read_images, ray.train.torch.TorchTrainer
+
+    def reading(*args, **kwargs):
+        happened.append("read")
+        return read_images(*args, **kwargs)
+
+    def building(*args, **kwargs):
+        happened.append("trainer")
+        return trainer(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_read_images", reading)
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", building)
     with pytest.raises(ValueError) as info:
         train_fashion_mnist(data["train"], data["val"], MEAN, STD, settings, str(tmp_path), "bad")
     assert expected in str(info.value)
-    assert time.perf_counter() - started < 5
+    assert happened == []
     assert not (tmp_path / "bad").exists()
 
 
