@@ -3,8 +3,6 @@ settings, code version) and how a deploy that cannot start fails (issue 17, "Sma
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
@@ -73,13 +71,14 @@ def test_a_new_code_version_rolls_the_replicas_and_the_same_one_reloads_in_place
 
 
 def test_a_first_deploy_that_cannot_load_fails_fast_with_serves_reason(control, serve_env):
+    """Checks the error is the one raised as soon as Serve reports the failure ("Serve could not deploy", with
+    the replica's reason), never the one raised when the 300 s deadline passes ("is not RUNNING after")."""
     from ocm_resources.serve_control import ServeError
 
-    started = time.monotonic()
     with pytest.raises(ServeError) as failed:
         control.run(APP, *_app(serve_env, "commit-a", model=f"models:/{IMAGE_MODEL}/99"), timeout_s=300)
-    took = time.monotonic() - started
     text = str(failed.value)
+    assert text.startswith(f"Serve could not deploy {APP!r}"), text
+    assert "not RUNNING after" not in text, text
     assert "DEPLOY_FAILED" in text or "UNHEALTHY" in text, text
     assert "99" in text and "failed to start" in text, text  # the replica's own load error, via Serve
-    assert took < 120, f"it waited {took:.0f} s"
