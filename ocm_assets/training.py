@@ -116,11 +116,21 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
             mlflow_lib.log_params({**dataclasses.asdict(settings), "data_tag": tag, "mean": norm.mean,
                                    "std": norm.std, "storage_path": storage_path})
 
-            result = train_fashion_mnist(
-                dataset.url("train"), dataset.url("val"), norm.mean, norm.std, settings,
-                storage_path=storage_path, run_name=f"{fam.name}-{tag}",
-                storage_filesystem=checkpoints.filesystem(), on_epoch=epoch_logger(context, client, run_id),
-            )
+            on_epoch = epoch_logger(context, client, run_id)
+            if getattr(ray_cluster, "is_client", False):  # Ray Client: Ray Data needs a driver on the head
+                result = train_as_ray_job(context, ray_cluster, checkpoints, dict(
+                    train_url=dataset.url("train"), val_url=dataset.url("val"), mean=norm.mean, std=norm.std,
+                    settings=dataclasses.asdict(settings), storage_path=storage_path,
+                    run_name=f"{fam.name}-{tag}",
+                ))
+                for record in result.history:  # per-epoch figures at step = epoch, as in-process
+                    on_epoch(record)
+            else:
+                result = train_fashion_mnist(
+                    dataset.url("train"), dataset.url("val"), norm.mean, norm.std, settings,
+                    storage_path=storage_path, run_name=f"{fam.name}-{tag}",
+                    storage_filesystem=checkpoints.filesystem(), on_epoch=on_epoch,
+                )
             png = training_curve_png(result.history, f"{fam.name} {tag}")
             log_bytes(client, run_id, png, "training_curve.png")
             # The best checkpoint's figures, at the step after the last epoch: MLflow's latest value of a
@@ -149,6 +159,32 @@ def build_vision_model_asset(fam: Family) -> dg.AssetsDefinition:
         })
 
     return model
+
+
+TRAIN_JOB_MODULE = "ocm_ml.vision.train_job"
+
+
+def train_as_ray_job(context: dg.AssetExecutionContext, ray_cluster: Any, checkpoints: CheckpointStorage,
+                     spec: dict[str, Any]):
+    """Train through a Ray Job on the head (``ocm_ml.vision.train_job``) and read its ``TrainResult`` back
+    from checkpoint storage. Only the S3 keys the driver needs reach the job, through its runtime env."""
+    from ocm_ml.vision.train import TrainResult
+
+    filesystem = checkpoints.filesystem()
+    s3 = None
+    env_vars: dict[str, str] = {}
+    if checkpoints.is_s3:
+        endpoint = checkpoints.endpoint_override or ""
+        scheme, _, host = endpoint.partition("://") if "://" in endpoint else ("https", "", endpoint)
+        s3 = {"endpoint_override": host or None, "scheme": scheme, "region": checkpoints.region}
+        for name, value in (("AWS_ACCESS_KEY_ID", checkpoints.access_key_id),
+                            ("AWS_SECRET_ACCESS_KEY", checkpoints.secret_access_key)):
+            if value:
+                env_vars[name] = value
+    result_path = f"{spec['storage_path'].rstrip('/')}/train_result.json"
+    data = ray_cluster.run_job(TRAIN_JOB_MODULE, {**spec, "s3": s3, "result_path": result_path},
+                               result_path, filesystem=filesystem, env_vars=env_vars, log=context.log.info)
+    return TrainResult.from_dict(data, storage_filesystem=filesystem)
 
 
 def epoch_logger(context: dg.AssetExecutionContext, client, run_id: str):

@@ -309,6 +309,13 @@ class RayHead(LocalRay):
         "set RAY_AUTH_MODE for this process.",
     )
 
+    jobs_url: str | None = Field(
+        default=None,
+        description="The head's dashboard (Ray Jobs API), e.g. http://ray-head:8265, where training runs as a "
+        "Ray Job when `address` is a Ray Client address (ray://; Ray Data does not run in a Ray Client "
+        "driver). Unset: http://<host of the ray:// address>:<dashboard_port>.",
+    )
+
     _mode: Literal["started", "connected", "reused"] | None = PrivateAttr(default=None)
     _resolved_address: str | None = PrivateAttr(default=None)
 
@@ -394,6 +401,33 @@ class RayHead(LocalRay):
                 context.log.info(f"{'Shut down' if mode == 'started' else 'Disconnected from'} {name}")
 
     # -- accessors --------------------------------------------------------------------------------
+
+    @property
+    def is_client(self) -> bool:
+        """True when this resource reaches Ray through Ray Client (``ray://``): drivers that need a core
+        worker (Ray Data, Ray Train) then run as Ray Jobs (:meth:`run_job`)."""
+        address = self._resolved_address or self.address or ""
+        if address == "auto":
+            address = os.environ.get("RAY_ADDRESS", "")
+        return address.startswith("ray://")
+
+    def jobs_dashboard(self) -> str:
+        """The head's dashboard URL for Ray Jobs (``jobs_url``, or derived from the ray:// address)."""
+        if self.jobs_url:
+            return self.jobs_url.rstrip("/")
+        address = self._resolved_address or self.address or ""
+        if address == "auto":
+            address = os.environ.get("RAY_ADDRESS", "")
+        if not address.startswith("ray://"):
+            raise RayConnectionError(f"No dashboard URL for Ray Jobs: set jobs_url (address {address!r})")
+        return f"http://{_split_address(address)[0]}:{self.dashboard_port}"
+
+    def run_job(self, module: str, spec: Mapping[str, Any], result_path: str, **kwargs: Any) -> dict[str, Any]:
+        """Run ``python -m <module> '<spec json>'`` as a Ray Job on the head and return the JSON result its
+        driver wrote at ``result_path`` (see :func:`ocm_resources.ray_jobs.run_job` for the keywords)."""
+        from ocm_resources.ray_jobs import run_job
+
+        return run_job(self.jobs_dashboard(), module, spec, result_path=result_path, **kwargs)
 
     def cluster_resources(self) -> dict[str, float]:
         """Total resources of the connected cluster, e.g. ``{"CPU": 2.0, "memory": ...}``."""

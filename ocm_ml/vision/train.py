@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, astuple, dataclass, field
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import lightning
 import numpy as np
@@ -296,6 +296,24 @@ class TrainResult:
     run_path: str = ""
     failures: list[str] = field(default_factory=list)
     storage_filesystem: Any = field(default=None, repr=False, compare=False)
+
+    #: The fields :meth:`to_dict` writes (everything but the filesystem handle).
+    DICT_FIELDS: ClassVar[tuple[str, ...]] = (
+        "val_accuracy", "val_loss", "history", "checkpoint_path", "images_per_second", "num_workers",
+        "train_rows", "elapsed_seconds", "run_path", "failures",
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready values (the training driver of a Ray Job writes it, the step reads it)."""
+        return {name: getattr(self, name) for name in self.DICT_FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], storage_filesystem=None) -> TrainResult:
+        """The result :meth:`to_dict` wrote; ``storage_filesystem`` is where its checkpoint lives."""
+        missing = [name for name in cls.DICT_FIELDS if name not in data]
+        if missing:
+            raise ValueError(f"training result lacks {missing}: was it written by TrainResult.to_dict?")
+        return cls(**{name: data[name] for name in cls.DICT_FIELDS}, storage_filesystem=storage_filesystem)
 
     def load_model(self) -> nn.Module:
         """The trained ResNet18 (plain ``nn.Module``, CPU, eval mode) from the best checkpoint."""

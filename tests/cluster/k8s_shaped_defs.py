@@ -4,8 +4,9 @@ Dagster's multiprocess executor starts one process per step, as ``k8s_job_execut
 each process imports this module and builds the same definitions from the environment the test set, the way
 a step pod builds them from the ConfigMap and Secrets: ``OCM_ENV=cluster`` and ``OCM_EXECUTOR=multiprocess``
 (``ocm_resources.env.build_executor``), the shared S3 IO manager of ``ocm_resources.env.cluster_io_manager``
-(bucket, endpoint and keys from the environment), Ray only through ``ray://`` (``OCM_K8S_RAY_CLIENT``), Serve
-on the long-lived head through the same Ray Client address.
+(bucket, endpoint and keys from the environment), Ray only through ``ray://`` (``OCM_K8S_RAY_CLIENT``) and the
+head's Ray Jobs API (``OCM_RAY_DASHBOARD_URL``, where training runs), Serve on the long-lived head through the
+same Ray Client address.
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ def definitions() -> dg.Definitions:
 
     ray_client = os.environ["OCM_K8S_RAY_CLIENT"]
     assert ray_client.startswith("ray://"), ray_client
-    # the training steps' Ray: ray:// too, unless the test says otherwise (OCM_K8S_TRAIN_RAY, see the test:
-    # Ray Data, which the training driver uses, does not run in a Ray Client driver)
-    train_ray = os.environ.get("OCM_K8S_TRAIN_RAY") or ray_client
+    # training over ray:// runs as a Ray Job through the head's dashboard (Ray Data needs a driver there)
     resources = {
         "registry": DvcRegistry(repo_url=os.environ["OCM_REGISTRY_URL"]),
-        "ray_cluster": RayHead(address=train_ray, keep_alive=True),
+        "ray_cluster": RayHead(address=ray_client, keep_alive=True,
+                               jobs_url=os.environ["OCM_RAY_DASHBOARD_URL"]),
         "mlflow": LocalMlflow(home=os.environ["OCM_K8S_HOME"], env_name="k8s"),
         "checkpoints": CheckpointStorage(
             base_path=dg.EnvVar("OCM_CHECKPOINT_PATH"), endpoint_override=os.environ["OCM_S3_ENDPOINT"],

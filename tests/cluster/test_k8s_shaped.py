@@ -114,11 +114,13 @@ def ray_head(tmp_path_factory):
     client_port, serve_port = ports["ray-client-server-port"], ports.pop("serve")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": str(ROOT), "RAY_idle_worker_killing_time_threshold_ms": "60000"}
+           "PYTHONPATH": str(ROOT), "RAY_idle_worker_killing_time_threshold_ms": "60000",
+           # a Ray Job's entrypoint runs `python` from the head's PATH: the venv's, as the image's on KubeRay
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         "--include-dashboard=false",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          *(f"--{name}={port}" for name, port in ports.items()),
          "--num-cpus=2", f"--object-store-memory={512 * 1024**2}", f"--temp-dir={temp_dir}",
          "--disable-usage-stats"],
@@ -126,8 +128,10 @@ def ray_head(tmp_path_factory):
     )
     try:
         _wait_port(client_port, proc, "Ray head (client server)", log)
+        _wait_port(ports["dashboard-port"], proc, "Ray head (dashboard)", log)
         yield {"client": f"ray://127.0.0.1:{client_port}", "gcs": f"127.0.0.1:{ports['port']}",
                "token": token, "serve_port": serve_port,
+               "dashboard": f"http://127.0.0.1:{ports['dashboard-port']}",
                "temp_dir": temp_dir}
     finally:
         _stop(proc)
@@ -172,7 +176,8 @@ def test_retrain_and_rollout_one_process_per_step(s3_iam, ray_head, tmp_path, mo
         "OCM_CHECKPOINT_PATH": f"s3://{CHECKPOINT_BUCKET}/ray-results",
         "OCM_S3_ENDPOINT": s3_iam["endpoint"], "AWS_REGION": REGION, **s3_iam["keys"],
         "OCM_IO_BUCKET": IO_BUCKET, "OCM_IO_PREFIX": "dagster/io",
-        "OCM_K8S_RAY_CLIENT": ray_head["client"], "OCM_SERVE_PORT": str(ray_head["serve_port"]),
+        "OCM_K8S_RAY_CLIENT": ray_head["client"], "OCM_RAY_DASHBOARD_URL": ray_head["dashboard"],
+        "OCM_SERVE_PORT": str(ray_head["serve_port"]),
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_head["token"],
         "RAY_USAGE_STATS_ENABLED": "0", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
     }
@@ -188,21 +193,22 @@ def test_retrain_and_rollout_one_process_per_step(s3_iam, ray_head, tmp_path, mo
         train_config = {"ops": {f"{FAMILY.name}__model": {"config": TRAIN}}}
         first = dg.execute_job(dg.reconstructable(retrain_job), instance=instance, tags=tags,
                                run_config=train_config)
-        # Data steps pass; the training step fails over Ray Client: ocm's training driver runs Ray Data
-        # (train_ds.count(), the streaming executor) in the step process, and Ray Data needs the driver's
-        # core worker, which a Ray Client driver does not have (ray-project/ray#48682: Ray Data does not
-        # support Ray Client; Ray's docs: use Ray Jobs for ML workloads). When this changes, this fails.
-        assert not first.success
+        # every step passes; the training step reaches Ray through ray:// and runs its driver as a Ray Job
+        # on the head (Ray Data needs a core worker, which a Ray Client driver has not: ray-project/ray#48682)
+        assert first.success, _failures(first)
         passed = {e.step_key for e in first.all_events if e.event_type_value == "STEP_SUCCESS"}
-        assert passed == {f"{FAMILY.name}__dataset", f"{FAMILY.name}__preprocessing"}, passed
-        assert "'Worker' object has no attribute 'core_worker'" in _failures(first)
-        # So the training step alone runs as a driver on the head's node (the GCS address, the local path),
-        # in a later run of its own: its inputs come from the first run's outputs on S3
-        monkeypatch.setenv("OCM_K8S_TRAIN_RAY", ray_head["gcs"])
-        retrain = dg.execute_job(dg.reconstructable(retrain_job), instance=instance, tags=tags,
-                                 run_config=train_config, asset_selection=[dg.AssetKey([FAMILY.name, "model"])])
-        assert retrain.success, _failures(retrain)
-        monkeypatch.delenv("OCM_K8S_TRAIN_RAY")
+        assert passed == {f"{FAMILY.name}__{a}" for a in ("dataset", "preprocessing", "model")}, passed
+        jobs = [j for j in _jobs(ray_head) if j.status == "SUCCEEDED"]
+        assert len(jobs) == 1, _jobs(ray_head)
+        assert "-m ocm_ml.vision.train_job " in jobs[0].entrypoint, jobs[0].entrypoint
+        for secret in s3_iam["keys"].values():  # credentials only in the runtime env, not the entrypoint
+            assert secret not in jobs[0].entrypoint and secret not in json.dumps(jobs[0].metadata or {})
+        model = next(e for e in first.all_events if e.event_type_value == "ASSET_MATERIALIZATION"
+                     and e.asset_key == dg.AssetKey([FAMILY.name, "model"]))
+        model_meta = model.materialization.metadata
+        accuracy, history = model_meta["val_accuracy"].value, model_meta["history"].value
+        assert isinstance(accuracy, float) and 0.0 <= accuracy <= 1.0, accuracy
+        assert isinstance(history, list) and len(history) == 1, history
         # the steps handed their outputs over through the S3 server (pickles under the IO prefix)
         io_keys = s3_keys(s3_iam, IO_BUCKET, "dagster/io/")
         for asset in ("dataset", "preprocessing"):
@@ -210,8 +216,7 @@ def test_retrain_and_rollout_one_process_per_step(s3_iam, ray_head, tmp_path, mo
         # Ray Train's checkpoints went to the checkpoint bucket on S3, not to a disk of the step
         assert s3_keys(s3_iam, CHECKPOINT_BUCKET, f"ray-results/{FAMILY.name}/{version.tag}/")
 
-        # the step processes reached Ray as Ray Client clients (the first run's training step, the endpoint
-        # step): each connection got its own server on the head; no step process started a raylet (the head's
+        # the step processes reached Ray as Ray Client clients (the training step, the endpoint step): each connection got its own server on the head; no step process started a raylet (the head's
         # session has exactly one)
         session = ray_head["temp_dir"] / "session_latest" / "logs"
         client_servers = sorted(p.name for p in session.glob("ray_client_server_*.out"))
@@ -219,8 +224,8 @@ def test_retrain_and_rollout_one_process_per_step(s3_iam, ray_head, tmp_path, mo
         assert len(list(session.glob("raylet*.out"))) == 1
 
         # one process per step, none of them this one
-        pids = _step_pids(first, retrain)
-        assert len(pids) == 4 and len(set(pids.values())) == 4 and os.getpid() not in pids.values(), pids
+        pids = _step_pids(first)
+        assert len(pids) == 3 and len(set(pids.values())) == 3 and os.getpid() not in pids.values(), pids
 
         rollout = dg.execute_job(
             dg.reconstructable(rollout_job), instance=instance, tags=tags,
@@ -229,8 +234,8 @@ def test_retrain_and_rollout_one_process_per_step(s3_iam, ray_head, tmp_path, mo
         )
         assert rollout.success, _failures(rollout)
 
-        pids = _step_pids(first, retrain, rollout)
-        assert len(pids) == 7 and len(set(pids.values())) == 7, pids
+        pids = _step_pids(first, rollout)  # + evaluation, champion, endpoint
+        assert len(pids) == 6 and len(set(pids.values())) == 6, pids
 
     # the endpoint is served by the long-lived head, at its URL, after every step process ended
     url = f"http://127.0.0.1:{ray_head['serve_port']}/{FAMILY.name}"
@@ -242,6 +247,37 @@ def test_retrain_and_rollout_one_process_per_step(s3_iam, ray_head, tmp_path, mo
     with urllib.request.urlopen(request, timeout=30) as resp:
         assert len(json.loads(resp.read())["predictions"]) == 1
     print(f"k8s-shaped retrain + rollout: {time.monotonic() - started:.0f} s")
+
+
+def test_failed_training_job_fails_with_its_error(ray_head, tmp_path, monkeypatch):
+    """A Ray Job whose driver fails: the call raises with the job's status and error text, and the
+    credential handed to the job's runtime env appears nowhere in that text."""
+    from ocm_resources.ray import RayHead
+    from ocm_resources.ray_jobs import RayJobError
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head["token"])
+    missing = tmp_path / "no-such-train.parquet"
+    spec = {"train_url": str(missing), "val_url": str(missing), "mean": 0.5, "std": 0.25,
+            "settings": TRAIN, "storage_path": str(tmp_path / "ckpt"), "run_name": "bad",
+            "result_path": str(tmp_path / "ckpt" / "train_result.json"), "s3": None}
+    secret = "k8s-shaped-" + secrets.token_hex(8)
+    head = RayHead(address=ray_head["client"], jobs_url=ray_head["dashboard"])
+    lines: list[str] = []
+    with pytest.raises(RayJobError) as failed:
+        head.run_job("ocm_ml.vision.train_job", spec, spec["result_path"],
+                     env_vars={"AWS_SECRET_ACCESS_KEY": secret}, log=lines.append, poll_s=1.0)
+    text = str(failed.value)
+    assert "FAILED" in text and "no-such-train.parquet" in text, text
+    assert secret not in text and all(secret not in line for line in lines)
+    assert not (tmp_path / "ckpt" / "train_result.json").exists()
+
+
+def _jobs(ray_head) -> list:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_head["dashboard"], headers={"Authorization": f"Bearer {ray_head['token']}"})
+    jobs = [j for j in client.list_jobs() if str(j.type.value) == "SUBMISSION"]  # not Ray Client drivers
+    return sorted(jobs, key=lambda j: j.start_time or 0)
 
 
 def _failures(result) -> str:
