@@ -187,21 +187,29 @@ def test_a_chunked_body_is_cut_off_once_it_passes_the_cap(text_url):
 
 
 def _post_concurrently(url: str, n: int, texts: list[str]) -> list[httpx.Response]:
+    """``n`` requests released together; the responses in the order they came back."""
     barrier = threading.Barrier(n)
+    answered: list[httpx.Response] = []
+    lock = threading.Lock()
 
     def one(_):
         with httpx.Client(timeout=30) as client:
             barrier.wait()
-            return client.post(f"{url}/predict", json={"texts": texts})
+            response = client.post(f"{url}/predict", json={"texts": texts})
+        with lock:
+            answered.append(response)
 
     with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(one, range(n)))
+        list(pool.map(one, range(n)))
+    return answered
 
 
 def test_a_full_serve_queue_answers_503_with_retry_after(limits_url):
+    """Checks the codes, the Retry-After header, and that the refused requests were answered while admitted
+    ones were still being served (the last answer is a 200: a 503 never waited for the line to clear)."""
     for url in _both_paths(LIMITS_APP, limits_url):
-        t0 = time.monotonic()
         responses = _post_concurrently(url, 5, ["good day"])
+        assert responses[-1].status_code == 200, (url, [r.status_code for r in responses])
         codes = sorted(r.status_code for r in responses)
         assert codes.count(200) >= 1 and codes.count(503) >= 2 and set(codes) <= {200, 503}, (url, codes)
         for r in responses:
@@ -209,7 +217,6 @@ def test_a_full_serve_queue_answers_503_with_retry_after(limits_url):
                 assert r.headers.get("retry-after") == str(RETRY_AFTER_S), (url, r.headers)
             else:
                 assert r.json()["predictions"][0]["label"] == "positive"
-        assert time.monotonic() - t0 < 15
 
 
 def test_a_full_batcher_queue_answers_503_with_retry_after(text_url):
