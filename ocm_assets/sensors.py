@@ -38,9 +38,9 @@ from dagster import AutomationCondition
 
 from ocm_assets.families import Family
 from ocm_assets.reuse import REUSE_TAG
+from ocm_resources.env import sensor_interval_seconds
 from ocm_resources.registry import DataRegistry
 
-SENSOR_INTERVAL_SECONDS = 30
 #: Run requests per registry-sensor tick (retries, moved and new tags together); the rest wait for later ticks.
 MAX_RUNS_PER_TICK = 5
 #: Runs the sensor asks for again after a run of a tag@commit failed (so at most 1 + MAX_RETRIES runs).
@@ -122,7 +122,7 @@ def build_registry_sensor(
     @dg.sensor(
         name=fam.sensor_name,
         job=job,
-        minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
+        minimum_interval_seconds=sensor_interval_seconds(),
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Watches the registry for `{fam.dataset}-v<semver>` tags; each new or moved tag "
         f"becomes a partition of {fam.partitions_name} and a run of {job.name} (at most {max_runs_per_tick} "
@@ -240,10 +240,6 @@ def build_registry_sensor(
 
 # -- declarative automation downstream of the dataset ----------------------------------------------------
 
-#: How often the daemon evaluates the automation conditions (Dagster's default is 30 s).
-AUTOMATION_INTERVAL_SECONDS = 30
-
-
 def training_condition() -> dg.AutomationCondition:
     """Partitioned steps after the dataset (preprocessing, hpo, model, evaluation): Dagster's ``eager()``
     (a new partition, or a dependency updated in another run; nothing missing or in progress upstream),
@@ -288,7 +284,7 @@ def build_automation_sensors(
             target=dg.AssetSelection.assets(*training),
             run_tags={"ocm/family": fam.name},
             default_status=dg.DefaultSensorStatus.RUNNING,
-            minimum_interval_seconds=AUTOMATION_INTERVAL_SECONDS,
+            minimum_interval_seconds=sensor_interval_seconds(),
             description=f"Evaluates the automation conditions of {fam.name}'s preprocessing and training: "
             "each runs once its dataset partition is new or updated and its blocking checks passed.",
         ),
@@ -297,7 +293,7 @@ def build_automation_sensors(
             target=dg.AssetSelection.assets(*rollout),
             run_tags={"ocm/family": fam.name, ROLLOUT_TAG: fam.name},
             default_status=dg.DefaultSensorStatus.RUNNING,
-            minimum_interval_seconds=AUTOMATION_INTERVAL_SECONDS,
+            minimum_interval_seconds=sensor_interval_seconds(),
             description=f"Evaluates the automation conditions of {fam.name}'s evaluation, champion gate and "
             f"endpoint; its runs carry {ROLLOUT_TAG}={fam.name} (one rollout of the family at a time).",
         ),

@@ -316,6 +316,21 @@ def prediction_log_store(env: str | None = None):
     )
 
 
+def sensor_interval_seconds() -> int:
+    """``OCM_SENSOR_INTERVAL_SECONDS`` (default 30, Dagster's own default): how often the daemon ticks the
+    registry sensors and evaluates the automation conditions. Read when the definitions are built."""
+    raw = os.environ.get("OCM_SENSOR_INTERVAL_SECONDS", "").strip()
+    if not raw:
+        return 30
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigurationError(f"OCM_SENSOR_INTERVAL_SECONDS={raw!r} must be a whole number of seconds >= 1")
+    return value
+
+
 def retrain_on_drift() -> bool:
     """``OCM_RETRAIN_ON_DRIFT`` (default off): the hourly served-traffic check runs with ``retrain_on_drift``,
     so a drift failure asks for one retrain of the newest registry version (docs/monitoring.md)."""
@@ -381,7 +396,8 @@ def build_resources(env: str | None = None) -> dict[str, Any]:
                 repo_url=dg.EnvVar("OCM_REGISTRY_URL"), remote=os.environ.get("OCM_DVC_REMOTE") or None
             ),
             "ray_cluster": (
-                RayHead(address=dg.EnvVar("RAY_ADDRESS"), keep_alive=True)
+                RayHead(address=dg.EnvVar("RAY_ADDRESS"), keep_alive=True,
+                        jobs_url=os.environ.get("OCM_RAY_DASHBOARD_URL") or None)
                 if ray_address
                 else kuberay_resource(
                     kind="cluster" if os.environ.get("OCM_KUBERAY_KIND") == "cluster" else "interactive_job",
