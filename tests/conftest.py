@@ -148,3 +148,19 @@ def ray_local():
     ray = init_local_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def git_waits(monkeypatch):
+    """``(command, timeout, process)`` for every ``communicate()`` on a git child process: what each git was
+    given to wait with, and (``process.returncode``) how it ended. The real ``communicate`` still runs."""
+    waits = []
+    communicate = subprocess.Popen.communicate
+
+    def recording(self, *args, **kwargs):
+        if self.args[0] == "git":
+            waits.append((list(self.args), kwargs.get("timeout", args[1] if len(args) > 1 else None), self))
+        return communicate(self, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", recording)
+    return waits

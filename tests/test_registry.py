@@ -212,22 +212,6 @@ def black_hole():
         yield sock
 
 
-@pytest.fixture
-def git_waits(monkeypatch):
-    """``(command, timeout, process)`` for every ``communicate()`` on a git child process: what each git was
-    given to wait with, and (``process.returncode``) how it ended. The real ``communicate`` still runs."""
-    waits = []
-    communicate = subprocess.Popen.communicate
-
-    def recording(self, *args, **kwargs):
-        if self.args[0] == "git":
-            waits.append((list(self.args), kwargs.get("timeout", args[1] if len(args) > 1 else None), self))
-        return communicate(self, *args, **kwargs)
-
-    monkeypatch.setattr(subprocess.Popen, "communicate", recording)
-    return waits
-
-
 def _in_thread(fn, deadline_s):
     """Run ``fn`` in a thread and return the error it raised; fail (rather than hang the suite) when it is
     still running after the deadline (a bounded wait, not a measurement)."""

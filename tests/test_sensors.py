@@ -321,7 +321,7 @@ def test_a_cursor_of_the_earlier_format_still_works(registry, instance):
     assert watch_of(result) == {v1.tag: {"run_key": f"{v1.tag}@{v1.commit}#2", "attempt": 2}}
 
 
-def test_a_black_holed_registry_fails_the_tick_within_its_timeout(instance, monkeypatch):
+def test_a_black_holed_registry_fails_the_tick_within_its_timeout(instance, git_waits):
     """Checks that the tick runs one ``git ls-remote``, waits for it at most ``git_timeout_s``, kills it and
     fails with an error that names the timeout (no wall-clock figure: what git was given and what came back)."""
     import socket
@@ -329,15 +329,7 @@ def test_a_black_holed_registry_fails_the_tick_within_its_timeout(instance, monk
 
     from ocm_resources.registry import DvcRegistry, RegistryError
 
-    waits = []  # (git command, timeout it was waited for with, the process) per communicate() on a git child
-    communicate = subprocess.Popen.communicate
-
-    def recording(self, *args, **kwargs):
-        if self.args[0] == "git":
-            waits.append((list(self.args), kwargs.get("timeout", args[1] if len(args) > 1 else None), self))
-        return communicate(self, *args, **kwargs)
-
-    monkeypatch.setattr(subprocess.Popen, "communicate", recording)
+    waits = git_waits  # (git command, timeout it was waited with, the process) per git child
     with socket.socket() as hole:  # accepts connections, never answers
         hole.bind(("127.0.0.1", 0))
         hole.listen(16)
