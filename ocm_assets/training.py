@@ -171,16 +171,7 @@ def train_as_ray_job(context: dg.AssetExecutionContext, ray_cluster: Any, checkp
     from ocm_ml.vision.train import TrainResult
 
     filesystem = checkpoints.filesystem()
-    s3 = None
-    env_vars: dict[str, str] = {}
-    if checkpoints.is_s3:
-        endpoint = checkpoints.endpoint_override or ""
-        scheme, _, host = endpoint.partition("://") if "://" in endpoint else ("https", "", endpoint)
-        s3 = {"endpoint_override": host or None, "scheme": scheme, "region": checkpoints.region}
-        for name, value in (("AWS_ACCESS_KEY_ID", checkpoints.access_key_id),
-                            ("AWS_SECRET_ACCESS_KEY", checkpoints.secret_access_key)):
-            if value:
-                env_vars[name] = value
+    s3, env_vars = checkpoints.s3_options(), checkpoints.credential_env()
     result_path = f"{spec['storage_path'].rstrip('/')}/train_result.json"
     data = ray_cluster.run_job(TRAIN_JOB_MODULE, {**spec, "s3": s3, "result_path": result_path},
                                result_path, filesystem=filesystem, env_vars=env_vars, log=context.log.info)

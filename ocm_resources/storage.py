@@ -46,20 +46,26 @@ class CheckpointStorage(dg.ConfigurableResource):
         path.mkdir(parents=True, exist_ok=True)
         return str(path)
 
+    def s3_options(self) -> dict[str, Any] | None:
+        """Where the S3 storage is, without its keys (None for local folders): ``endpoint_override`` (host[:port]),
+        ``scheme`` and ``region``, as pyarrow's ``S3FileSystem`` takes them."""
+        if not self.is_s3:
+            return None
+        scheme, endpoint = "https", self.endpoint_override
+        if endpoint and "://" in endpoint:
+            scheme, _, endpoint = endpoint.partition("://")
+        return {"endpoint_override": endpoint or None, "scheme": scheme, "region": self.region}
+
+    def credential_env(self) -> dict[str, str]:
+        """The S3 keys as the AWS variables pyarrow reads (empty for local folders or keys from the pod's role)."""
+        pairs = (("AWS_ACCESS_KEY_ID", self.access_key_id), ("AWS_SECRET_ACCESS_KEY", self.secret_access_key))
+        return {name: value for name, value in pairs if self.is_s3 and value}
+
     def filesystem(self) -> Any | None:
         """A pyarrow filesystem for S3 (None for local folders)."""
-        if not self.is_s3:
+        options = self.s3_options()
+        if options is None:
             return None
         from pyarrow import fs
 
-        scheme = "https"
-        endpoint = self.endpoint_override
-        if endpoint and "://" in endpoint:
-            scheme, _, endpoint = endpoint.partition("://")
-        return fs.S3FileSystem(
-            endpoint_override=endpoint,
-            scheme=scheme,
-            region=self.region,
-            access_key=self.access_key_id,
-            secret_key=self.secret_access_key,
-        )
+        return fs.S3FileSystem(**options, access_key=self.access_key_id, secret_key=self.secret_access_key)
