@@ -27,7 +27,8 @@ def evaluation_key(fam: Family) -> dg.AssetKey:
 
 class EvaluationConfig(dg.Config):
     val_rows: int | None = Field(
-        default=None, description="Validation rows scored per model (None: the family's default; 0 is refused).")
+        default=None, description="Validation rows scored per model, spread evenly over the split (None: all of them, the "
+        "default; 0 is refused). The holdout is always scored whole.")
     batch_size: int = Field(default=256, description="Rows per predict call (the latency figure is per batch).")
 
 
@@ -150,7 +151,7 @@ def build_evaluation_asset(fam: Family) -> dg.AssetsDefinition:
         bundles = {label: load_bundle(ServeConfig.from_user_config({**base, "model_uri": f"models:/{name}/{v.version}"}))
                    for label, v in versions.items()}
         class_names = bundles["challenger"].class_names
-        streams, holdout_commit = _streams(fam, registry, partition, config.val_rows or fam.eval_val_rows)
+        streams, holdout_commit = _streams(fam, registry, partition, config.val_rows)
         start = time.perf_counter()
         results = evaluate({f"v{versions[label].version} ({label})": bundle.predict for label, bundle in bundles.items()},
                            streams, class_names, kind=fam.kind, batch_size=config.batch_size)

@@ -32,8 +32,6 @@ class Family:
     retrain_cron: str = "0 3 * * 1"
     # Promotion: the gate's defaults (overridable per run in the champion's config).
     gate: Gate = field(default_factory=Gate, hash=False, compare=False)
-    # Evaluation: validation rows scored per model (None: the whole split); the holdout is scored whole.
-    eval_val_rows: int | None = None
 
     @property
     def partitions_name(self) -> str:
@@ -56,7 +54,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("fashion_mnist", "fashion-mnist", "image", "Fashion-MNIST 28x28 grey images, 10 classes",
            gate=IMAGE_GATE),
     Family("tweet_sentiment", "tweet-sentiment", "text", "Short tweets labelled negative/neutral/positive",
-           gate=TEXT_GATE, eval_val_rows=1000),
+           gate=TEXT_GATE),
 )
 
 

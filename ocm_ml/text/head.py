@@ -2,11 +2,11 @@
 
 - ``EmbeddingHead(dim, num_labels, hidden, dropout)``: standardize (train mean/std) -> [Linear -> GELU ->
   Dropout] -> Linear; ``hidden=0`` is a linear (logistic-regression) head.
-- ``PooledHeadClassifier``: backbone encoder + mean pooling + head, with the ``model(**enc).logits`` and
+- ``PooledHeadClassifier``: backbone encoder + mean pooling of its top ``layers`` states + head, with the ``model(**enc).logits`` and
   ``model.config.num_labels`` surface that ``TextPredictor`` uses for a fine-tuned classifier too.
 - ``save_head_model_dir``: the folder ``TextPredictor.from_dir`` and the MLflow pyfunc read: the backbone
   (``save_pretrained`` of the encoder, ``config.json`` + weights), its tokenizer, ``labels.json``,
-  ``head.json`` (sizes, pooling, max_length) and ``head.safetensors``.
+  ``head.json`` (sizes, pooling, layers, max_length) and ``head.safetensors``.
 """
 
 from __future__ import annotations
@@ -47,23 +47,24 @@ class EmbeddingHead(torch.nn.Module):
 
 
 class PooledHeadClassifier(torch.nn.Module):
-    """Encoder -> mean pooling over the attention mask -> ``EmbeddingHead``."""
+    """Encoder -> the top ``layers`` states mean-pooled over the attention mask -> ``EmbeddingHead`` (the same
+    features as :func:`ocm_ml.text.embeddings.embed_texts`, which the head was trained on)."""
 
-    def __init__(self, encoder, head: EmbeddingHead):
+    def __init__(self, encoder, head: EmbeddingHead, layers: int = 1):
         super().__init__()
-        self.encoder, self.head = encoder, head
+        self.encoder, self.head, self.layers = encoder, head, layers
         self.config = SimpleNamespace(num_labels=head.sizes["num_labels"])
 
     def forward(self, input_ids, attention_mask, **extra) -> SimpleNamespace:
-        from ocm_ml.text.embeddings import mean_pool
+        from ocm_ml.text.embeddings import pool_top_layers
 
         kwargs = {k: v for k, v in extra.items() if k == "token_type_ids"}
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        return SimpleNamespace(logits=self.head(mean_pool(hidden, attention_mask)))
+        return SimpleNamespace(logits=self.head(pool_top_layers(self.encoder, self.layers, input_ids,
+                                                                attention_mask, **kwargs)))
 
 
 def save_head_model_dir(backbone_dir: str, head: EmbeddingHead, label_map: Mapping[str, str], max_length: int,
-                        directory: str | Path, extra: Mapping[str, Any] | None = None) -> str:
+                        directory: str | Path, extra: Mapping[str, Any] | None = None, layers: int = 1) -> str:
     """Write backbone + tokenizer + head + labels.json into ``directory`` (see the module docstring)."""
     from safetensors.torch import save_file
     from transformers import AutoModel
@@ -76,7 +77,8 @@ def save_head_model_dir(backbone_dir: str, head: EmbeddingHead, label_map: Mappi
     load_tokenizer(backbone_dir, max_length).save_pretrained(directory)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(directory / HEAD_WEIGHTS))
     (directory / HEAD_CONFIG).write_text(json.dumps(
-        {**head.sizes, "pooling": "mean", "max_length": int(max_length), **(extra or {})}, indent=2))
+        {**head.sizes, "pooling": "mean", "layers": int(layers), "max_length": int(max_length), **(extra or {})},
+        indent=2))
     (directory / LABELS_FILE).write_text(json.dumps(check_label_map(label_map), indent=2))
     return str(directory)
 
@@ -90,4 +92,5 @@ def load_head_model(directory: str | Path) -> PooledHeadClassifier:
     head = EmbeddingHead(int(sizes["dim"]), int(sizes["num_labels"]), int(sizes["hidden"]),
                          float(sizes["dropout"]))
     head.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)))
-    return PooledHeadClassifier(AutoModel.from_pretrained(directory), head).eval()
+    layers = int(sizes.get("layers", 1))  # folders written before the setting existed pooled the last layer
+    return PooledHeadClassifier(AutoModel.from_pretrained(directory), head, layers).eval()

@@ -32,6 +32,12 @@ class TextClassifierPyfunc(PythonModel):
         self.batch_size = batch_size
         self._predictor = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # MLflow loads the model to check the input example, then pickles this object: the loaded predictor
+        # stays out of python_model.pkl (the model folder is its artifact; a transformers model that has
+        # returned hidden states holds hooks that do not pickle)
+        return {**self.__dict__, "_predictor": None}
+
     def load_context(self, context) -> None:
         from ocm_ml.text.predictor import TextPredictor
 

@@ -95,6 +95,9 @@ class SearchSettings:
     freeze_layers: int = _described(4, "finetune: embeddings + the lowest N encoder layers stay frozen.")
     embed_actors: int = _described(2, "embeddings: Ray Data actors (1 CPU each) that embed the texts.")
     embed_batch_size: int = _described(128, "embeddings: texts per embedding batch.")
+    pool_layers: int = _described(
+        2, "embeddings: the top N encoder layers, each mean-pooled, concatenated as the features (1: the last "
+        "layer, the sentence-transformers embedding; 2 scored higher on the tweets: docs/text_model.md).")
     search_space: dict[str, Any] | None = _described(
         None, "Plain-data space: {name: number | {type: loguniform|uniform, low, high} | "
         "{type: choice, values}}; None: the method's default (default_search_space).")
@@ -274,6 +277,7 @@ def validate_settings(settings: SearchSettings) -> None:
     if settings.method not in METHODS:
         raise ValueError(f"SearchSettings.method must be one of {list(METHODS)}, got {settings.method!r}")
     positive_int("embed_actors", settings.embed_actors)
+    positive_int("pool_layers", settings.pool_layers)
     positive_int("embed_batch_size", settings.embed_batch_size)
     validate_search_space(settings.space(), settings.method)
 
@@ -478,7 +482,8 @@ def embed_splits(
 
     started = time.monotonic()
     hits, misses = cache.hits, cache.misses
-    kwargs = {"actors": settings.embed_actors, "batch_size": settings.embed_batch_size}
+    kwargs = {"actors": settings.embed_actors, "batch_size": settings.embed_batch_size,
+              "layers": settings.pool_layers}
     train_x = cache.get(train[0], data_key=keys[0], backbone_dir=backbone_dir, max_length=settings.max_length,
                         **kwargs)
     val_x = cache.get(val[0], data_key=keys[1], backbone_dir=backbone_dir, max_length=settings.max_length,
@@ -543,17 +548,17 @@ def _local_checkpoint_dir(checkpoint, fallback_parent: str | None) -> str:
     return f"{scheme}://{checkpoint.path.lstrip('/')}"
 
 
-def _check_freeze_layers(backbone_dir: str | Path, freeze_layers: int) -> None:
-    """Fine-tuning freezes the lowest ``freeze_layers`` encoder layers: refuse, before any trial starts, a
-    number the backbone does not have (each trial would otherwise fail with the same error)."""
+def _check_layers(backbone_dir: str | Path, setting: str, wanted: int) -> None:
+    """Refuse, before any trial starts, a ``freeze_layers`` (fine-tuning) or ``pool_layers`` (embeddings) the
+    backbone does not have (each trial would otherwise fail with the same error)."""
     config = Path(backbone_dir) / "config.json"
     if not config.is_file():
         return  # not a local transformers folder: TextClassifier checks the loaded model itself
     layers = json.loads(config.read_text()).get("num_hidden_layers")
-    if isinstance(layers, int) and freeze_layers > layers:
+    if isinstance(layers, int) and wanted > layers:
         raise ValueError(
-            f"SearchSettings.freeze_layers={freeze_layers} but the backbone {backbone_dir} has only {layers} "
-            f"encoder layers: set freeze_layers to at most {layers}"
+            f"SearchSettings.{setting}={wanted} but the backbone {backbone_dir} has only {layers} "
+            f"encoder layers: set {setting} to at most {layers}"
         )
 
 
@@ -603,6 +608,7 @@ def run_search(
 
         if cache_dir is None and "://" in str(storage_path):
             raise ValueError("method 'embeddings' with remote checkpoint storage needs a local cache_dir")
+        _check_layers(backbone_dir, "pool_layers", settings.pool_layers)
         cache = EmbeddingCache(cache_dir or Path(storage_path) / "embedding-cache")
         keys = (data_keys or {})
         train_key = _split_key(keys.get("train"), train_url, "train", settings.row_limit, settings.seed)
@@ -611,7 +617,7 @@ def run_search(
         features["num_labels"] = len(label_map)
         trial_fn = tune.with_parameters(train_head_trial, features=features, settings=asdict(settings))
     else:
-        _check_freeze_layers(backbone_dir, settings.freeze_layers)
+        _check_layers(backbone_dir, "freeze_layers", settings.freeze_layers)
         trial_fn = tune.with_parameters(train_trial, train=train, val=val, label_map=label_map,
                                         backbone=backbone_dir, settings=asdict(settings))
     trainable = tune.with_resources(trial_fn, {"cpu": settings.cpus_per_trial})
@@ -700,7 +706,8 @@ def _head_model_dir(checkpoint_dir: str, config: Mapping[str, Any], backbone_dir
     head = EmbeddingHead(dim, len(label_map), int(config.get("hidden", 0)), float(config.get("dropout", 0.0)))
     head.load_state_dict(load_file(str(Path(checkpoint_dir) / HEAD_WEIGHTS)))
     return save_head_model_dir(backbone_dir, head, label_map, settings.max_length, target,
-                               extra={"trained_on": "cached mean-pooled embeddings", "config": dict(config)})
+                               extra={"trained_on": "cached mean-pooled embeddings", "config": dict(config)},
+                               layers=settings.pool_layers)
 
 
 def _final_dir(experiment_path: str) -> Path:

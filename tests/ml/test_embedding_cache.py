@@ -46,13 +46,16 @@ def test_cache_is_keyed_by_data_version_and_backbone(ray_local, backbones, tmp_p
     assert not np.allclose(other, first)
     cache.get(TEXTS, data_key="md5-v1", backbone_dir=a, max_length=8, actors=1)  # other truncation
     assert cache.misses == 4
+    two = cache.get(TEXTS, data_key="md5-v1", backbone_dir=a, max_length=16, layers=2, actors=1)  # other layers
+    assert cache.misses == 5 and two.shape == (len(TEXTS), 64)
+    np.testing.assert_allclose(two[:, 32:], first, atol=1e-5)  # the last layer's pooling comes last
 
     # the same folder with new weights is another backbone: the id follows the bytes, not the path
     before = backbone_id(a)
     make_tiny_backbone(a, TEXTS, seed=7, hidden_size=32)
     assert backbone_id(a) != before
     cache.get(TEXTS, data_key="md5-v1", backbone_dir=a, max_length=16, actors=1)
-    assert (cache.hits, cache.misses, cache.texts_embedded) == (1, 5, 5 * len(TEXTS))
+    assert (cache.hits, cache.misses, cache.texts_embedded) == (1, 6, 6 * len(TEXTS))
 
 
 def test_cache_needs_a_data_key(tmp_path, backbones):

@@ -202,6 +202,7 @@ def test_invalid_head_space_fails_fast(spec, message):
         ({"row_limit": 0}, "row_limit must be a positive integer"),
         ({"method": "lora"}, "method must be one of ['embeddings', 'finetune']"),
         ({"embed_actors": 0}, "embed_actors must be a positive integer"),
+        ({"pool_layers": 0}, "pool_layers must be a positive integer"),
     ],
 )
 def test_invalid_settings_fail_fast(changes, message):
@@ -241,6 +242,16 @@ def test_finetune_refuses_more_frozen_layers_than_the_backbone_has(text_data, tm
         run_search(text_data["train_url"], text_data["val_url"], LABEL_MAP, text_data["backbone"], settings,
                    str(tmp_path / "ray_results"), "too-frozen")
     assert not (tmp_path / "ray_results" / "too-frozen").exists()
+
+
+def test_head_search_refuses_more_pooled_layers_than_the_backbone_has(text_data, tmp_path):
+    from ocm_ml.text.tune import run_search
+
+    settings = SearchSettings(pool_layers=3, num_trials=1, max_epochs=1, grace_period=1)
+    with pytest.raises(ValueError, match=r"pool_layers=3 but the backbone .* has only 2 encoder layers"):
+        run_search(text_data["train_url"], text_data["val_url"], LABEL_MAP, text_data["backbone"], settings,
+                   str(tmp_path / "ray_results"), "too-deep", cache_dir=str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()
 
 
 def test_resolve_backbone(tmp_path):
@@ -370,8 +381,11 @@ def test_head_model_folder_predicts_what_the_search_measured(head_search, text_d
     folder = Path(result.best_checkpoint_dir)
     assert {"config.json", "model.safetensors", "tokenizer.json", "labels.json", "head.json",
             "head.safetensors"} <= {p.name for p in folder.iterdir()}
+    head = json.loads((folder / "head.json").read_text())
+    hidden = json.loads((Path(text_data["backbone"]) / "config.json").read_text())["hidden_size"]
+    assert head["layers"] == 2 and head["dim"] == result.embedding["dim"] == 2 * hidden  # the top two, pooled
     scores = evaluate(folder, text_data["val_texts"], text_data["val_labels"])
-    # the saved head is the best epoch's, and serving embeds exactly as the cache did
+    # the saved head is the best epoch's, and serving embeds exactly as the cache did (the same layers)
     assert scores["accuracy"] == pytest.approx(result.best_metrics["val_accuracy"], abs=1e-6)
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
