@@ -21,8 +21,9 @@ from ocm_ml.contract import DatasetMetadata, DatasetVersion
 from ocm_resources.env import build_resources
 from ocm_resources.mlflow import MlflowTracking
 from ocm_resources.storage import CheckpointStorage
-from tests.cluster.helpers import IDENTITIES, REGION, SECRETS, free_port, s3_keys, set_env
+from tests.cluster.helpers import IDENTITIES, REGION, SECRETS, s3_keys, set_env
 from tests.mlflow_server import mlflow_server as mlflow_server_process
+from tests.ports import closed_port
 from tests.registry_helpers import image_version, new_registry
 
 FASHION = family("fashion_mnist")
@@ -87,7 +88,7 @@ def test_no_secret_in_logs_metadata_or_mlflow(tracking, request, s3, tmp_path, m
         "OCM_CHECKPOINT_PATH": "s3://ocm-checkpoints/secrets-test",
         "OCM_S3_ENDPOINT": s3["endpoint"],
         "AWS_REGION": REGION,
-        "RAY_ADDRESS": f"127.0.0.1:{free_port()}",  # named, never connected: no asset here needs Ray
+        "RAY_ADDRESS": f"127.0.0.1:{closed_port()}",  # named, never connected: no asset here needs Ray
         **SECRETS,
         **IDENTITIES,
     })

@@ -2,7 +2,6 @@
 aliased and loaded back), and fast failures for servers that do not answer."""
 
 import http.server
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from ocm_resources.mlflow import (
     RemoteMlflow,
     redact_uri,
 )
+from tests.ports import closed_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DESIGN_TAGS = {
@@ -36,12 +36,6 @@ DESIGN_TAGS = {
 def ocm_home(tmp_path_factory) -> Path:
     """One sqlite backend for the module: creating its tables takes seconds."""
     return tmp_path_factory.mktemp("mlflow-home")
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -24,14 +24,9 @@ from ocm_resources.ray import (
     kuberay_resource,
     local_head_address,
 )
+from tests.ports import closed_port, os_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -241,7 +236,7 @@ def test_connects_to_a_token_protected_ray_start_head(no_ray, monkeypatch):
     import ray
 
     temp_dir = Path(tempfile.mkdtemp(prefix="ocm-ray-", dir="/tmp"))  # Ray's socket paths must stay short
-    gcs, client = closed_port(), closed_port()
+    gcs, client = os_ports(2)  # the head binds them (closed_port would keep them bound)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     log = (temp_dir / "head.log").open("w")
