@@ -15,7 +15,8 @@ from pathlib import Path
 
 import psutil
 
-from tests.test_dev_stack import free_ports, is_loopback, listeners
+from tests.ports import os_ports
+from tests.test_dev_stack import is_loopback, listeners
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +50,7 @@ def _names(procs: list[psutil.Process]) -> list[str]:
 
 
 def test_in_process_head_listens_on_loopback_only(tmp_path):
-    (serve_port,) = free_ports(1)
+    (serve_port,) = os_ports(1)
     head = subprocess.Popen(
         [sys.executable, "-c", HEAD, str(serve_port)], cwd=ROOT, env=_env(), stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=open(tmp_path / "head.err", "w"), text=True,

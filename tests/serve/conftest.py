@@ -1,7 +1,8 @@
 """A real local Ray Serve, a real git+DVC registry and a real sqlite MLflow, all under tmp, once per session.
 
 Ray runs in the product's mode (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, direct ingress); the contract is
-tested through Serve's HTTP proxy on a free port.
+tested through Serve's HTTP proxy on a port from the OS (tests/ports.py: started again on a new one when
+another process took it first).
 
 Models are tiny on purpose, with answers known in advance:
 
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.ports import PortTaken, on_free_ports, raise_if_taken
 
 # Read by Ray Serve at import and by the cluster processes at start: set before either happens.
 os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
@@ -51,12 +54,6 @@ LABEL_MAP = {"0": "negative", "1": "neutral", "2": "positive"}
 # The test apps reserve a sliver of a CPU each, so that other tests can deploy their own apps on the same
 # 2-CPU Ray (a replica that cannot be scheduled waits forever).
 TEST_ACTOR_OPTIONS = {"num_cpus": 0.1}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -155,13 +152,57 @@ def serve_env(tmp_path_factory) -> Env:
     return Env(root=root, registry_url=str(pub.root), tracking_uri=tracking_uri)
 
 
-@pytest.fixture(scope="session")
-def serve_http(ray_local):
-    """Base URL of Serve's HTTP proxy on a free port of the session's local Ray."""
+def _listens_here(port: int) -> bool:
+    """Whether this process or one of its descendants (the session's Ray: HAProxy, Serve's proxy actor)
+    listens on ``port``."""
+    import psutil
+
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
+            return True
+    return False
+
+
+def start_serve_http(ports: list[int], timeout_s: float = 60) -> int:
+    """``serve.start`` with its HTTP ingress on ``ports[0]``; returns that port. PortTaken (after
+    ``serve.shutdown``) when another process holds the port. In Ray 2.60 ``serve.start`` waits for the
+    ingress's ``ready()``: HAProxy (run without SO_REUSEPORT) exits with "cannot bind socket (Address already
+    in use)" and that comes back from ``serve.start`` as a RayTaskError (Serve's Python proxy, with
+    RAY_SERVE_ENABLE_HA_PROXY=0, fails with "Failed to bind to address"). The listener is then confirmed to
+    be the session's own."""
     from ray import serve
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    (port,) = ports
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    except Exception as exc:
+        serve.shutdown()
+        raise_if_taken(str(exc), "Serve's HTTP ingress", ports)
+        raise
+    deadline = time.monotonic() + timeout_s
+    while not _listens_here(port):
+        if time.monotonic() > deadline:
+            serve.shutdown()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            except OSError:
+                raise AssertionError(f"Serve started, but nothing listens on its HTTP port {port}") from None
+            raise PortTaken(f"another process listens on Serve's HTTP port {port}")
+        time.sleep(0.2)
+    return port
+
+
+@pytest.fixture(scope="session")
+def serve_http(ray_local):
+    """Base URL of Serve's HTTP ingress on a port of the session's local Ray (tests/ports.py)."""
+    from ray import serve
+
+    port = on_free_ports(1, start_serve_http)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
