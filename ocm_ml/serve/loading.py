@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -180,37 +178,13 @@ class ServeConfig:
 
 # --- MLflow -----------------------------------------------------------------------------------------------
 
-_MLFLOW_LOCK = threading.Lock()
-
-
-@contextmanager
-def _mlflow_uris(tracking_uri: str | None, registry_uri: str | None) -> Iterator[None]:
-    """Point mlflow's module-level URIs at this config for the duration of a load, then restore them."""
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    with _MLFLOW_LOCK:
-        old_tracking = tracking_utils._tracking_uri
-        old_registry = registry_utils._registry_uri
-        try:
-            if tracking_uri:
-                mlflow.set_tracking_uri(tracking_uri)
-            registry = registry_uri or tracking_uri
-            if registry:
-                mlflow.set_registry_uri(registry)
-            yield
-        finally:
-            mlflow.set_tracking_uri(old_tracking)
-            registry_utils._registry_uri = old_registry
-
-
 @dataclass(frozen=True)
 class ResolvedModel:
     """Where a model URI points: the URI to load (aliases pinned to a version) and its lineage."""
 
     requested_uri: str
     load_uri: str
+    artifact_location: str  # where the model's files are (file://, s3://, ...), found with this config's client
     run_id: str
     model_name: str | None
     model_version: str | None
@@ -226,7 +200,7 @@ def resolve_model(model_uri: str, client: Any) -> ResolvedModel:
     """Resolve ``models:/name/<version|stage>``, ``models:/name@alias`` or ``runs:/id/path`` to its run."""
     from mlflow.exceptions import MlflowException
 
-    name = version = None
+    name = version = path = None
     try:
         if match := _MODELS_RE.match(model_uri):
             name = match["name"]
@@ -243,7 +217,7 @@ def resolve_model(model_uri: str, client: Any) -> ResolvedModel:
             run_id = mv.run_id
             load_uri = f"models:/{name}/{version}"
         elif match := _RUNS_RE.match(model_uri):
-            run_id, load_uri = match["run_id"], model_uri
+            run_id, path, load_uri = match["run_id"], match["path"], model_uri
         else:
             raise LoadError(
                 f"unsupported model_uri {model_uri!r}: use models:/<name>/<version>, models:/<name>@<alias> "
@@ -252,6 +226,10 @@ def resolve_model(model_uri: str, client: Any) -> ResolvedModel:
         if not run_id:
             raise LoadError(f"{model_uri} has no MLflow run, so its data version is unknown")
         run = client.get_run(run_id)
+        if name is not None:
+            location = client.get_model_version_download_uri(name, version)
+        else:
+            location = _run_model_location(client, run, cast(str, path))
     except MlflowException as exc:
         raise LoadError(f"cannot resolve {model_uri} in MLflow: {exc.message}") from exc
     start = run.info.start_time
@@ -259,6 +237,7 @@ def resolve_model(model_uri: str, client: Any) -> ResolvedModel:
     return ResolvedModel(
         requested_uri=model_uri,
         load_uri=load_uri,
+        artifact_location=location,
         run_id=run_id,
         model_name=name,
         model_version=version,
@@ -495,13 +474,44 @@ def _text_bundle(model: Any, common: dict[str, Any], metadata: DatasetMetadata, 
     return bundle
 
 
-def _flavor(load_uri: str) -> str:
-    """``"pytorch"`` for a bare torch model (MLflow's pytorch flavour), else ``"pyfunc"``."""
-    from mlflow.models import get_model_info
+def _run_model_location(client: Any, run: Any, path: str) -> str:
+    """Where ``runs:/<run>/<path>`` keeps its files: the run's logged model of that name (MLflow 3), else the
+    run's own artifact folder (models logged by MLflow 2)."""
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{path}'")
+    if models:
+        return models[0].artifact_location
+    return f"{run.info.artifact_uri.rstrip('/')}/{path}"
 
-    flavors = get_model_info(load_uri).flavors
+
+def _flavor(model_dir: str) -> str:
+    """``"pytorch"`` for a bare torch model (MLflow's pytorch flavour), else ``"pyfunc"``."""
+    from mlflow.models import Model
+
+    flavors = Model.load(model_dir).flavors
     loader = (flavors.get("python_function") or {}).get("loader_module")
     return "pytorch" if loader == "mlflow.pytorch" or "python_function" not in flavors else "pyfunc"
+
+
+def _download_and_load(config: ServeConfig, location: str) -> tuple[Any, str]:
+    """(model, flavour): the model's files fetched from their artifact location (found by ``resolve_model``
+    with this config's own client: MLflow's ``models:/`` download reads the process-wide registry URI, so no
+    ``models:/`` URI is downloaded here and no global MLflow state is set) and loaded from disk."""
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="ocm-model-") as scratch:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=location, dst_path=scratch, tracking_uri=config.tracking_uri,
+            registry_uri=config.registry_uri or config.tracking_uri)
+        flavor = _flavor(local)
+        if flavor == "pytorch":
+            import mlflow.pytorch as mlflow_pytorch
+
+            return mlflow_pytorch.load_model(local, map_location="cpu"), flavor
+        return mlflow.pyfunc.load_model(local), flavor  # ocm's pyfuncs read their files in load_context
 
 
 def load_bundle(config: ServeConfig) -> ModelBundle:
@@ -514,7 +524,6 @@ def load_bundle(config: ServeConfig) -> ModelBundle:
     """
     if config.model_uri is None:
         raise LoadError("no model_uri in the user_config")
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     # ServeConfig.__post_init__ refuses a model_uri without a registry_url
@@ -531,14 +540,7 @@ def load_bundle(config: ServeConfig) -> ModelBundle:
         )
     commit = resolved.run_tags.get("dvc_commit")
     try:
-        with _mlflow_uris(config.tracking_uri, config.registry_uri):
-            flavor = _flavor(resolved.load_uri)
-            if flavor == "pytorch":
-                import mlflow.pytorch as mlflow_pytorch
-
-                model: Any = mlflow_pytorch.load_model(resolved.load_uri, map_location="cpu")
-            else:
-                model = mlflow.pyfunc.load_model(resolved.load_uri)
+        model, flavor = _download_and_load(config, resolved.artifact_location)
     except Exception as exc:
         raise LoadError(f"cannot load {resolved.load_uri} from MLflow: {exc}") from exc
     common = dict(kind=config.kind, model_uri=config.model_uri, resolved=resolved, data_version=tag)

@@ -365,7 +365,7 @@ def test_text_rows_get_the_oov_share_of_the_models_own_tokenizer(tmp_path):
     pyfunc = TextClassifierPyfunc()
     pyfunc._predictor = TextPredictor(AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3),
                                       AutoTokenizer.from_pretrained(model_dir), labels)
-    resolved = ResolvedModel("models:/t/1", "models:/t/1", "run", "t", "1", {"dvc_commit": "c" * 40}, None)
+    resolved = ResolvedModel("models:/t/1", "models:/t/1", "file:///t/1", "run", "t", "1", {"dvc_commit": "c" * 40}, None)
     bundle = TextBundle(kind="text", model_uri="models:/t/1", model=pyfunc, resolved=resolved,
                         data_version="tweet-sentiment-v1.0.0", metadata={}, metadata_md5="", label_map=labels)
     rec = PredictionRecorder()
