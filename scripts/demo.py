@@ -157,7 +157,11 @@ def show_endpoint(fam, registry, tag: str, url: str) -> dict:
 
         keep = [i for i, t in enumerate(rows.column("text").to_pylist()) if not has_mojibake(t)]
         rows = rows.take(keep)
-    rows = rows.slice(0, 4)
+    # the first rows of four different labels (the split's first rows may all share one)
+    first: dict[int, int] = {}
+    for i, y in enumerate(rows.column("label").to_pylist()):
+        first.setdefault(y, i)
+    rows = rows.take(sorted(first.values())[:4])
     labels = rows.column("label").to_pylist()
     if fam.kind == "image":
         out = http(f"{url}/predict", {"images": rows.column("image").to_pylist()})
