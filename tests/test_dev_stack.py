@@ -2,7 +2,8 @@
 leaves no process behind (issue 19), and `start` refuses foreign or stale processes (issue 17).
 
 Each test runs its own stack: OCM_HOME and DAGSTER_HOME in a short temp folder (Ray's socket paths must stay
-under 108 bytes) and free ports, so it runs beside other tests' Ray heads and a developer's `make dev`."""
+under 108 bytes) and ports from the OS, so it runs beside other tests' Ray heads and a developer's `make dev`;
+a start that finds one of its ports taken meanwhile runs again on new ones (tests/ports.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.ports import PortTaken, logs_of, on_free_ports, os_ports, raise_if_taken
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 DEV = ROOT / "scripts" / "dev.sh"
@@ -34,25 +37,12 @@ PORT_VARS = (
 )
 
 
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.fixture
 def stack():
     home = Path(tempfile.mkdtemp(prefix="ocmdev-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OCM_", "RAY_", "DAGSTER_"))}
     env.update(OCM_HOME=str(home), DAGSTER_HOME=str(home / "dagster"), OCM_RAY_CPUS="2", OCM_ENV="local")
-    env.update(dict(zip(PORT_VARS, map(str, free_ports(len(PORT_VARS))), strict=True)))
+    env.update(dict(zip(PORT_VARS, map(str, os_ports(len(PORT_VARS))), strict=True)))
     yield home, env
     dev(env, "stop")
     for proc in processes_of(home):  # whatever a failed stop left: end it, the test has failed already
@@ -65,6 +55,34 @@ def stack():
 
 def dev(env: dict[str, str], command: str, timeout: float = 420) -> subprocess.CompletedProcess:
     return subprocess.run([str(DEV), command], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_stack(home: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`dev start` on ports from the OS (PORT_VARS in ``env``, updated in place); when a service of the stack
+    could not bind its port (another process took it since the OS handed it out), `dev stop` and again on
+    new ports (tests/ports.py). Any other failure is the test's to report."""
+
+    def start(ports: list[int]) -> subprocess.CompletedProcess:
+        env.update(dict(zip(PORT_VARS, map(str, ports), strict=True)))
+        logs = home / "logs"
+        offsets = {log: log.stat().st_size for log in logs.glob("*.log")}  # the logs are appended to
+        started = dev(env, "start")
+        try:
+            bound = {port for _, port, _ in listeners(stack_tree(home))} if started.returncode == 0 else set()
+        except psutil.Error:  # a recorded service ended already
+            bound = set()
+        if not set(ports) <= bound:
+            # with the Ray head's session logs: its dashboard agent only logs that it could not bind
+            text = started.stdout + started.stderr + logs_of(logs, offsets=offsets)
+            text += logs_of(home / "ray" / "session_latest" / "logs")
+            try:
+                raise_if_taken(text, "the dev stack", ports)
+            except PortTaken:
+                dev(env, "stop")
+                raise
+        return started
+
+    return on_free_ports(len(PORT_VARS), start)
 
 
 def environ_home(proc: psutil.Process) -> str | None:
@@ -147,7 +165,7 @@ def assert_only_loopback(home: Path, env: dict[str, str]) -> set[int]:
 def test_dev_start_listens_on_loopback_only_and_stop_twice_leaves_nothing(stack):
     home, env = stack
     for cycle in (1, 2):
-        started = dev(env, "start")
+        started = start_stack(home, env)
         assert started.returncode == 0, started.stdout + started.stderr
         seen = assert_only_loopback(home, env) if cycle == 1 else {p.pid for p in stack_tree(home)}
         assert len(seen) > 10
@@ -164,8 +182,9 @@ def test_dev_start_listens_on_loopback_only_and_stop_twice_leaves_nothing(stack)
 def test_ray_up_refuses_a_foreign_process_on_its_port(stack):
     home, env = stack
     squatter = socket.socket()
-    squatter.bind(("127.0.0.1", int(env["OCM_RAY_PORT"])))
+    squatter.bind(("127.0.0.1", 0))  # the port the OS gives the squatter is the stack's Ray port
     squatter.listen()
+    env["OCM_RAY_PORT"] = str(squatter.getsockname()[1])
     try:
         out = dev(env, "ray-up", timeout=60)
     finally:
