@@ -500,10 +500,11 @@ def _download_and_load(config: ServeConfig, location: str) -> tuple[Any, str]:
     ``models:/`` URI is downloaded here and no global MLflow state is set) and loaded from disk."""
     import tempfile
 
-    import mlflow
+    import mlflow.pyfunc
+    from mlflow.artifacts import download_artifacts
 
     with tempfile.TemporaryDirectory(prefix="ocm-model-") as scratch:
-        local = mlflow.artifacts.download_artifacts(
+        local = download_artifacts(
             artifact_uri=location, dst_path=scratch, tracking_uri=config.tracking_uri,
             registry_uri=config.registry_uri or config.tracking_uri)
         flavor = _flavor(local)
