@@ -151,7 +151,7 @@ def show_endpoint(fam, registry, tag: str, url: str) -> dict:
           f"Dagster run {str(info.get('dagster_run_id'))[:8]}")
     version = registry.resolve(tag)
     with registry.parquet(version, f"{version.dataset}/val.parquet") as parquet:
-        rows = parquet.read_row_group(0).slice(0, 64)
+        rows = parquet.read_row_group(0).slice(0, 2000)
     if fam.kind == "text":  # samples without the corpus's mis-decoded characters (the schema check counts them)
         from ocm_ml.validation import has_mojibake
 
