@@ -1,10 +1,10 @@
 """Builds the code location from the family table.
 
 Per family: the assets, the jobs (``<family>_ingest``: the dataset, what the registry sensor asks for;
-``<family>_retrain`` and ``<family>_rollout`` for runs by hand, the demo and the schedule), the registry sensor,
-the schedule, and the automation conditions of every asset below the dataset with the two sensors that
-evaluate them (``ocm_assets.sensors``). The conditions are applied here, once, so the asset factories stay
-free of scheduling policy.
+``<family>_retrain`` and ``<family>_rollout`` for runs by hand, the demo and the schedule), the registry
+sensor, the schedule, and the automation conditions of every asset below the dataset with the two sensors
+that evaluate them (``ocm_assets.sensors``). The conditions are applied here, once, so the asset factories
+stay free of scheduling policy.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def is_training_step(asset: dg.AssetsDefinition) -> bool:
     return any("pytorch" in spec.kinds for spec in asset.specs)
 
 
-def build_definitions(resources: dict | None = None, families: tuple[Family, ...] = FAMILIES) -> dg.Definitions:
+def build_definitions(resources: dict | None = None,
+                      families: tuple[Family, ...] = FAMILIES) -> dg.Definitions:
     from ocm_resources.env import build_executor, build_resources, retrain_on_drift
 
     assets, jobs, sensors, schedules = [], [], [], []

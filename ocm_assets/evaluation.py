@@ -1,6 +1,6 @@
-"""``<family>/evaluation``: the challenger (the model this partition's run registered) and the current champion,
-scored on the same rows: the partition's validation split and the family's fixed holdout. One per data
-version; the champion gate reads it."""
+"""``<family>/evaluation``: the challenger (the model this partition's run registered) and the current
+champion, scored on the same rows: the partition's validation split and the family's fixed holdout. One per
+data version; the champion gate reads it."""
 
 import json
 import time
@@ -27,12 +27,14 @@ def evaluation_key(fam: Family) -> dg.AssetKey:
 
 class EvaluationConfig(dg.Config):
     val_rows: int | None = Field(
-        default=None, description="Validation rows scored per model, spread evenly over the split (None: all of them, the "
-        "default; 0 is refused). The holdout is always scored whole.")
-    batch_size: int = Field(default=256, description="Rows per predict call (the latency figure is per batch).")
+        default=None, description="Validation rows scored per model, spread evenly over the split (None: all "
+        "of them, the default; 0 is refused). The holdout is always scored whole.")
+    batch_size: int = Field(default=256,
+                            description="Rows per predict call (the latency figure is per batch).")
 
 
-def challenger_version(context: dg.AssetExecutionContext, mlflow: MlflowTracking, fam: Family, partition: str):
+def challenger_version(context: dg.AssetExecutionContext, mlflow: MlflowTracking, fam: Family,
+                       partition: str):
     """The version this partition's latest model materialization registered (never "the latest version")."""
     records = context.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=model_key(fam), asset_partitions=[partition]), limit=1).records
@@ -60,8 +62,8 @@ def _streams(fam: Family, registry: DataRegistry, partition: str, val_rows: int 
     holdout = registry.holdout(fam.dataset)
     if holdout is None:
         raise dg.Failure(
-            f"the registry has no holdout for {fam.dataset} (tag holdout/{fam.dataset}): publish it once with "
-            f"`ocm registry holdout {fam.dataset}`; every model is judged on it")
+            f"the registry has no holdout for {fam.dataset} (tag holdout/{fam.dataset}): publish it once "
+            f"with `ocm registry holdout {fam.dataset}`; every model is judged on it")
     version: RegistryVersion = registry.resolve(partition)
     val_path = f"{fam.dataset}/val.parquet"
     total = _rows(registry, version, val_path) if val_rows else None
@@ -78,7 +80,8 @@ def _rows(registry: DataRegistry, version: RegistryVersion, path: str) -> int:
         return parquet.metadata.num_rows
 
 
-def _majority(fam: Family, registry: DataRegistry, partition: str, scores: dict) -> dict[str, dict[str, float]]:
+def _majority(fam: Family, registry: DataRegistry, partition: str,
+              scores: dict) -> dict[str, dict[str, float]]:
     """The training split's majority class, always answered, scored on the same rows (their label counts are
     the rows of any model's confusion matrix there)."""
     from ocm_ml.validation import label_counts
@@ -143,17 +146,21 @@ def build_evaluation_asset(fam: Family) -> dg.AssetsDefinition:
         challenger = challenger_version(context, mlflow, fam, partition)
         champion = mlflow.get_alias(fam.dataset, CHAMPION)
         same = champion is not None and champion.version == challenger.version
-        versions = {"challenger": challenger, **({"champion": champion} if champion is not None and not same else {})}
+        versions = {"challenger": challenger,
+                    **({"champion": champion} if champion is not None and not same else {})}
         name = mlflow.model_name(fam.dataset)
         base = {"kind": fam.kind, "tracking_uri": mlflow.resolved_tracking_uri(),
-                "registry_uri": mlflow.resolved_registry_uri(), "registry_url": getattr(registry, "repo_url", None),
+                "registry_uri": mlflow.resolved_registry_uri(),
+                "registry_url": getattr(registry, "repo_url", None),
                 "warmup": False}
-        bundles = {label: load_bundle(ServeConfig.from_user_config({**base, "model_uri": f"models:/{name}/{v.version}"}))
+        bundles = {label: load_bundle(ServeConfig.from_user_config(
+                       {**base, "model_uri": f"models:/{name}/{v.version}"}))
                    for label, v in versions.items()}
         class_names = bundles["challenger"].class_names
         streams, holdout_commit = _streams(fam, registry, partition, config.val_rows)
         start = time.perf_counter()
-        results = evaluate({f"v{versions[label].version} ({label})": bundle.predict for label, bundle in bundles.items()},
+        results = evaluate({f"v{versions[label].version} ({label})": bundle.predict
+                            for label, bundle in bundles.items()},
                            streams, class_names, kind=fam.kind, batch_size=config.batch_size)
         seconds = time.perf_counter() - start
         baselines = {"majority": _majority(fam, registry, partition, next(iter(results.values())))}
@@ -162,7 +169,8 @@ def build_evaluation_asset(fam: Family) -> dg.AssetsDefinition:
             reference = _tfidf_baseline(registry, partition, streams, class_names, config.batch_size)
             baselines[TFIDF_LR] = {split: {"accuracy": s.accuracy, "macro_f1": s.macro_f1}
                                    for split, s in reference.items()}
-        table = comparison_markdown({**results, **({"TF-IDF + LR (baseline)": reference} if reference else {})},
+        table = comparison_markdown({**results,
+                                     **({"TF-IDF + LR (baseline)": reference} if reference else {})},
                                     SPLITS)
         labels = dict(zip(versions, results, strict=True))
         record = {
@@ -170,7 +178,8 @@ def build_evaluation_asset(fam: Family) -> dg.AssetsDefinition:
             "challenger_version": int(challenger.version),
             "champion_version": int(champion.version) if champion is not None else None,
             "holdout_commit": holdout_commit,
-            "scores": {role: {split: s.to_dict() for split, s in results[labels[role]].items()} for role in versions},
+            "scores": {role: {split: s.to_dict() for split, s in results[labels[role]].items()}
+                       for role in versions},
             "baselines": baselines,
             "seconds": seconds,
         }
@@ -194,7 +203,8 @@ def build_evaluation_asset(fam: Family) -> dg.AssetsDefinition:
             **({"tfidf_lr_holdout_accuracy": baselines[TFIDF_LR]["holdout"]["accuracy"],
                 "tfidf_lr_holdout_macro_f1": baselines[TFIDF_LR]["holdout"]["macro_f1"],
                 "tfidf_lr_val_accuracy": baselines[TFIDF_LR]["val"]["accuracy"],
-                "tfidf_lr_val_macro_f1": baselines[TFIDF_LR]["val"]["macro_f1"]} if TFIDF_LR in baselines else {}),
+                "tfidf_lr_val_macro_f1": baselines[TFIDF_LR]["val"]["macro_f1"]}
+               if TFIDF_LR in baselines else {}),
             "challenger_val_accuracy": results[labels["challenger"]]["val"].accuracy,
             "challenger_val_macro_f1": results[labels["challenger"]]["val"].macro_f1,
             "holdout_rows": holdout["challenger"].rows,
@@ -225,7 +235,8 @@ def _log_evaluation_run(context, mlflow: MlflowTracking, fam: Family, record: di
         metrics.update({f"majority_{split}_accuracy": b["accuracy"]
                         for split, b in record["baselines"]["majority"].items()})
         metrics.update({f"{TFIDF_LR}_{split}_{m}": float(b[m])
-                        for split, b in record["baselines"].get(TFIDF_LR, {}).items() for m in ("accuracy", "macro_f1")})
+                        for split, b in record["baselines"].get(TFIDF_LR, {}).items()
+                        for m in ("accuracy", "macro_f1")})
         mlflow_lib.log_metrics(metrics)
         mlflow_lib.log_text(table, "comparison.md")
         mlflow_lib.log_text(json.dumps(record, indent=2), "evaluation.json")

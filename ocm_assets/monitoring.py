@@ -39,16 +39,22 @@ def served_traffic_key(fam: Family) -> dg.AssetKey:
 
 
 class ServedTrafficConfig(dg.Config):
-    psi_threshold: float = Field(default=0.25, description="Input drift: PSI above this on any summary feature.")
-    ks_threshold: float = Field(default=0.3, description="Input drift: KS statistic above this on any feature.")
-    prediction_psi_threshold: float = Field(default=0.25,
-                                            description="Prediction drift: PSI of served class shares vs holdout.")
-    min_mean_confidence: float = Field(default=0.5, description="Confidence collapse: mean confidence below this.")
-    low_confidence: float = Field(default=0.5, description="Confidence collapse: what counts as a low confidence.")
-    max_low_confidence_share: float = Field(default=0.5,
-                                            description="Confidence collapse: share of low-confidence answers above this.")
-    min_rows: int = Field(default=30, description="Fewer served rows than this: too little to judge (checks pass).")
-    reference_rows: int = Field(default=2000, description="Training rows the reference summaries are computed on.")
+    psi_threshold: float = Field(default=0.25,
+                                 description="Input drift: PSI above this on any summary feature.")
+    ks_threshold: float = Field(default=0.3,
+                                description="Input drift: KS statistic above this on any feature.")
+    prediction_psi_threshold: float = Field(
+        default=0.25, description="Prediction drift: PSI of served class shares vs holdout.")
+    min_mean_confidence: float = Field(default=0.5,
+                                       description="Confidence collapse: mean confidence below this.")
+    low_confidence: float = Field(default=0.5,
+                                  description="Confidence collapse: what counts as a low confidence.")
+    max_low_confidence_share: float = Field(
+        default=0.5, description="Confidence collapse: share of low-confidence answers above this.")
+    min_rows: int = Field(default=30,
+                          description="Fewer served rows than this: too little to judge (checks pass).")
+    reference_rows: int = Field(default=2000,
+                                description="Training rows the reference summaries are computed on.")
     retrain_on_drift: bool = Field(
         default=False, description="A failed drift check asks for one retrain of the newest registry version "
         "(through evaluation, gate and canary), by the drift-retrain sensor.")
@@ -59,8 +65,10 @@ class ServedTrafficConfig(dg.Config):
         try:
             return DriftThresholds(psi=self.psi_threshold, ks=self.ks_threshold,
                                    prediction_psi=self.prediction_psi_threshold,
-                                   min_mean_confidence=self.min_mean_confidence, low_confidence=self.low_confidence,
-                                   max_low_confidence_share=self.max_low_confidence_share, min_rows=self.min_rows)
+                                   min_mean_confidence=self.min_mean_confidence,
+                                   low_confidence=self.low_confidence,
+                                   max_low_confidence_share=self.max_low_confidence_share,
+                                   min_rows=self.min_rows)
         except ValueError as exc:
             raise dg.Failure(f"served_traffic config: {exc}") from None
 
@@ -79,7 +87,8 @@ def _version_of(tag: str, commit: str) -> RegistryVersion:
 
 
 def _sample_rows(registry: DataRegistry, version: RegistryVersion, path: str, rows: int):
-    """Up to ``rows`` rows of ``path`` at ``version``, every k-th row (a split may be stored in label order)."""
+    """Up to ``rows`` rows of ``path`` at ``version``, every k-th row (a split may be stored in label
+    order)."""
     with registry.parquet(version, path) as parquet:
         table = parquet.read()
     step = max(1, table.num_rows // max(rows, 1))
@@ -98,7 +107,8 @@ def reference_summaries(fam: Family, registry: DataRegistry, version: RegistryVe
         if hasattr(column, "flatten"):
             pixels = np.asarray(column.flatten(), dtype=np.float32).reshape(table.num_rows, -1)
         else:  # binary images
-            pixels = np.stack([np.frombuffer(b, dtype=np.uint8) for b in column.to_pylist()]).astype(np.float32)
+            pixels = np.stack([np.frombuffer(b, dtype=np.uint8)
+                               for b in column.to_pylist()]).astype(np.float32)
         return summarize_images(pixels)
     return summarize_texts(table.column("text").to_pylist())
 
@@ -109,8 +119,10 @@ def served_summaries(fam: Family, table) -> dict[str, Any]:
     from ocm_ml.drift import HIST_BINS
 
     if fam.kind == "image":
-        out = {"pixel_mean": np.asarray(table.column("pixel_mean").to_numpy(zero_copy_only=False), dtype=np.float64),
-               "pixel_std": np.asarray(table.column("pixel_std").to_numpy(zero_copy_only=False), dtype=np.float64)}
+        out = {"pixel_mean": np.asarray(table.column("pixel_mean").to_numpy(zero_copy_only=False),
+                                        dtype=np.float64),
+               "pixel_std": np.asarray(table.column("pixel_std").to_numpy(zero_copy_only=False),
+                                       dtype=np.float64)}
         hist = np.asarray(table.column("hist").combine_chunks().flatten().to_numpy(zero_copy_only=False),
                           dtype=np.float64).reshape(table.num_rows, HIST_BINS)
         for i in range(HIST_BINS):
@@ -138,8 +150,9 @@ def holdout_labels(fam: Family, registry: DataRegistry, metadata: DatasetMetadat
 def build_served_traffic_asset(fam: Family) -> dg.AssetsDefinition:
     key = served_traffic_key(fam)
     specs = [
-        dg.AssetCheckSpec("input_drift", asset=key, description="PSI/KS of every input summary feature against the "
-                          "training split of the served model's data version (thresholds in run config)"),
+        dg.AssetCheckSpec("input_drift", asset=key,
+                          description="PSI/KS of every input summary feature against the training split of "
+                          "the served model's data version (thresholds in run config)"),
         dg.AssetCheckSpec("prediction_drift", asset=key,
                           description="PSI of the served class shares against the holdout's labels"),
         dg.AssetCheckSpec("confidence_collapse", asset=key,
@@ -151,9 +164,10 @@ def build_served_traffic_asset(fam: Family) -> dg.AssetsDefinition:
         group_name=fam.name,
         partitions_def=HOURLY,
         check_specs=specs,
-        description=f"One hour of what `/{fam.name}` served (the replicas' prediction log: model and data version, "
-        "request id, input summary, prediction, confidence), checked for input drift, prediction drift and "
-        "confidence collapse. With `retrain_on_drift`, a drift failure asks for one retrain of the newest version.",
+        description=f"One hour of what `/{fam.name}` served (the replicas' prediction log: model and data "
+        "version, request id, input summary, prediction, confidence), checked for input drift, prediction "
+        "drift and confidence collapse. With `retrain_on_drift`, a drift failure asks for one retrain of the "
+        "newest version.",
         kinds={"parquet"},
         tags={"ocm/family": fam.name},
     )
@@ -173,10 +187,12 @@ def build_served_traffic_asset(fam: Family) -> dg.AssetsDefinition:
             context.log.info(f"no prediction-log rows for {fam.name} in {partition}")
             yield dg.MaterializeResult(metadata={"rows": 0, "window_start": str(window.start)})
             for name in CHECKS:
-                yield dg.AssetCheckResult(check_name=name, passed=True, description="no served traffic in this hour",
+                yield dg.AssetCheckResult(check_name=name, passed=True,
+                                          description="no served traffic in this hour",
                                           metadata={"rows": 0})
             return
-        served_by = Counter(zip(table.column("model_version").to_pylist(), table.column("data_version").to_pylist(),
+        served_by = Counter(zip(table.column("model_version").to_pylist(),
+                                table.column("data_version").to_pylist(),
                                 table.column("dvc_commit").to_pylist(), strict=True))
         (model_version, data_version, commit), _ = served_by.most_common(1)[0]
         version = _version_of(data_version, commit)
@@ -210,9 +226,11 @@ def build_served_traffic_asset(fam: Family) -> dg.AssetsDefinition:
         results = {
             "input_drift": (inputs["passed"], dict(
                 common, max_psi=inputs["max_psi"], max_ks=inputs["max_ks"],
-                drifted=dg.MetadataValue.json(inputs["drifted"]), features=dg.MetadataValue.json(inputs["features"]),
+                drifted=dg.MetadataValue.json(inputs["drifted"]),
+                features=dg.MetadataValue.json(inputs["features"]),
                 thresholds=dg.MetadataValue.json({"psi": thresholds.psi, "ks": thresholds.ks}),
-                plot=_png_md(input_drift_png(inputs, thresholds.psi, f"input drift, {title}"), "PSI per feature")),
+                plot=_png_md(input_drift_png(inputs, thresholds.psi, f"input drift, {title}"),
+                             "PSI per feature")),
                 f"drifted: {', '.join(inputs['drifted'])}" if inputs["drifted"] else
                 f"max PSI {inputs['max_psi']}, max KS {inputs['max_ks']}"
                 + ("" if inputs["enough_rows"] else f" (only {inputs['rows']} rows: not judged)")),
@@ -220,16 +238,19 @@ def build_served_traffic_asset(fam: Family) -> dg.AssetsDefinition:
                 common, **{k: v for k, v in confidence.items() if k not in ("passed",) and v is not None},
                 plot=_png_md(confidence_png(confidences, thresholds.low_confidence, f"confidence, {title}"),
                              "confidence histogram")),
-                f"mean confidence {confidence['mean_confidence']}, low share {confidence['low_confidence_share']}"),
+                f"mean confidence {confidence['mean_confidence']}, "
+                f"low share {confidence['low_confidence_share']}"),
         }
         if predictions is None:
-            results["prediction_drift"] = (True, dict(common), "no holdout in the registry: nothing to compare with")
+            results["prediction_drift"] = (True, dict(common),
+                                           "no holdout in the registry: nothing to compare with")
         else:
             results["prediction_drift"] = (predictions["passed"], dict(
                 common, psi=predictions["psi"], total_variation=predictions["total_variation"],
                 reference_shares=dg.MetadataValue.json(predictions["reference_shares"]),
                 served_shares=dg.MetadataValue.json(predictions["served_shares"]),
-                plot=_png_md(prediction_drift_png(predictions, f"predictions vs holdout, {title}"), "class shares")),
+                plot=_png_md(prediction_drift_png(predictions, f"predictions vs holdout, {title}"),
+                             "class shares")),
                 f"PSI {predictions['psi']} (threshold {thresholds.prediction_psi})")
         for name in CHECKS:
             passed, meta, description = results[name]
@@ -276,8 +297,8 @@ def build_drift_retrain_sensor(fam: Family, retrain_job) -> dg.SensorDefinition:
 
     @dg.sensor(name=f"{fam.name}_drift_retrain_sensor", job=retrain_job, minimum_interval_seconds=60,
                default_status=dg.DefaultSensorStatus.RUNNING,
-               description=f"A failed drift check of {fam.name}/served_traffic that ran with retrain_on_drift asks "
-               f"for one {fam.retrain_job_name} run of the newest registry version.")
+               description=f"A failed drift check of {fam.name}/served_traffic that ran with "
+               f"retrain_on_drift asks for one {fam.retrain_job_name} run of the newest registry version.")
     def drift_retrain(context: dg.SensorEvaluationContext):
         import json
 
@@ -305,7 +326,8 @@ def build_drift_retrain_sensor(fam: Family, retrain_job) -> dg.SensorDefinition:
         if not wanted:
             return dg.SkipReason("no failed drift check with retrain_on_drift since the last tick")
         if partition is None:
-            return dg.SkipReason(f"drift asks for a retrain, but {fam.name} has no registry version (partition)")
+            return dg.SkipReason(f"drift asks for a retrain, but {fam.name} has no registry version "
+                                 "(partition)")
         requests = []
         for run_id, record in wanted.items():
             requests.append(dg.RunRequest(
@@ -356,8 +378,9 @@ def build_alert_sensor(fam: Family) -> dg.SensorDefinition:
 
     @dg.sensor(name=f"{fam.name}_alert_sensor", minimum_interval_seconds=30,
                default_status=dg.DefaultSensorStatus.RUNNING,
-               description=f"Sends a webhook alert (WebhookAlerts; off unless OCM_ALERT_WEBHOOK_URL is set) when "
-               f"{fam.name}'s gate keeps the champion or its endpoint step fails and restores the champion.")
+               description="Sends a webhook alert (WebhookAlerts; off unless OCM_ALERT_WEBHOOK_URL is set) "
+               f"when {fam.name}'s gate keeps the champion or its endpoint step fails and restores the "
+               "champion.")
     def alert_sensor(context: dg.SensorEvaluationContext, alerts: WebhookAlerts):
         import json
 
@@ -378,7 +401,8 @@ def build_alert_sensor(fam: Family) -> dg.SensorDefinition:
                 continue
             evaluation = record.evaluation
             sent += alerts.notify("gate_failed", f"{fam.name}: the gate kept the champion",
-                                  (evaluation.description if evaluation else None) or "the challenger did not pass",
+                                  (evaluation.description if evaluation else None)
+                                  or "the challenger did not pass",
                                   {"run": record.run_id}, log=context.log)
         import time
 
@@ -391,7 +415,8 @@ def build_alert_sensor(fam: Family) -> dg.SensorDefinition:
             alerted = [*alerted, run_id][-50:]
             sent += alerts.notify("rollback", f"{fam.name}: endpoint rollout failed, champion restored",
                                   _failure_text(entry), {"run": run_id}, log=context.log)
-        context.update_cursor(json.dumps({"gate": gate_seen, "endpoint_since": since, "endpoint_runs": alerted}))
+        context.update_cursor(json.dumps({"gate": gate_seen, "endpoint_since": since,
+                                          "endpoint_runs": alerted}))
         return dg.SkipReason(f"{sent} alert(s) sent" if alerts.enabled else "alerts are off (no webhook URL)")
 
     return alert_sensor
@@ -412,9 +437,11 @@ def served_traffic_job(fam: Family):
 
 
 def build_hourly_check_schedule(fam: Family, retrain_on_drift: bool = False) -> dg.ScheduleDefinition:
-    @dg.schedule(name=f"{fam.name}_served_traffic_hourly", cron_schedule="10 * * * *", execution_timezone="UTC",
+    @dg.schedule(name=f"{fam.name}_served_traffic_hourly", cron_schedule="10 * * * *",
+                 execution_timezone="UTC",
                  job_name=f"{fam.name}_served_traffic", default_status=dg.DefaultScheduleStatus.RUNNING,
-                 description=f"Ten minutes past each hour: check the hour before of {fam.name}'s served traffic.")
+                 description="Ten minutes past each hour: check the hour before of "
+                 f"{fam.name}'s served traffic.")
     def hourly(context: dg.ScheduleEvaluationContext):
         from datetime import timedelta
 

@@ -61,7 +61,8 @@ def preprocessing_content(preprocessing: Any) -> dict[str, Any]:
     return {k: _plain(getattr(preprocessing, k, None)) for k in ("normalization", "classes", "label_map")}
 
 
-def training_key(fam: Family, dataset: Any, preprocessing: Any, config: dict[str, Any], code_version: str) -> str:
+def training_key(fam: Family, dataset: Any, preprocessing: Any, config: dict[str, Any],
+                 code_version: str) -> str:
     payload = {
         "kind": fam.kind,
         "dataset": fam.dataset,
@@ -111,7 +112,8 @@ def lookup(context: dg.AssetExecutionContext, fam: Family, mlflow: MlflowTrackin
     mlflow.configure()
     partition = context.partition_key
     if context.run.tags.get(REUSE_TAG) == "off":
-        context.log.info(f"{partition}: run tag {REUSE_TAG}=off: training without looking for an earlier model")
+        context.log.info(f"{partition}: run tag {REUSE_TAG}=off: training without looking for an earlier "
+                         "model")
         return Reuse(key, code_version)
     if code_version.endswith("-dirty"):
         context.log.info(f"{partition}: code version {code_version} has uncommitted changes, so no earlier "
@@ -134,9 +136,9 @@ def reuse_metadata(context: dg.AssetExecutionContext, mlflow: MlflowTracking, re
     origin = version.tags.get("dagster_partition", "?")
     context.log.info(
         f"{partition}: reusing {version.name} v{version.version}, trained for {origin} (MLflow run "
-        f"{version.run_id}) on the same data md5s and preprocessing, with code {reuse.code_version} and the same "
-        f"config (training key {reuse.key}): nothing is trained or searched; v{version.version} is tagged "
-        f"{partition_tag(partition)}")
+        f"{version.run_id}) on the same data md5s and preprocessing, with code {reuse.code_version} and "
+        f"the same config (training key {reuse.key}): nothing is trained or searched; v{version.version} "
+        f"is tagged {partition_tag(partition)}")
     return {
         "reused": True,
         "reused_from_partition": origin,

@@ -21,7 +21,8 @@ run key tag, so a successful manual re-execution counts as a success). When that
 with the next run key, up to ``max_retries`` times (default :data:`MAX_RETRIES`) per tag and commit; then it
 logs that it gave up until the tag moves. A cancelled run is someone's decision and is not retried.
 
-The cursor is ``{"tags": {tag: commit requested}, "malformed": [...], "watch": {tag: {"run_key", "attempt"}}}``
+The cursor is
+``{"tags": {tag: commit requested}, "malformed": [...], "watch": {tag: {"run_key", "attempt"}}}``
 (``watch``: runs not yet seen to succeed, fail for good or be cancelled). A cursor of the earlier format
 (no ``watch``) is read as one first run ``<tag>@<commit>`` per tag, so a run that failed before the upgrade
 is retried too. Deleted and malformed tags are reported in the tick's log and skip reason; they never fail
@@ -41,7 +42,8 @@ from ocm_assets.reuse import REUSE_TAG
 from ocm_resources.env import sensor_interval_seconds
 from ocm_resources.registry import DataRegistry
 
-#: Run requests per registry-sensor tick (retries, moved and new tags together); the rest wait for later ticks.
+#: Run requests per registry-sensor tick (retries, moved and new tags together); the rest wait for later
+#: ticks.
 MAX_RUNS_PER_TICK = 5
 #: Runs the sensor asks for again after a run of a tag@commit failed (so at most 1 + MAX_RETRIES runs).
 MAX_RETRIES = 2
@@ -85,22 +87,26 @@ def _instance(context: dg.SensorEvaluationContext) -> dg.DagsterInstance | None:
         return None
 
 
-def _newest_runs(instance: dg.DagsterInstance, sensor_name: str, run_keys: list[str]) -> dict[str, dg.DagsterRun]:
+def _newest_runs(instance: dg.DagsterInstance, sensor_name: str,
+                 run_keys: list[str]) -> dict[str, dg.DagsterRun]:
     """The newest run (a re-execution or retry included) of each run key this sensor asked for."""
     if not run_keys:
         return {}
-    runs = instance.get_runs(filters=dg.RunsFilter(tags={SENSOR_NAME_TAG: sensor_name, RUN_KEY_TAG: run_keys}))
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={SENSOR_NAME_TAG: sensor_name,
+                                                         RUN_KEY_TAG: run_keys}))
     newest: dict[str, dg.DagsterRun] = {}
     for run in runs:  # newest first
         newest.setdefault(run.tags[RUN_KEY_TAG], run)
     return newest
 
 
-def _used_key_numbers(instance: dg.DagsterInstance, sensor_name: str, tags: list[str]) -> dict[tuple[str, str], int]:
+def _used_key_numbers(instance: dg.DagsterInstance, sensor_name: str,
+                      tags: list[str]) -> dict[tuple[str, str], int]:
     """(tag, commit) → the highest run-key number this sensor has used for it."""
     if not tags:
         return {}
-    runs = instance.get_runs(filters=dg.RunsFilter(tags={SENSOR_NAME_TAG: sensor_name, "ocm/registry_tag": tags}))
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={SENSOR_NAME_TAG: sensor_name,
+                                                         "ocm/registry_tag": tags}))
     used: dict[tuple[str, str], int] = {}
     for run in runs:
         key = run.tags.get(RUN_KEY_TAG)
@@ -140,9 +146,11 @@ def build_registry_sensor(
         watch: dict[str, dict] = {}
         retries: list[str] = []
         gave_up: list[str] = []
-        watched = {tag: w for tag, w in cursor["watch"].items() if tag in current and current[tag] == known.get(tag)}
+        watched = {tag: w for tag, w in cursor["watch"].items()
+                   if tag in current and current[tag] == known.get(tag)}
         newest = (
-            _newest_runs(instance, fam.sensor_name, [w["run_key"] for w in watched.values()]) if instance else {}
+            _newest_runs(instance, fam.sensor_name, [w["run_key"] for w in watched.values()])
+            if instance else {}
         )
         for tag, w in watched.items():
             run = newest.get(w["run_key"])
@@ -157,8 +165,9 @@ def build_registry_sensor(
                 else:
                     gave_up.append(w["run_key"])
                     context.log.warning(
-                        f"{w['run_key']}: run {run.run_id} failed; {tag} at {current[tag][:10]} has now failed "
-                        f"{w['attempt']} time(s), so the sensor gives up until the tag moves (re-execute by hand)"
+                        f"{w['run_key']}: run {run.run_id} failed; {tag} at {current[tag][:10]} has now "
+                        f"failed {w['attempt']} time(s), so the sensor gives up until the tag moves "
+                        "(re-execute by hand)"
                     )
             elif run.status == dg.DagsterRunStatus.CANCELED:
                 context.log.info(f"{w['run_key']}: run {run.run_id} was cancelled; not retried")
@@ -195,15 +204,18 @@ def build_registry_sensor(
             watch[tag] = {"run_key": key, "attempt": attempt}
         for tag in moved:
             context.log.info(f"tag {tag} moved {known[tag][:10]} -> {current[tag][:10]}"
-                             + (": requesting a new run" if tag in chosen else ": run requested on a later tick"))
+                             + (": requesting a new run" if tag in chosen
+                                else ": run requested on a later tick"))
         if waiting:
-            context.log.info(f"{len(waiting)} more run(s) wait for later ticks (at most {max_runs_per_tick} per "
-                             f"tick), starting with {waiting[0]}")
+            context.log.info(f"{len(waiting)} more run(s) wait for later ticks (at most "
+                             f"{max_runs_per_tick} per tick), starting with {waiting[0]}")
         for tag in deleted:
-            context.log.warning(f"tag {tag} was deleted from the registry; its partition and history are kept")
+            context.log.warning(f"tag {tag} was deleted from the registry; its partition and history "
+                                "are kept")
         for tag in new_malformed:
             context.log.warning(
-                f"tag {tag!r} starts with {fam.dataset}- but is not <dataset>-v<major>.<minor>.<patch>; ignored"
+                f"tag {tag!r} starts with {fam.dataset}- but is not "
+                "<dataset>-v<major>.<minor>.<patch>; ignored"
             )
 
         # Every tag that gets a run needs its partition: new tags, and tags whose partition someone deleted.
@@ -232,7 +244,8 @@ def build_registry_sensor(
                 [dg.AddDynamicPartitionsRequest(fam.partitions_name, to_add)] if to_add else []
             ),
             skip_reason=skip_reason,
-            cursor=json.dumps({"tags": tags_next, "malformed": list(scan.malformed), "watch": watch}, sort_keys=True),
+            cursor=json.dumps({"tags": tags_next, "malformed": list(scan.malformed), "watch": watch},
+                              sort_keys=True),
         )
 
     return registry_sensor
@@ -334,8 +347,8 @@ def build_retrain_schedule(fam: Family, job) -> dg.ScheduleDefinition:
             run_key=f"{newest.tag}@{newest.commit}@{stamp}",
             partition_key=newest.tag,
             # a scheduled retrain trains, even on data, code and config an earlier model was trained with
-            tags={"ocm/registry_tag": newest.tag, "ocm/registry_commit": newest.commit, "ocm/trigger": "schedule",
-                  REUSE_TAG: "off"},
+            tags={"ocm/registry_tag": newest.tag, "ocm/registry_commit": newest.commit,
+                  "ocm/trigger": "schedule", REUSE_TAG: "off"},
         )
 
     return retrain_schedule

@@ -1,5 +1,5 @@
-"""The end of the lineage: ``<family>/champion`` (the promotion gate on the evaluation) and ``<family>/endpoint``
-(a Ray Serve application deployed once, hot-reloaded after). One of each per family.
+"""The end of the lineage: ``<family>/champion`` (the promotion gate on the evaluation) and
+``<family>/endpoint`` (a Ray Serve application deployed once, hot-reloaded after). One of each per family.
 
 Aliases move in two steps, so that an alias never names a model nobody serves: the gate sets ``challenger``
 on the version it lets through; the endpoint serves that version, checks it, and only then moves ``champion``
@@ -43,9 +43,12 @@ class ChampionConfig(dg.Config):
     floors: dict[str, float] | None = Field(
         default=None, description='Least holdout figures, e.g. {"accuracy": 0.85, "macro_f1": 0.8}.')
     baseline_margins: dict[str, float] | None = Field(
-        default=None, description='How far above the majority-class predictor on the holdout, e.g. {"accuracy": 0.1}.')
-    win_metric: str | None = Field(default=None, description="Holdout metric the challenger must beat the champion on.")
-    win_margin: float | None = Field(default=None, description="By how much (absolute), e.g. 0.01 = one point.")
+        default=None,
+        description='How far above the majority-class predictor on the holdout, e.g. {"accuracy": 0.1}.')
+    win_metric: str | None = Field(
+        default=None, description="Holdout metric the challenger must beat the champion on.")
+    win_margin: float | None = Field(
+        default=None, description="By how much (absolute), e.g. 0.01 = one point.")
 
     def gate(self, default):
         from dataclasses import replace
@@ -96,8 +99,8 @@ def build_champion_asset(fam: Family) -> dg.AssetsDefinition:
         deps=[evaluation_key(fam)],
         check_specs=[dg.AssetCheckSpec(
             "promoted", asset=key,
-            description="Passes when this rollout's challenger cleared the gate (alias `challenger` set); warns "
-            "when the champion is kept (the endpoint then keeps, or restores, serving the champion).")],
+            description="Passes when this rollout's challenger cleared the gate (alias `challenger` set); "
+            "warns when the champion is kept (the endpoint then keeps, or restores, serving the champion).")],
         description="The promotion gate on the evaluation (same holdout rows for challenger and champion): "
         "floors, baselines and a win margin. A challenger that clears it gets the MLflow alias `challenger`; "
         "`champion` moves once the endpoint serves it.",
@@ -114,9 +117,9 @@ def build_champion_asset(fam: Family) -> dg.AssetsDefinition:
         current_version = int(current.version) if current is not None else None
         if current_version != record["champion_version"]:
             raise dg.Failure(
-                f"the evaluation of {partition} scored champion v{record['champion_version']}, but the champion "
-                f"is now v{current_version}: materialize the evaluation again (rollouts of one family must run "
-                f"one at a time: run tag {ROLLOUT_TAG})")
+                f"the evaluation of {partition} scored champion v{record['champion_version']}, but the "
+                f"champion is now v{current_version}: materialize the evaluation again (rollouts of one "
+                f"family must run one at a time: run tag {ROLLOUT_TAG})")
         challenger = record["challenger_version"]
         decision = decide(
             _holdout_figures(record, "challenger"), _holdout_figures(record, "champion"), gate,
@@ -128,7 +131,8 @@ def build_champion_asset(fam: Family) -> dg.AssetsDefinition:
             mlflow.set_alias(fam.dataset, CHALLENGER, challenger)
         serve_version = challenger if decision.promote else current_version
         for reason in decision.reasons:
-            context.log.info(f"{'PASSED' if decision.promote else 'kept the champion'} v{challenger}: {reason}")
+            context.log.info(f"{'PASSED' if decision.promote else 'kept the champion'} v{challenger}: "
+                             f"{reason}")
         value = {
             "decision": "promoted" if decision.promote else "kept",
             "partition": partition,
@@ -139,12 +143,14 @@ def build_champion_asset(fam: Family) -> dg.AssetsDefinition:
             "version": serve_version,
             "model_uri": f"models:/{name}/{serve_version}" if serve_version else "",
         }
-        yield dg.Output(value, data_version=dg.DataVersion(f"{value['decision']}:{value['model_uri'] or 'none'}"),
+        yield dg.Output(value,
+                        data_version=dg.DataVersion(f"{value['decision']}:{value['model_uri'] or 'none'}"),
                         metadata={
             "decision": value["decision"],
             "reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in decision.reasons)),
             "gate_checks": dg.MetadataValue.json(decision.checks),
-            "gate": dg.MetadataValue.json({"floors": dict(gate.floors), "baseline_margins": dict(gate.baseline_margins),
+            "gate": dg.MetadataValue.json({"floors": dict(gate.floors),
+                                           "baseline_margins": dict(gate.baseline_margins),
                                            "win_metric": gate.win_metric, "win_margin": gate.win_margin}),
             "partition": partition,
             "challenger_version": challenger,
@@ -166,30 +172,41 @@ def build_champion_asset(fam: Family) -> dg.AssetsDefinition:
 
 class EndpointConfig(dg.Config):
     num_replicas: int = Field(default=1, description="Serve replicas (ignored with autoscaling).")
-    autoscaling_min_replicas: int | None = Field(default=None, description="Enable autoscaling: minimum replicas.")
+    autoscaling_min_replicas: int | None = Field(
+        default=None, description="Enable autoscaling: minimum replicas.")
     autoscaling_max_replicas: int | None = Field(default=None, description="Autoscaling: maximum replicas.")
-    max_ongoing_requests: int = Field(default=64, description="Requests a replica holds at once (bounds a batch).")
+    max_ongoing_requests: int = Field(
+        default=64, description="Requests a replica holds at once (bounds a batch).")
     replica_cpus: float = Field(
-        default=0.5, description="Logical CPUs reserved per replica (Ray scheduling; training shares the cluster)."
+        default=0.5,
+        description="Logical CPUs reserved per replica (Ray scheduling; training shares the cluster)."
     )
     max_batch_size: int = Field(default=32, description="Dynamic batching: largest model batch.")
     batch_wait_timeout_s: float = Field(default=0.0, description="Dynamic batching: wait for more requests.")
     max_batch: int = Field(default=1000, description="Largest batch one request may send (else 4xx).")
-    known_answer_rows: int = Field(default=8, description="Validation rows the known-answer check sends (>= 1).")
+    known_answer_rows: int = Field(
+        default=8, description="Validation rows the known-answer check sends (>= 1).")
     rollout: str = Field(
         default="replace",
-        description="How a new champion reaches a live endpoint: replace (hot reload at once), canary (traffic "
-        "share steps up while error rate and p99 hold, automatic rollback otherwise) or shadow (copies of the "
-        "traffic go to it for a while, answers recorded, never returned; then the switch or a rollback).",
+        description="How a new champion reaches a live endpoint: replace (hot reload at once), canary "
+        "(traffic share steps up while error rate and p99 hold, automatic rollback otherwise) or shadow "
+        "(copies of the traffic go to it for a while, answers recorded, never returned; then the switch or a "
+        "rollback).",
     )
-    canary_steps: list[float] = Field(default=[0.05, 0.25, 0.5, 1.0], description="Canary traffic shares, rising to 1.0.")
+    canary_steps: list[float] = Field(
+        default=[0.05, 0.25, 0.5, 1.0], description="Canary traffic shares, rising to 1.0.")
     canary_step_seconds: float = Field(default=10.0, description="Least time per canary step.")
-    canary_min_requests: int = Field(default=20, description="Challenger requests a step needs before it is judged.")
-    canary_max_error_rate: float = Field(default=0.01, description="Challenger error rate above which it rolls back.")
-    canary_max_p99_ms: float = Field(default=250.0, description="Challenger p99 latency (ms) above which it rolls back.")
+    canary_min_requests: int = Field(
+        default=20, description="Challenger requests a step needs before it is judged.")
+    canary_max_error_rate: float = Field(
+        default=0.01, description="Challenger error rate above which it rolls back.")
+    canary_max_p99_ms: float = Field(
+        default=250.0, description="Challenger p99 latency (ms) above which it rolls back.")
     shadow_seconds: float = Field(default=10.0, description="Shadow window length.")
-    shadow_min_agreement: float = Field(default=0.0, description="Least agreement with the champion in shadow (0 = record only).")
-    rollout_timeout_seconds: float = Field(default=120.0, description="Longest a step waits for enough traffic.")
+    shadow_min_agreement: float = Field(
+        default=0.0, description="Least agreement with the champion in shadow (0 = record only).")
+    rollout_timeout_seconds: float = Field(
+        default=120.0, description="Longest a step waits for enough traffic.")
     rollout_probe: bool = Field(
         default=True, description="Send validation rows as probe traffic during canary/shadow, so a rollout "
         "is judged even when no client calls the endpoint.")
@@ -248,18 +265,20 @@ class _Endpoint:
                  mlflow: MlflowTracking, user_config: dict[str, Any]):
         from ocm_resources.mlflow import git_code_version
 
-        self.fam, self.config, self.serve, self.registry, self.user_config = fam, config, serve, registry, user_config
+        self.fam, self.config, self.serve, self.registry, self.user_config = (
+            fam, config, serve, registry, user_config)
         self.code_version = getattr(mlflow, "code_version", None) or git_code_version()
 
     def run(self, user_config: dict[str, Any]) -> dict[str, Any]:
         from ocm_ml.serve.deployments import build_app, config_hash
 
         c = self.config
-        autoscaling = ({"min_replicas": c.autoscaling_min_replicas or 1, "max_replicas": c.autoscaling_max_replicas}
+        autoscaling = ({"min_replicas": c.autoscaling_min_replicas or 1,
+                        "max_replicas": c.autoscaling_max_replicas}
                        if c.autoscaling_max_replicas else None)
-        app = build_app(self.fam.kind, user_config, num_replicas=c.num_replicas, autoscaling_config=autoscaling,
-                        max_ongoing_requests=c.max_ongoing_requests, ray_actor_options={"num_cpus": c.replica_cpus},
-                        version=self.code_version)
+        app = build_app(self.fam.kind, user_config, num_replicas=c.num_replicas,
+                        autoscaling_config=autoscaling, max_ongoing_requests=c.max_ongoing_requests,
+                        ray_actor_options={"num_cpus": c.replica_cpus}, version=self.code_version)
         return self.serve.run(self.fam.name, app, config_hash(user_config))
 
     def validation(self, rows: int):
@@ -273,13 +292,16 @@ class _Endpoint:
         info = bundle.describe()
         match = TAG_RE.match(info["data_version"])
         if not match:
-            raise RolloutError(f"the served model's data version {info['data_version']!r} is not a registry tag")
-        version = RegistryVersion(match["dataset"], match["version"], info["data_version"], info["dvc_commit"])
+            raise RolloutError(f"the served model's data version {info['data_version']!r} is not a "
+                               "registry tag")
+        version = RegistryVersion(match["dataset"], match["version"], info["data_version"],
+                                  info["dvc_commit"])
         with self.registry.open(version, f"{version.dataset}/val.parquet") as fh:
             return bundle, info, request_body(self.fam.kind, fh, rows)
 
     def verify(self) -> dict[str, Any]:
-        """/health names the model and /predict agrees with it offline; raises :class:`RolloutError` otherwise."""
+        """/health names the model and /predict agrees with it offline; raises :class:`RolloutError`
+        otherwise."""
         from ocm_ml.serve.rollout import offline_answers, served_answers
 
         uri, name, rows = self.user_config["model_uri"], self.fam.name, self.config.known_answer_rows
@@ -292,19 +314,20 @@ class _Endpoint:
         code, answer = self.serve.predict(name, body)
         served = served_answers(self.fam.kind, answer) if code == 200 else None
         if served != offline:
-            raise RolloutError(f"{self.serve.url(name)}/predict on {rows} validation rows of {info['data_version']} "
-                               f"does not agree with the registered model offline (HTTP {code}; served {served}, "
-                               f"offline {offline})")
+            raise RolloutError(f"{self.serve.url(name)}/predict on {rows} validation rows of "
+                               f"{info['data_version']} does not agree with the registered model offline "
+                               f"(HTTP {code}; served {served}, offline {offline})")
         return {"health": health, "known_answer": {"status_code": code, "offline": offline, "served": served},
                 "data_version": info["data_version"]}
 
     def progressive(self, log, served_uri: str) -> dict[str, Any]:
-        """Canary or shadow of the new model beside the served one; returns the outcome when it passed (the new
-        model then serves all traffic), raises :class:`RolloutError` otherwise (the caller restores)."""
+        """Canary or shadow of the new model beside the served one; returns the outcome when it passed (the
+        new model then serves all traffic), raises :class:`RolloutError` otherwise (the caller restores)."""
         from ocm_ml.serve.rollout import run_canary, run_shadow, sum_replica_stats
 
         policy, new_uri = self.config.rollout_policy(), self.user_config["model_uri"]
-        staged = {**self.user_config, "model_uri": served_uri, "challenger_uri": new_uri, "challenger_share": 0.0,
+        staged = {**self.user_config, "model_uri": served_uri, "challenger_uri": new_uri,
+                  "challenger_share": 0.0,
                   "challenger_mode": "shadow" if policy.strategy == "shadow" else "canary"}
         replica_urls = self.run(staged)["urls"].get("direct") or [self.serve.url(self.fam.name)]
 
@@ -344,8 +367,8 @@ class _Endpoint:
                     raise RolloutError(f"{previous} does not answer /health after the rollback")
                 done = f"{name} serves the champion {previous} again; alias {ALIAS} unchanged"
         except Exception as exc:
-            done = (f"the rollback failed too ({exc}): {name}'s endpoint may not serve the champion {previous}; "
-                    f"re-run the rollout for {champion['partition']} to redeploy it")
+            done = (f"the rollback failed too ({exc}): {name}'s endpoint may not serve the champion "
+                    f"{previous}; re-run the rollout for {champion['partition']} to redeploy it")
         log(done)
         return done
 
@@ -358,13 +381,16 @@ def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
         group_name=fam.name,
         ins={"champion": dg.AssetIn(champion_key(fam))},
         check_specs=[
-            dg.AssetCheckSpec("health", asset=key, description="GET /health answers healthy with the served model's URI"),
+            dg.AssetCheckSpec("health", asset=key,
+                              description="GET /health answers healthy with the served model's URI"),
             dg.AssetCheckSpec("known_answer", asset=key,
-                              description="POST /predict on validation rows equals the registered model offline"),
+                              description="POST /predict on validation rows equals the registered model "
+                              "offline"),
         ],
-        description=f"Ray Serve application `/{fam.name}` (FastAPI ingress, dynamic batching): serves the gate's "
-        "challenger once it passes its checks (then alias `champion` moves to it), else keeps or restores the "
-        "champion; deployed once, then hot-reloaded (new replica settings and code versions applied too).",
+        description=f"Ray Serve application `/{fam.name}` (FastAPI ingress, dynamic batching): serves the "
+        "gate's challenger once it passes its checks (then alias `champion` moves to it), else keeps or "
+        "restores the champion; deployed once, then hot-reloaded (new replica settings and code versions "
+        "applied too).",
         kinds={"ray", "fastapi"},
         tags={"ocm/family": fam.name},
     )
@@ -377,8 +403,9 @@ def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
         promoted, target = champion["decision"] == "promoted", champion["model_uri"]
         try:
             if not target:
-                raise RolloutError(f"{fam.name} has no champion and the challenger v{champion['challenger_version']} "
-                                   "did not clear the gate: nothing to serve")
+                raise RolloutError(f"{fam.name} has no champion and the challenger "
+                                   f"v{champion['challenger_version']} did not clear the gate: nothing to "
+                                   "serve")
             config.validate()
             user_config = _user_config(fam, config, mlflow, registry, target)
             user_config["prediction_log"] = prediction_logs.replica_settings(fam.name)  # docs/monitoring.md
@@ -405,7 +432,8 @@ def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
             if not isinstance(exc, Exception):
                 raise
             raise dg.Failure(
-                description=f"{'rollout of' if promoted else 'redeploy of'} {target} failed: {exc}. {restored}",
+                description=f"{'rollout of' if promoted else 'redeploy of'} {target} failed: {exc}. "
+                f"{restored}",
                 metadata={"served_model_uri": champion["champion_uri"] or ""}) from None
         if promoted:
             mlflow.set_alias(fam.dataset, ALIAS, champion["version"])
@@ -419,7 +447,8 @@ def build_endpoint_asset(fam: Family) -> dg.AssetsDefinition:
             "champion_version": champion["version"], "data_version": checked["data_version"],
             "info": dg.MetadataValue.json(info if info_status == 200 else {"status": info_status}),
             "direct_ingress": dg.MetadataValue.json(outcome["urls"].get("direct", [])),
-            "metrics_url": dg.MetadataValue.url(prediction_logs.metrics_url or ""),  # Serve's Prometheus metrics
+            # Serve's Prometheus metrics
+            "metrics_url": dg.MetadataValue.url(prediction_logs.metrics_url or ""),
             "rollout": dg.MetadataValue.json(outcome["rollout"]),
         })
         yield dg.AssetCheckResult(check_name="health", asset_key=key, passed=True,
@@ -440,7 +469,8 @@ def rollout_job(fam: Family):
     return dg.define_asset_job(
         f"{fam.name}_rollout",
         selection=dg.AssetSelection.assets(evaluation_key(fam), champion_key(fam), endpoint_key(fam)),
-        description=f"For one {fam.name} registry version (partition): evaluate its model against the champion on "
-        "the same rows, gate it, and roll the endpoint over when it passes (else keep or restore the champion).",
+        description=f"For one {fam.name} registry version (partition): evaluate its model against the "
+        "champion on the same rows, gate it, and roll the endpoint over when it passes (else keep or "
+        "restore the champion).",
         tags={"ocm/family": fam.name, ROLLOUT_TAG: fam.name},
     )

@@ -92,7 +92,8 @@ def trials_table(result) -> str:
     return "\n".join([head, rule, *rows])
 
 
-def _log_child_runs(client, experiment_id: str, parent_id: str, result, tags: dict[str, str]) -> dict[str, str]:
+def _log_child_runs(client, experiment_id: str, parent_id: str, result,
+                    tags: dict[str, str]) -> dict[str, str]:
     from mlflow.entities import Metric, Param
 
     child_ids = {}
@@ -126,8 +127,8 @@ def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
         group_name=fam.name,
         partitions_def=partitions_for(fam),
         ins={"dataset": dg.AssetIn(dataset_key(fam)), "preprocessing": dg.AssetIn(preprocessing_key(fam))},
-        description="Hyperparameter search with Ray Tune and ASHA over a transformers text classifier; a parent "
-        "MLflow run with one nested run per trial.",
+        description="Hyperparameter search with Ray Tune and ASHA over a transformers text classifier; a "
+        "parent MLflow run with one nested run per trial.",
         kinds={"ray", "pytorch", "mlflow"},
         tags={"ocm/family": fam.name},
     )
@@ -166,14 +167,16 @@ def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
                               tags={**tags, "ocm_stage": "hpo"}) as parent:
             parent_id = parent.info.run_id
             mlflow_lib.log_params({
-                "backbone": config.backbone, "num_trials": settings.num_trials, "max_epochs": settings.max_epochs,
+                "backbone": config.backbone, "num_trials": settings.num_trials,
+                "max_epochs": settings.max_epochs,
                 "row_limit": settings.row_limit, "val_row_limit": settings.val_row_limit,
                 "scheduler": settings.scheduler.upper(), "metric": settings.metric, "mode": settings.mode,
                 "grace_period": settings.grace_period, "reduction_factor": settings.reduction_factor,
                 "max_length": settings.max_length, "freeze_layers": settings.freeze_layers,
                 "method": settings.method, "search_space": json.dumps(settings.space()), "data_tag": tag,
             })
-            context.log.info(f"searching {settings.num_trials} trials x {settings.max_epochs} epochs on {tag}")
+            context.log.info(f"searching {settings.num_trials} trials x {settings.max_epochs} epochs "
+                             f"on {tag}")
             result = run_search(
                 dataset.url("train"), dataset.url("val"), preprocessing.require_label_map(),
                 backbone, settings, storage_path=storage_path, run_name=f"{fam.name}-{tag}",
@@ -197,7 +200,8 @@ def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
             context.log.info(f"trial {t.trial_id}: {t.config} best {settings.metric}={t.best_metric} "
                              f"after {t.epochs_run} epochs{' (stopped by ASHA)' if t.stopped_early else ''}")
         value = {
-            "tag": tag, "commit": dataset.commit, "dataset": dataset, "label_map": preprocessing.require_label_map(),
+            "tag": tag, "commit": dataset.commit, "dataset": dataset,
+            "label_map": preprocessing.require_label_map(),
             "parent_run_id": parent_id, "experiment_id": parent.info.experiment_id,
             "best_trial_id": result.best_trial_id, "best_config": result.best_config,
             "best_metrics": result.best_metrics, "best_checkpoint_dir": result.best_checkpoint_dir,
@@ -237,8 +241,8 @@ def build_text_model_asset(fam: Family) -> dg.AssetsDefinition:
         group_name=fam.name,
         partitions_def=partitions_for(fam),
         ins={"hpo": dg.AssetIn(hpo_key(fam))},
-        description="The best trial of the search, evaluated on the version's validation split and registered "
-        "in MLflow with its tokenizer and labels.json.",
+        description="The best trial of the search, evaluated on the version's validation split and "
+        "registered in MLflow with its tokenizer and labels.json.",
         kinds={"pytorch", "mlflow"},
         tags={"ocm/family": fam.name},
     )
@@ -260,7 +264,8 @@ def build_text_model_asset(fam: Family) -> dg.AssetsDefinition:
         majority = majority_baseline(train_labels)["label"]
         baseline = sum(1 for y in labels if y == majority) / len(labels)
         context.log.info(
-            f"best trial {hpo['best_trial_id']} on {len(texts)} validation rows: accuracy {scores['accuracy']:.4f}, "
+            f"best trial {hpo['best_trial_id']} on {len(texts)} validation rows: "
+            f"accuracy {scores['accuracy']:.4f}, "
             f"macro F1 {scores['macro_f1']:.4f} (majority baseline {baseline:.4f})"
         )
         tags = {**lineage(mlflow, context, dataset), **key_tags(hpo)}
