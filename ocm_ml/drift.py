@@ -221,7 +221,8 @@ def confidence_collapse(confidences: Sequence[float], thresholds: DriftThreshold
     mean = float(conf.mean()) if n else math.nan
     low = float((conf < thresholds.low_confidence).mean()) if n else math.nan
     enough = n >= thresholds.min_rows
-    collapsed = enough and (mean < thresholds.min_mean_confidence or low > thresholds.max_low_confidence_share)
+    collapsed = enough and (mean < thresholds.min_mean_confidence
+                            or low > thresholds.max_low_confidence_share)
     return {
         "passed": not collapsed,
         "enough_rows": enough,

@@ -60,7 +60,8 @@ class _Accumulator:
     def add(self, truth: np.ndarray, predicted: np.ndarray, confidence: np.ndarray, seconds: float) -> None:
         n = self.confusion.shape[0]
         if len(truth) != len(predicted) or len(truth) != len(confidence):
-            raise ValueError(f"{len(truth)} labels but {len(predicted)} predictions and {len(confidence)} confidences")
+            raise ValueError(f"{len(truth)} labels but {len(predicted)} predictions and "
+                             f"{len(confidence)} confidences")
         bad = (truth < 0) | (truth >= n) | (predicted < 0) | (predicted >= n)
         if bad.any():
             raise ValueError(f"class ids must lie in 0..{n - 1}; got labels/predictions outside it")
@@ -132,7 +133,8 @@ def _rechunk(batches: Iterable[tuple[Any, np.ndarray]], size: int):
             yield inputs[start : start + size], labels[start : start + size]
 
 
-def arrow_batches(record_batches: Iterable[Any], kind: str, limit: int | None = None, total: int | None = None):
+def arrow_batches(record_batches: Iterable[Any], kind: str, limit: int | None = None,
+                  total: int | None = None):
     """(inputs, label ids) per pyarrow record batch of a registry table: images as float32 (N, 784) pixels
     in 0-255, texts as a list of strings. With ``limit``, at most that many rows, spread evenly over the
     ``total`` rows of the table (every k-th row: a split stored in label order still gives every label);
@@ -197,7 +199,8 @@ def majority_accuracy(train_label_counts: dict[int, int], rows_labels: dict[int,
 
 
 def comparison_markdown(results: dict[str, dict[str, Scores]], splits: Sequence[str]) -> str:
-    """One table, a row per (model, split): rows, accuracy, macro-F1, ECE, latency, then per-class accuracy."""
+    """One table, a row per (model, split): rows, accuracy, macro-F1, ECE, latency, then per-class
+    accuracy."""
     any_scores = next(s for per in results.values() for s in per.values())
     names = any_scores.class_names
     head = ("| model | rows | accuracy | macro-F1 | ECE | ms/batch | "
@@ -210,8 +213,8 @@ def comparison_markdown(results: dict[str, dict[str, Scores]], splits: Sequence[
             if s is None:
                 continue
             classes = " | ".join("-" if not math.isfinite(a) else f"{a:.3f}" for a in s.per_class_accuracy)
-            lines.append(f"| {label} on {split} | {s.rows} | {s.accuracy:.4f} | {s.macro_f1:.4f} | {s.ece:.4f} | "
-                         f"{s.latency_ms_per_batch:.1f} (b={s.batch_size}) | {classes} |")
+            lines.append(f"| {label} on {split} | {s.rows} | {s.accuracy:.4f} | {s.macro_f1:.4f} | "
+                         f"{s.ece:.4f} | {s.latency_ms_per_batch:.1f} (b={s.batch_size}) | {classes} |")
     return "\n".join(lines)
 
 
@@ -246,7 +249,8 @@ class TfidfLogisticRegression:
             raise ValueError(f"TF-IDF baseline: {len(texts)} texts and {len(y)} labels; need as many, > 0")
         if len(np.unique(y)) < 2:
             raise ValueError("TF-IDF baseline: the training split has a single label; nothing to fit")
-        vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2 if len(texts) >= 100 else 1)
+        vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True,
+                                     min_df=2 if len(texts) >= 100 else 1)
         features = vectorizer.fit_transform([str(t) for t in texts])
         classifier = LogisticRegression(C=C, max_iter=1000, random_state=seed).fit(features, y)
         return cls(vectorizer, classifier, class_names)

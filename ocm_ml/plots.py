@@ -14,7 +14,8 @@ def training_curve_png(history: Sequence[dict], title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [int(h.get("epoch", i)) + (0 if "epoch" in h and min(x.get("epoch", 1) for x in history) >= 1 else 1)
+    epochs = [int(h.get("epoch", i))
+              + (0 if "epoch" in h and min(x.get("epoch", 1) for x in history) >= 1 else 1)
               for i, h in enumerate(history)]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=90)
     for key, ax, label in (("train_loss", ax_loss, "train"), ("val_loss", ax_loss, "val"),
@@ -32,7 +33,8 @@ def training_curve_png(history: Sequence[dict], title: str) -> bytes:
     return _png(fig)
 
 
-def confusion_png(matrices: dict[str, Sequence[Sequence[int]]], class_names: Sequence[str], title: str) -> bytes:
+def confusion_png(matrices: dict[str, Sequence[Sequence[int]]], class_names: Sequence[str],
+                  title: str) -> bytes:
     """Confusion matrices (rows: true class, columns: predicted), one panel per model, row-normalized."""
     import matplotlib
 

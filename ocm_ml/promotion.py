@@ -1,11 +1,10 @@
 """The champion gate: does a challenger replace the champion? Pure and deterministic.
 
 Both models' figures come from one evaluation on the same rows (the family's fixed holdout). A challenger is
-promoted only when it clears every floor, beats the majority-class predictor by ``baseline_margins``, beats every
-reference model of ``must_beat`` (e.g. TF-IDF + logistic regression fitted on the same training split) by
-its margin, and (when there is a champion)
-beats the champion's ``win_metric`` by at least ``win_margin``. A missing or non-finite figure never promotes,
-and neither does a tie.
+promoted only when it clears every floor, beats the majority-class predictor by ``baseline_margins``, beats
+every reference model of ``must_beat`` (e.g. TF-IDF + logistic regression fitted on the same training split)
+by its margin, and (when there is a champion) beats the champion's ``win_metric`` by at least
+``win_margin``. A missing or non-finite figure never promotes, and neither does a tie.
 
 >>> gate = Gate(floors={"accuracy": 0.85, "macro_f1": 0.80}, win_metric="accuracy", win_margin=0.01)
 >>> decide({"accuracy": 0.90, "macro_f1": 0.89}, {"accuracy": 0.885, "macro_f1": 0.88}, gate).promote
@@ -27,9 +26,9 @@ MAJORITY = "majority"
 @dataclass(frozen=True)
 class Gate:
     """``floors``: least value of a metric; ``baseline_margins``: how far above the majority-class predictor's
-    figure on the same rows (baseline ``"majority"``) a metric must be; ``must_beat``: other baselines by name,
-    each with the margin per metric the challenger must beat it by (``{"tfidf_lr": {"macro_f1": 0.0}}``: a
-    strictly higher macro-F1 than TF-IDF + LR); ``win_metric``/``win_margin``: the gain over the champion
+    figure on the same rows (baseline ``"majority"``) a metric must be; ``must_beat``: other baselines by
+    name, each with the margin per metric the challenger must beat it by (``{"tfidf_lr": {"macro_f1": 0.0}}``:
+    a strictly higher macro-F1 than TF-IDF + LR); ``win_metric``/``win_margin``: the gain over the champion
     needed to replace it (absolute, in the metric's units)."""
 
     floors: Mapping[str, float] = field(default_factory=dict)
@@ -40,7 +39,8 @@ class Gate:
 
     def __post_init__(self) -> None:
         references = list(self.must_beat.values())
-        for name in [*self.floors, *self.baseline_margins, *(m for r in references for m in r), self.win_metric]:
+        for name in [*self.floors, *self.baseline_margins, *(m for r in references for m in r),
+                     self.win_metric]:
             if name not in GATE_METRICS:
                 raise ValueError(f"unknown gate metric {name!r}; known: {', '.join(GATE_METRICS)}")
         if not self.win_margin >= 0:
@@ -85,7 +85,8 @@ def decide(
     checks: list[dict] = []
 
     def rule(name: str, value: float | None, threshold: float | None, passed: bool, reason: str) -> None:
-        checks.append({"check": name, "value": value, "threshold": threshold, "passed": passed, "reason": reason})
+        checks.append({"check": name, "value": value, "threshold": threshold, "passed": passed,
+                       "reason": reason})
 
     for metric, floor in gate.floors.items():
         value = _finite(challenger, metric)
@@ -113,15 +114,17 @@ def decide(
         value, current = _finite(challenger, gate.win_metric), _finite(champion, gate.win_metric)
         if value is None or current is None:
             rule(f"win {gate.win_metric}", value, None, False,
-                 f"{gate.win_metric} of the challenger or of the champion is missing: no comparison, no promotion")
+                 f"{gate.win_metric} of the challenger or of the champion is missing: no comparison, "
+                 "no promotion")
         else:
             gain = value - current
             ok = gain > 0 and gain >= gate.win_margin
             rule(f"win {gate.win_metric}", value, current + gate.win_margin, ok,
-                 f"{gate.win_metric} {value:.4f} {'beats' if ok else 'does not beat'} the champion's {current:.4f} "
-                 f"by the margin {gate.win_margin:.4f} (gain {gain:+.4f})")
+                 f"{gate.win_metric} {value:.4f} {'beats' if ok else 'does not beat'} the champion's "
+                 f"{current:.4f} by the margin {gate.win_margin:.4f} (gain {gain:+.4f})")
     else:
-        rule("first champion", None, None, True, "no champion yet: the first model that clears the floors wins")
+        rule("first champion", None, None, True,
+             "no champion yet: the first model that clears the floors wins")
     promote = all(c["passed"] for c in checks)
     failed = [c["reason"] for c in checks if not c["passed"]]
     return Decision(promote, failed if not promote else [c["reason"] for c in checks], checks)

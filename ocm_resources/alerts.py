@@ -27,12 +27,14 @@ def slack_payload(event: str, title: str, text: str, fields: dict[str, Any] | No
     ``ocm`` section so that other receivers can read the event without parsing text."""
     fields = {k: v for k, v in (fields or {}).items() if v is not None}
     headline = f"{EVENTS.get(event, ':bell:')} *{title}*"
-    blocks: list[dict[str, Any]] = [{"type": "section", "text": {"type": "mrkdwn", "text": f"{headline}\n{text}"}}]
+    blocks: list[dict[str, Any]] = [{"type": "section",
+                                     "text": {"type": "mrkdwn", "text": f"{headline}\n{text}"}}]
     if fields:
         blocks.append({"type": "section", "fields": [
             {"type": "mrkdwn", "text": f"*{k}*\n{v}"} for k, v in list(fields.items())[:10]]})
     if link:
-        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"<{link}|open in Dagster>"}]})
+        blocks.append({"type": "context",
+                       "elements": [{"type": "mrkdwn", "text": f"<{link}|open in Dagster>"}]})
     payload: dict[str, Any] = {"text": f"{title}: {text}", "blocks": blocks,
                                "ocm": {"event": event, "title": title, "text": text, "fields": fields,
                                        **({"link": link} if link else {})}}
@@ -51,11 +53,15 @@ class WebhookAlerts(dg.ConfigurableResource):
     """
 
     webhook_url: str | None = Field(
-        default=None, description="Incoming-webhook URL (secret: set it through dg.EnvVar); None turns alerts off."
+        default=None,
+        description="Incoming-webhook URL (secret: set it through dg.EnvVar); None turns alerts off."
     )
-    channel: str | None = Field(default=None, description="Channel override sent in the payload (Slack legacy hooks).")
-    timeout_s: float = Field(default=5.0, description="Seconds a webhook call may take before it is given up.")
-    dagster_url: str | None = Field(default=None, description="Base URL of the Dagster UI, for links in messages.")
+    channel: str | None = Field(
+        default=None, description="Channel override sent in the payload (Slack legacy hooks).")
+    timeout_s: float = Field(
+        default=5.0, description="Seconds a webhook call may take before it is given up.")
+    dagster_url: str | None = Field(
+        default=None, description="Base URL of the Dagster UI, for links in messages.")
 
     _sent: int = PrivateAttr(default=0)
     _failed: int = PrivateAttr(default=0)

@@ -312,7 +312,8 @@ def prediction_log_store(env: str | None = None):
         s3_region=(os.environ.get("AWS_REGION") or None) if s3 else None,
         metrics_url=(f"http://{LOOPBACK}:{local_ports().ray_metrics}/metrics" if env == "local"
                      else os.environ.get("OCM_METRICS_URL") or None),
-        **(_secrets(access_key_id="AWS_ACCESS_KEY_ID", secret_access_key="AWS_SECRET_ACCESS_KEY") if s3 else {}),
+        **(_secrets(access_key_id="AWS_ACCESS_KEY_ID", secret_access_key="AWS_SECRET_ACCESS_KEY")
+           if s3 else {}),
     )
 
 
@@ -327,7 +328,8 @@ def sensor_interval_seconds() -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise ConfigurationError(f"OCM_SENSOR_INTERVAL_SECONDS={raw!r} must be a whole number of seconds >= 1")
+        raise ConfigurationError(f"OCM_SENSOR_INTERVAL_SECONDS={raw!r} must be a whole number of "
+                                 "seconds >= 1")
     return value
 
 
@@ -482,7 +484,8 @@ STEP_SECURITY_CONTEXT: dict[str, Any] = {
     "capabilities": {"drop": ["ALL"]},
 }
 STEP_POD_SECURITY_CONTEXT: dict[str, Any] = {
-    "run_as_user": 1000, "run_as_group": 1000, "fs_group": 1000, "seccomp_profile": {"type": "RuntimeDefault"},
+    "run_as_user": 1000, "run_as_group": 1000, "fs_group": 1000,
+    "seccomp_profile": {"type": "RuntimeDefault"},
 }
 
 

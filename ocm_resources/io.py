@@ -37,7 +37,8 @@ class S3IOManager(dg.ConfigurableIOManagerFactory):
     )
     region: str | None = Field(default=None, description="S3 region.")
     access_key_id: str | None = Field(default=None, description="S3 access key; set it through dg.EnvVar.")
-    secret_access_key: str | None = Field(default=None, description="S3 secret key; set it through dg.EnvVar.")
+    secret_access_key: str | None = Field(default=None,
+                                          description="S3 secret key; set it through dg.EnvVar.")
 
     def client(self) -> Any:
         """A boto3 S3 client for this bucket's endpoint and credentials."""

@@ -99,8 +99,8 @@ class MlflowTracking(dg.ConfigurableResource):
 
     tracking_uri: str | None = Field(
         default=None,
-        description="MLflow tracking URI (`http(s)://…` server, `sqlite:///…`). Required for a remote server; "
-        "LocalMlflow derives it from `home` when unset.",
+        description="MLflow tracking URI (`http(s)://…` server, `sqlite:///…`). Required for a remote "
+        "server; LocalMlflow derives it from `home` when unset.",
     )
     registry_uri: str | None = Field(
         default=None, description="Model registry URI when it differs from the tracking URI."
@@ -116,7 +116,8 @@ class MlflowTracking(dg.ConfigurableResource):
     )
     ui_url: str | None = Field(
         default=None,
-        description="Base URL of the MLflow UI for run links, e.g. http://127.0.0.1:5000; no links when unset.",
+        description="Base URL of the MLflow UI for run links, e.g. http://127.0.0.1:5000; no links when "
+        "unset.",
     )
     docker_image_tag: str | None = Field(
         default=None, description="Image tag recorded in the `docker_image_tag` run tag (the image's own "
@@ -316,7 +317,8 @@ class MlflowTracking(dg.ConfigurableResource):
     def version(self, dataset: str, version: str | int) -> ModelVersion:
         return self.client.get_model_version(self.model_name(dataset), str(version))
 
-    def version_of_partition(self, dataset: str, partition: str, run_id: str | None = None) -> ModelVersion | None:
+    def version_of_partition(self, dataset: str, partition: str,
+                             run_id: str | None = None) -> ModelVersion | None:
         """The newest version registered for ``partition`` (its ``dagster_partition`` tag), or exactly the one
         the Dagster run ``run_id`` registered when given; None when there is none."""
         name = self.model_name(dataset).replace("'", "\\'")

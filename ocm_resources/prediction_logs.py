@@ -25,16 +25,20 @@ class PredictionLogStore(dg.ConfigurableResource):
         PredictionLogStore(root=None)                                              # logging off
     """
 
-    root: str | None = Field(default=None, description="Folder or s3://bucket/prefix; None turns logging off.")
-    sample_rate: float = Field(default=1.0, description="Share of requests each replica records (1.0: every one).")
+    root: str | None = Field(default=None,
+                             description="Folder or s3://bucket/prefix; None turns logging off.")
+    sample_rate: float = Field(default=1.0,
+                               description="Share of requests each replica records (1.0: every one).")
     flush_interval_s: float = Field(default=5.0, description="Seconds between a replica's parquet writes.")
     s3_endpoint: str | None = Field(default=None, description="S3-compatible endpoint, e.g. http://minio:9000.")
     s3_region: str | None = Field(default=None, description="S3 region.")
-    access_key_id: str | None = Field(default=None, description="S3 access key for readers; set it through dg.EnvVar.")
-    secret_access_key: str | None = Field(default=None, description="S3 secret key; set it through dg.EnvVar.")
+    access_key_id: str | None = Field(default=None,
+                                      description="S3 access key for readers; set it through dg.EnvVar.")
+    secret_access_key: str | None = Field(default=None,
+                                          description="S3 secret key; set it through dg.EnvVar.")
     metrics_url: str | None = Field(
-        default=None, description="Where Prometheus scrapes the serving cluster's Ray/Serve metrics (recorded on "
-        "every endpoint materialization), e.g. http://127.0.0.1:8080/metrics.")
+        default=None, description="Where Prometheus scrapes the serving cluster's Ray/Serve metrics "
+        "(recorded on every endpoint materialization), e.g. http://127.0.0.1:8080/metrics.")
 
     @property
     def enabled(self) -> bool:
@@ -44,8 +48,8 @@ class PredictionLogStore(dg.ConfigurableResource):
         """The ``prediction_log`` user_config value for ``family``'s replicas (None: off)."""
         if not self.root:
             return None
-        out: dict[str, Any] = {"root": self._resolved_root(), "family": family, "sample_rate": self.sample_rate,
-                               "flush_interval_s": self.flush_interval_s}
+        out: dict[str, Any] = {"root": self._resolved_root(), "family": family,
+                               "sample_rate": self.sample_rate, "flush_interval_s": self.flush_interval_s}
         if self.s3_endpoint:
             out["s3_endpoint"] = self.s3_endpoint
         if self.s3_region:
@@ -69,8 +73,8 @@ class PredictionLogStore(dg.ConfigurableResource):
         from pyarrow import fs
 
         if not self.root:
-            raise dg.Failure("the prediction log is off (PredictionLogStore.root is None): set OCM_PREDICTION_LOG "
-                             "(see docs/monitoring.md) and redeploy the endpoint")
+            raise dg.Failure("the prediction log is off (PredictionLogStore.root is None): set "
+                             "OCM_PREDICTION_LOG (see docs/monitoring.md) and redeploy the endpoint")
         if not self.root.startswith("s3://"):
             return fs.LocalFileSystem()
         scheme, endpoint = "https", self.s3_endpoint

@@ -51,7 +51,8 @@ IDLE_WORKER_CONFIG_KEY = "idle_worker_killing_time_threshold_ms"
 
 
 def system_config(idle_worker_keep_ms: int = IDLE_WORKER_KEEP_MS) -> dict[str, int]:
-    """The ``_system_config`` of ``ray.init`` for a Ray that ocm starts in-process (see IDLE_WORKER_KEEP_MS)."""
+    """The ``_system_config`` of ``ray.init`` for a Ray that ocm starts in-process (see
+    IDLE_WORKER_KEEP_MS)."""
     return {IDLE_WORKER_CONFIG_KEY: idle_worker_keep_ms}
 
 
@@ -122,7 +123,8 @@ def _loopback_problem() -> str | None:
     node_ip = get_node_ip_address()  # public: this process's node (ray._private.worker._global_node)
     gcs = ray.get_runtime_context().gcs_address
     if node_ip != LOOPBACK or not gcs.startswith(f"{LOOPBACK}:"):
-        return f"its node IP is {node_ip} and its GCS {gcs}, not {LOOPBACK} (its ports would be on the network)"
+        return (f"its node IP is {node_ip} and its GCS {gcs}, not {LOOPBACK} (its ports would be on the "
+                "network)")
     if not is_token_auth_enabled():
         return "token authentication is off (RAY_AUTH_MODE)"
     return None
@@ -151,7 +153,8 @@ def cluster_resources() -> dict[str, float]:
 
     if not ray.is_initialized():
         raise RayConnectionError(
-            "Ray is not initialised in this process: request a Ray resource in the asset so Dagster sets it up"
+            "Ray is not initialised in this process: request a Ray resource in the asset so Dagster sets "
+            "it up"
         )
     return {key: float(value) for key, value in ray.cluster_resources().items()}
 
@@ -269,13 +272,13 @@ class RayHead(LocalRay):
     )
     start_local_if_no_head: bool = Field(
         default=False,
-        description='With address="auto": start Ray in-process when no head answers (RAY_ADDRESS unset and no '
-        "live head recorded), instead of failing.",
+        description='With address="auto": start Ray in-process when no head answers (RAY_ADDRESS unset and '
+        "no live head recorded), instead of failing.",
     )
     temp_dir: str | None = Field(
         default=None,
-        description="Ray temp folder of the local head (`ray start --temp-dir`), where it records its address; "
-        "Ray's default (/tmp/ray) when unset.",
+        description="Ray temp folder of the local head (`ray start --temp-dir`), where it records its "
+        "address; Ray's default (/tmp/ray) when unset.",
     )
     num_cpus: int | None = Field(
         default=None, description="CPUs of an in-process Ray; all cores when unset. Ignored when connecting."
@@ -304,15 +307,15 @@ class RayHead(LocalRay):
     )
     auth_mode: Literal["auto", "token", "disabled"] = Field(
         default="auto",
-        description='Ray token authentication for connecting: "auto" = token when RAY_AUTH_MODE is unset and a '
-        'token is available (~/.ray/auth_token, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH); "token" / "disabled" '
-        "set RAY_AUTH_MODE for this process.",
+        description='Ray token authentication for connecting: "auto" = token when RAY_AUTH_MODE is unset '
+        'and a token is available (~/.ray/auth_token, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH); "token" / '
+        '"disabled" set RAY_AUTH_MODE for this process.',
     )
 
     jobs_url: str | None = Field(
         default=None,
-        description="The head's dashboard (Ray Jobs API), e.g. http://ray-head:8265, where training runs as a "
-        "Ray Job when `address` is a Ray Client address (ray://; Ray Data does not run in a Ray Client "
+        description="The head's dashboard (Ray Jobs API), e.g. http://ray-head:8265, where training runs as "
+        "a Ray Job when `address` is a Ray Client address (ray://; Ray Data does not run in a Ray Client "
         "driver). Unset: http://<host of the ray:// address>:<dashboard_port>.",
     )
 
@@ -422,7 +425,8 @@ class RayHead(LocalRay):
             raise RayConnectionError(f"No dashboard URL for Ray Jobs: set jobs_url (address {address!r})")
         return f"http://{_split_address(address)[0]}:{self.dashboard_port}"
 
-    def run_job(self, module: str, spec: Mapping[str, Any], result_path: str, **kwargs: Any) -> dict[str, Any]:
+    def run_job(self, module: str, spec: Mapping[str, Any], result_path: str,
+                **kwargs: Any) -> dict[str, Any]:
         """Run ``python -m <module> '<spec json>'`` as a Ray Job on the head and return the JSON result its
         driver wrote at ``result_path`` (see :func:`ocm_resources.ray_jobs.run_job` for the keywords)."""
         from ocm_resources.ray_jobs import run_job
@@ -455,8 +459,8 @@ class RayHead(LocalRay):
                     log.info(f"No live Ray head recorded in {where}; starting Ray in-process")
                 return None
             raise RayConnectionError(
-                f"No running Ray head found (RAY_ADDRESS is unset and {where} is missing or names a head that "
-                f"does not answer). {_FIX_HINT}"
+                f"No running Ray head found (RAY_ADDRESS is unset and {where} is missing or names a head "
+                f"that does not answer). {_FIX_HINT}"
             )
         self._check_tcp(address, source="address")
         return address

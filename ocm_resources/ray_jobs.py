@@ -104,7 +104,8 @@ def run_job(
                 done = True
                 break
             if time.monotonic() > deadline:
-                raise RayJobError(f"Ray Job {job_id} did not finish within {timeout_s:.0f} s (status {status})")
+                raise RayJobError(f"Ray Job {job_id} did not finish within {timeout_s:.0f} s "
+                                  f"(status {status})")
             time.sleep(poll_s)
     finally:
         if not done:
@@ -128,7 +129,8 @@ def _read_result(path: str, filesystem: Any, job_id: str) -> dict[str, Any]:
         with target.open_input_stream(path) as stream:
             data = json.loads(stream.read().decode())
     except (OSError, ValueError) as exc:
-        raise RayJobError(f"Ray Job {job_id} succeeded but its result at {path} is unreadable: {exc}") from None
+        raise RayJobError(f"Ray Job {job_id} succeeded but its result at {path} is unreadable: "
+                          f"{exc}") from None
     if not isinstance(data, dict):
         raise RayJobError(f"Ray Job {job_id} wrote {type(data).__name__} at {path}, not a JSON object")
     return data

@@ -2,9 +2,9 @@
 
 The ML core builds each application (``ocm_ml.serve.deployments.build_app``: the replica classes and their
 FastAPI apps); this resource runs it on Serve, waits until every replica serves it, reports its URLs, health
-and replica counters, sends probe traffic, and takes it down. It speaks Serve's public API (``serve.run_many``,
-``serve.status``, ``serve.delete``) and HTTP to the replicas; the one read Serve has no public call for is
-:func:`_serve_details`.
+and replica counters, sends probe traffic, and takes it down. It speaks Serve's public API
+(``serve.run_many``, ``serve.status``, ``serve.delete``) and HTTP to the replicas; the one read Serve has no
+public call for is :func:`_serve_details`.
 
 A Serve application started on a Ray that the step process itself started dies with that process, so the
 embedded default deploys to the local head that ``make dev``/``make demo`` run (``scripts/dev.sh``), and
@@ -107,7 +107,8 @@ class ServeControl(dg.ConfigurableResource):
         '"host:port" = that head, "ray://host:10001" = its Ray Client server (cluster path); None = the '
         "Ray this process is already connected to (tests).",
     )
-    temp_dir: str | None = Field(default=None, description="Temp folder of the local head (`ray start --temp-dir`).")
+    temp_dir: str | None = Field(default=None,
+                                 description="Temp folder of the local head (`ray start --temp-dir`).")
     http_host: str = Field(default="127.0.0.1", description="Serve HTTP host.")
     http_port: int = Field(default=8000, description="Serve HTTP port.")
     reload_timeout_s: float = Field(default=300.0, description="Seconds a deploy or hot reload may take.")
@@ -119,7 +120,8 @@ class ServeControl(dg.ConfigurableResource):
 
         if self.address is None:
             if not ray.is_initialized():
-                raise ServeError("ServeControl(address=None) needs a Ray this process is already connected to")
+                raise ServeError("ServeControl(address=None) needs a Ray this process is already "
+                                 "connected to")
             return
         address = self.address
         if address == "auto":
@@ -128,8 +130,9 @@ class ServeControl(dg.ConfigurableResource):
             address = local_head_address(self.temp_dir)
             if address is None:
                 raise ServeError(
-                    "no long-lived local Ray head is running (a Serve app on an in-process Ray would die with "
-                    "the step): start one with `make dev` (or `scripts/dev.sh ray-up`), or set the Ray address"
+                    "no long-lived local Ray head is running (a Serve app on an in-process Ray would die "
+                    "with the step): start one with `make dev` (or `scripts/dev.sh ray-up`), or set the Ray "
+                    "address"
                 )
         if ray.is_initialized():
             current = _connected_address()
@@ -217,7 +220,8 @@ class ServeControl(dg.ConfigurableResource):
                 for target in group.get("targets") or []:
                     if target.get("port") != http.get("port") and not str(target.get("name")).startswith(
                             "SERVE_PROXY"):  # nor the fallback proxy HAProxy has while no replica runs
-                        # Replicas bind the proxy's host: on a loopback-only cluster their node IP is unreachable.
+                        # Replicas bind the proxy's host: on a loopback-only cluster their node IP is
+                        # unreachable.
                         direct.append(f"http://{host if loopback else target['ip']}:{target['port']}{prefix}")
         return {"proxy": f"http://{proxy_host}:{http.get('port', 8000)}{prefix}", "direct": sorted(direct)}
 
@@ -249,7 +253,8 @@ class ServeControl(dg.ConfigurableResource):
         for url in urls:
             status, info = http_json(f"{url}/info", timeout=10.0)
             if status != 200 or not isinstance(info, dict):
-                raise ServeError(f"the replica stats at {url}/info did not answer ({status}: {str(info)[:300]})")
+                raise ServeError(f"the replica stats at {url}/info did not answer "
+                                 f"({status}: {str(info)[:300]})")
             out.append((info.get("serving") or {}).get("challenger") or {})
         return out
 
@@ -352,8 +357,8 @@ class ServeControl(dg.ConfigurableResource):
                     continue
                 if status.get("failed_revision") == revision:
                     raise ReloadError(
-                        f"replica {status.get('replica_id')} of {name!r} rejected the new user_config and still "
-                        f"serves {status.get('model_uri')}: {status.get('last_reload_error')}")
+                        f"replica {status.get('replica_id')} of {name!r} rejected the new user_config and "
+                        f"still serves {status.get('model_uri')}: {status.get('last_reload_error')}")
                 if status["config_revision"] == revision:
                     seen[status.get("replica_id") or url] = status
             if len(seen) >= replicas:

@@ -31,7 +31,8 @@ class CheckpointStorage(dg.ConfigurableResource):
     )
     region: str | None = Field(default=None, description="S3 region.")
     access_key_id: str | None = Field(default=None, description="S3 access key; set it through dg.EnvVar.")
-    secret_access_key: str | None = Field(default=None, description="S3 secret key; set it through dg.EnvVar.")
+    secret_access_key: str | None = Field(default=None,
+                                          description="S3 secret key; set it through dg.EnvVar.")
 
     @property
     def is_s3(self) -> bool:
@@ -47,8 +48,8 @@ class CheckpointStorage(dg.ConfigurableResource):
         return str(path)
 
     def s3_options(self) -> dict[str, Any] | None:
-        """Where the S3 storage is, without its keys (None for local folders): ``endpoint_override`` (host[:port]),
-        ``scheme`` and ``region``, as pyarrow's ``S3FileSystem`` takes them."""
+        """Where the S3 storage is, without its keys (None for local folders): ``endpoint_override``
+        (host[:port]), ``scheme`` and ``region``, as pyarrow's ``S3FileSystem`` takes them."""
         if not self.is_s3:
             return None
         scheme, endpoint = "https", self.endpoint_override
@@ -57,7 +58,8 @@ class CheckpointStorage(dg.ConfigurableResource):
         return {"endpoint_override": endpoint or None, "scheme": scheme, "region": self.region}
 
     def credential_env(self) -> dict[str, str]:
-        """The S3 keys as the AWS variables pyarrow reads (empty for local folders or keys from the pod's role)."""
+        """The S3 keys as the AWS variables pyarrow reads (empty for local folders or keys from the pod's
+        role)."""
         pairs = (("AWS_ACCESS_KEY_ID", self.access_key_id), ("AWS_SECRET_ACCESS_KEY", self.secret_access_key))
         return {name: value for name, value in pairs if self.is_s3 and value}
 

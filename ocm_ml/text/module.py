@@ -5,7 +5,8 @@
 - ``encode_texts`` / ``TextDataset`` / ``make_collate``: tokenize once (truncated to ``max_length``, not
   padded), pad per batch to its longest text.
 - ``save_model_dir``: the folder every consumer reads: ``save_pretrained`` model + tokenizer (its
-  ``model_max_length`` is the training ``max_length``) and ``labels.json`` (the label map, ``{"0": "negative"}``).
+  ``model_max_length`` is the training ``max_length``) and ``labels.json`` (the label map,
+  ``{"0": "negative"}``).
 - ``accuracy`` / ``macro_f1``: plain numpy metrics shared with evaluation.
 
 Label maps have string keys ``"0".."n-1"`` (as in the registry's metadata.json).

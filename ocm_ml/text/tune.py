@@ -96,8 +96,9 @@ class SearchSettings:
     embed_actors: int = _described(2, "embeddings: Ray Data actors (1 CPU each) that embed the texts.")
     embed_batch_size: int = _described(128, "embeddings: texts per embedding batch.")
     pool_layers: int = _described(
-        2, "embeddings: the top N encoder layers, each mean-pooled, concatenated as the features (1: the last "
-        "layer, the sentence-transformers embedding; 2 scored higher on the tweets: docs/text_model.md).")
+        2, "embeddings: the top N encoder layers, each mean-pooled, concatenated as the features (1: the "
+        "last layer, the sentence-transformers embedding; 2 scored higher on the tweets: "
+        "docs/text_model.md).")
     search_space: dict[str, Any] | None = _described(
         None, "Plain-data space: {name: number | {type: loguniform|uniform, low, high} | "
         "{type: choice, values}}; None: the method's default (default_search_space).")
@@ -258,7 +259,8 @@ def validate_settings(settings: SearchSettings) -> None:
         )
     if settings.grace_period > settings.max_epochs:
         raise ValueError(
-            f"SearchSettings.grace_period ({settings.grace_period}) must be <= max_epochs ({settings.max_epochs})"
+            f"SearchSettings.grace_period ({settings.grace_period}) must be <= max_epochs "
+            f"({settings.max_epochs})"
         )
     if not _is_number(settings.reduction_factor) or settings.reduction_factor <= 1:
         raise ValueError(f"SearchSettings.reduction_factor must be > 1, got {settings.reduction_factor!r}")

@@ -39,7 +39,8 @@ OUTPUT_COLUMNS = ("class_id", "class_name", "confidence")
 
 
 def build_resnet18(num_classes: int = 10) -> nn.Module:
-    """torchvision's ResNet18 with a 1-channel first convolution: normalized (N, 1, 28, 28) -> logits (N, C)."""
+    """torchvision's ResNet18 with a 1-channel first convolution: normalized (N, 1, 28, 28) -> logits
+    (N, C)."""
     from torchvision.models import resnet18
 
     model = resnet18(weights=None, num_classes=num_classes)
@@ -54,7 +55,8 @@ def normalize_pixels(pixels: torch.Tensor, mean: float, std: float) -> torch.Ten
 
 
 class ImagePredictor:
-    """A network taking normalized (N, 1, 28, 28) input, with the normalization and class names of its data."""
+    """A network taking normalized (N, 1, 28, 28) input, with the normalization and class names of its
+    data."""
 
     def __init__(self, model: nn.Module, mean: float, std: float, class_names: Sequence[str]):
         if not std > 0:
@@ -71,7 +73,8 @@ class ImagePredictor:
 
         spec = json.loads(Path(preprocessing).read_text())
         if spec.get("architecture", ARCHITECTURE) != ARCHITECTURE:
-            raise ValueError(f"unknown architecture {spec.get('architecture')!r}; this code builds {ARCHITECTURE}")
+            raise ValueError(f"unknown architecture {spec.get('architecture')!r}; this code builds "
+                             f"{ARCHITECTURE}")
         network = build_resnet18(len(spec["classes"]))
         network.load_state_dict(load_file(str(weights), device="cpu"))
         return cls(network, spec["mean"], spec["std"], spec["classes"])
@@ -80,14 +83,15 @@ class ImagePredictor:
     def from_checkpoint(
         cls, path: str | Path, mean: float, std: float, class_names: Sequence[str]
     ) -> ImagePredictor:
-        """From a local Ray Train checkpoint folder (holding ``checkpoint.ckpt``) or a Lightning ``.ckpt`` file
-        (needs ocm: the only method here that does)."""
+        """From a local Ray Train checkpoint folder (holding ``checkpoint.ckpt``) or a Lightning ``.ckpt``
+        file (needs ocm: the only method here that does)."""
         from ocm_ml.vision.lightning_module import load_network
 
         return cls(load_network(path), mean, std, class_names)
 
     def preprocessing(self) -> dict[str, Any]:
-        return {"architecture": ARCHITECTURE, "mean": self.mean, "std": self.std, "classes": list(self.class_names)}
+        return {"architecture": ARCHITECTURE, "mean": self.mean, "std": self.std,
+                "classes": list(self.class_names)}
 
     def save(self, folder: str | Path) -> dict[str, str]:
         """Write the artifacts of :meth:`from_files` into ``folder``; returns ``{artifact name: path}``."""
@@ -107,7 +111,8 @@ class ImagePredictor:
     def predict_proba(self, pixels: np.ndarray | torch.Tensor, chunk: int = 256) -> np.ndarray:
         """Pixels in 0-255, shape (N, 784) or (N, 28, 28) -> class probabilities float32 (N, C)."""
         batch = torch.as_tensor(np.asarray(pixels) if not isinstance(pixels, torch.Tensor) else pixels)
-        if batch.ndim not in (2, 3) or batch.shape[0] == 0 or tuple(batch.shape[1:]) not in ((784,), (28, 28)):
+        if (batch.ndim not in (2, 3) or batch.shape[0] == 0
+                or tuple(batch.shape[1:]) not in ((784,), (28, 28))):
             raise ValueError(
                 f"expected a non-empty batch of shape (N, 784) or (N, 28, 28), got {tuple(batch.shape)}"
             )
@@ -139,7 +144,8 @@ def pixels_from(model_input: Any) -> np.ndarray:
             rows = model_input.to_numpy()
         else:
             raise ValueError(
-                f"expected a DataFrame with an 'image' column (or 784 pixel columns), got {list(model_input.columns)[:5]}"
+                "expected a DataFrame with an 'image' column (or 784 pixel columns), got "
+                f"{list(model_input.columns)[:5]}"
             )
     elif isinstance(model_input, dict):
         if "image" not in model_input:

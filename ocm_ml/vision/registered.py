@@ -38,7 +38,8 @@ def log_image_model(predictor: ImagePredictor, name: str = "model", input_exampl
 
     if input_example is None:
         input_example = np.zeros((2, 784), dtype=np.uint8)
-    example = pd.DataFrame({"image": [np.asarray(row).reshape(-1).astype(int).tolist() for row in input_example]})
+    example = pd.DataFrame({"image": [np.asarray(row).reshape(-1).astype(int).tolist()
+                                      for row in input_example]})
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = predictor.save(tmp)
         return mlflow.pyfunc.log_model(
