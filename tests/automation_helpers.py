@@ -41,7 +41,8 @@ def automation_tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursors:
         if only is not None and sensor.name not in only:
             continue
         result = dg.evaluate_automation_conditions(
-            defs=defs, instance=instance, asset_selection=sensor.asset_selection, cursor=cursors.get(sensor.name))
+            defs=defs, instance=instance, asset_selection=sensor.asset_selection,
+            cursor=cursors.get(sensor.name))
         cursors[sensor.name] = result.cursor
         by_partition: dict[str | None, list[dg.AssetKey]] = defaultdict(list)
         for key in sensor.asset_selection.resolve(defs.resolve_asset_graph()):

@@ -31,14 +31,16 @@ def image_version(n_train: int = 200, n_val: int = 60, seed: int = 0):
     return {"train": sources.image_table(train), "val": sources.image_table(val)}, metadata
 
 
-WORDS = {0: ["awful", "hate", "terrible", "worst"], 1: ["today", "meeting", "report", "train"], 2: ["love", "great", "happy", "best"]}
+WORDS = {0: ["awful", "hate", "terrible", "worst"], 1: ["today", "meeting", "report", "train"],
+         2: ["love", "great", "happy", "best"]}
 
 
 def text_table(n: int, seed: int) -> pa.Table:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 3, size=n)
     texts = [" ".join(rng.choice(WORDS[int(k)], size=4)) + f" #{i}" for i, k in enumerate(labels)]
-    return pa.Table.from_arrays([pa.array(texts), pa.array(labels.astype(np.int64))], schema=sources.TEXT_SCHEMA)
+    return pa.Table.from_arrays([pa.array(texts), pa.array(labels.astype(np.int64))],
+                                schema=sources.TEXT_SCHEMA)
 
 
 def text_version(n_train: int = 150, n_val: int = 45, seed: int = 0):
@@ -57,5 +59,6 @@ def publish_holdout(pub: RegistryPublisher, dataset: str = "fashion-mnist", n: i
         table = sources.image_table(image_split(n, seed))
     else:
         texts = text_table(n, seed)
-        table = texts.set_column(0, "text", pa.array([f"{t} (held out)" for t in texts.column("text").to_pylist()]))
+        table = texts.set_column(0, "text",
+                                 pa.array([f"{t} (held out)" for t in texts.column("text").to_pylist()]))
     return pub.publish_holdout(dataset, table)

@@ -29,7 +29,8 @@ class Webhook:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                received.append({"path": self.path, "type": self.headers["Content-Type"], "json": json.loads(body)})
+                received.append({"path": self.path, "type": self.headers["Content-Type"],
+                                 "json": json.loads(body)})
                 if hold:
                     released.wait(30)
                 self.send_response(status)
@@ -65,7 +66,8 @@ def test_notify_posts_slack_compatible_json():
     body = got["json"]
     assert body["text"] == "fashion_mnist: input_drift failed: pixel_mean PSI 3.1 > 0.25"
     assert body["channel"] == "#ml-alerts"
-    assert body["blocks"][0]["type"] == "section" and "input_drift failed" in body["blocks"][0]["text"]["text"]
+    assert (body["blocks"][0]["type"] == "section"
+            and "input_drift failed" in body["blocks"][0]["text"]["text"])
     assert body["blocks"][1]["fields"] == [{"type": "mrkdwn", "text": "*rows*\n300"}]
     assert body["ocm"]["event"] == "drift" and body["ocm"]["fields"] == {"rows": 300}
 
@@ -114,8 +116,9 @@ def test_payload_without_fields_or_link():
 
 
 def _gate_and_rollback_assets():
-    """Assets with the champion's and endpoint's keys that emit what the real ones emit when the gate keeps the
-    champion (check `promoted` failed, WARN) and when a rollout fails and restores the champion (dg.Failure)."""
+    """Assets with the champion's and endpoint's keys that emit what the real ones emit when the gate keeps
+    the champion (check `promoted` failed, WARN) and when a rollout fails and restores the champion
+    (dg.Failure)."""
     from ocm_assets.serving import champion_key, endpoint_key
 
     @dg.asset(key=champion_key(FAM), check_specs=[dg.AssetCheckSpec("promoted", asset=champion_key(FAM))])

@@ -34,15 +34,19 @@ def test_every_asset_below_the_dataset_runs_by_an_automation_condition():
         assert graph.get(dataset).automation_condition is None  # asked for by the registry sensor
         conditioned = {k for k in keys if graph.get(k).automation_condition is not None}
         assert conditioned == keys - {dataset}
-        training, rollout = sensors[f"{fam.name}_training_automation"], sensors[f"{fam.name}_rollout_automation"]
+        training, rollout = (sensors[f"{fam.name}_training_automation"],
+                             sensors[f"{fam.name}_rollout_automation"])
         assert {s.default_status for s in (training, rollout)} == {dg.DefaultSensorStatus.RUNNING}
         covered = training.asset_selection.resolve(graph) | rollout.asset_selection.resolve(graph)
-        assert covered == conditioned and not training.asset_selection.resolve(graph) & rollout.asset_selection.resolve(graph)
-        assert {k.path[1] for k in rollout.asset_selection.resolve(graph)} == {"evaluation", "champion", "endpoint"}
+        assert covered == conditioned and not (training.asset_selection.resolve(graph)
+                                               & rollout.asset_selection.resolve(graph))
+        assert {k.path[1] for k in rollout.asset_selection.resolve(graph)} == {"evaluation", "champion",
+                                                                              "endpoint"}
         assert rollout.run_tags[ROLLOUT_TAG] == fam.name and ROLLOUT_TAG not in training.run_tags
         labels = {k.path[1]: graph.get(k).automation_condition.get_label() for k in conditioned}
         assert labels["champion"] == "after_an_evaluation" and labels["endpoint"] == "eager"
-        assert labels["model"] == labels["preprocessing"] == labels["evaluation"] == "eager_after_blocking_checks"
+        assert (labels["model"] == labels["preprocessing"] == labels["evaluation"]
+                == "eager_after_blocking_checks")
         registry_sensor = defs.get_sensor_def(fam.sensor_name)
         assert registry_sensor.job_name == f"{fam.name}_ingest"
         assert defs.get_job_def(registry_sensor.job_name).asset_layer.selected_asset_keys == {dataset}
@@ -81,7 +85,8 @@ def test_a_failed_schema_check_stops_the_chain_a_passing_one_starts_it(tmp_path,
     training = next(s for s in automation_sensors(defs) if s.name == f"{FASHION.name}_training_automation")
     rollout = next(s for s in automation_sensors(defs) if s.name == f"{FASHION.name}_rollout_automation")
     # the daemon's sensors tick all along: a first evaluation before any data
-    before = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=training.asset_selection)
+    before = dg.evaluate_automation_conditions(defs=defs, instance=instance,
+                                               asset_selection=training.asset_selection)
     assert before.total_requested == 0
 
     _, runs = _ingest(defs, instance)
@@ -91,14 +96,17 @@ def test_a_failed_schema_check_stops_the_chain_a_passing_one_starts_it(tmp_path,
     assert instance.get_latest_materialization_event(dataset) is not None
     assert {e.check_name: e.passed for e in runs[bad.tag].get_asset_check_evaluations()} == {"schema": False}
 
-    first = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=training.asset_selection,
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance,
+                                              asset_selection=training.asset_selection,
                                               cursor=before.cursor)
     for step in ("preprocessing", "model"):  # one run: the model waits on preprocessing within it
         assert first.get_requested_partitions(dg.AssetKey([FASHION.name, step])) == {good.tag}
     # the rollout part waits for a model; nothing asks for the bad version, now or on later ticks
-    early = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=rollout.asset_selection)
+    early = dg.evaluate_automation_conditions(defs=defs, instance=instance,
+                                              asset_selection=rollout.asset_selection)
     assert early.total_requested == 0
-    again = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=training.asset_selection,
+    again = dg.evaluate_automation_conditions(defs=defs, instance=instance,
+                                              asset_selection=training.asset_selection,
                                               cursor=first.cursor)
     assert again.total_requested == 0
 
@@ -110,7 +118,8 @@ def test_a_moved_tag_with_the_schema_fixed_starts_the_chain(tmp_path, instance):
     tables, metadata = image_version(n_train=40, n_val=10, seed=4)
     pixels = tables["train"].column("image").to_pylist()
     pixels[0][0] = 300
-    broken = {**tables, "train": tables["train"].set_column(0, "image", pa.array(pixels, type=pa.list_(pa.int64())))}
+    broken = {**tables,
+              "train": tables["train"].set_column(0, "image", pa.array(pixels, type=pa.list_(pa.int64())))}
     v1 = pub.publish("fashion-mnist", "1.0.0", broken, metadata)
     defs = _defs(reg)
     preprocessing = dg.AssetKey([FASHION.name, "preprocessing"])

@@ -19,7 +19,8 @@ def run(fam, registry, tag, instance=None):
     instance = instance or dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(fam.partitions_name, [tag])
     result = dg.materialize(
-        [build_dataset_asset(fam), build_preprocessing_asset(fam)], partition_key=tag, resources={"registry": registry}, instance=instance,
+        [build_dataset_asset(fam), build_preprocessing_asset(fam)], partition_key=tag,
+        resources={"registry": registry}, instance=instance,
         raise_on_error=False,
     )
     mats = {e.asset_key: e.materialization for e in result.get_asset_materialization_events()}
@@ -54,9 +55,11 @@ def test_image_dataset_and_preprocessing(image_registry):
     assert ds.tags["dagster/data_version"] == f"{md5['train']}+{md5['val']}"
     pre = mats[preprocessing_key(FASHION)]
     published = reg.read_metadata(v1).normalization
-    assert meta(pre, "mean") == pytest.approx(published.mean) and meta(pre, "std") == pytest.approx(published.std)
+    assert (meta(pre, "mean") == pytest.approx(published.mean)
+            and meta(pre, "std") == pytest.approx(published.std))
     assert checks["schema"].passed and checks["normalization_matches_data"].passed
-    assert checks["normalization_matches_data"].metadata["recomputed_mean"].value == pytest.approx(published.mean)
+    assert checks["normalization_matches_data"].metadata["recomputed_mean"].value == pytest.approx(
+        published.mean)
 
 
 def test_data_version_follows_content_not_tag(image_registry):
@@ -89,7 +92,8 @@ def _image_table(images, labels):
     flat = np.asarray(images).reshape(n, -1)
     offsets = pa.array(np.arange(0, flat.size + 1, flat.shape[1], dtype=np.int32))
     values = pa.array(flat.reshape(-1).astype(np.int64))
-    return pa.Table.from_arrays([pa.ListArray.from_arrays(offsets, values), pa.array(labels, type=pa.int64())],
+    return pa.Table.from_arrays([pa.ListArray.from_arrays(offsets, values),
+                                 pa.array(labels, type=pa.int64())],
                                 names=["image", "label"])
 
 
@@ -105,12 +109,15 @@ def corrupt_versions():
     bad_labels[7] = 12
     short = [row.reshape(-1)[:700] for row in good.images]
     short_table = pa.Table.from_arrays(
-        [pa.array([r.tolist() for r in short], type=pa.list_(pa.uint8())), pa.array(good.labels)], names=["image", "label"])
+        [pa.array([r.tolist() for r in short], type=pa.list_(pa.uint8())), pa.array(good.labels)],
+        names=["image", "label"])
     val_table = sources.image_table(val)
     wrong_norm = {**metadata, "normalization": {"mean": mean + 0.1, "std": std}}
     return {
-        "pixel-range": ({"train": _image_table(hot, good.labels), "val": val_table}, metadata, "schema", "pixel_"),
-        "unknown-label": ({"train": _image_table(good.images, bad_labels), "val": val_table}, metadata, "schema", "label"),
+        "pixel-range": ({"train": _image_table(hot, good.labels), "val": val_table}, metadata, "schema",
+                        "pixel_"),
+        "unknown-label": ({"train": _image_table(good.images, bad_labels), "val": val_table}, metadata,
+                          "schema", "label"),
         "wrong-shape": ({"train": short_table, "val": val_table}, metadata, "schema", "n_pixels"),
         "wrong-normalization": ({"train": sources.image_table(good), "val": val_table}, wrong_norm,
                                 "normalization_matches_data", None),
@@ -158,7 +165,8 @@ def test_corrupt_version_fails_blocking_check_and_stops_downstream(tmp_path, cas
     def planned_only(step: str) -> bool:
         kinds = events_of(step)
         return dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED in kinds and kinds <= {
-            dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED, dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED}
+            dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED,
+            dg.DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED}
 
     assert planned_only("fashion_mnist__model") and "fashion_mnist__model" not in stats_of
     assert not_executed("fashion_mnist__model")
@@ -187,7 +195,8 @@ def test_empty_text_and_unknown_label_fail(tmp_path):
     texts = tables["train"].column("text").to_pylist()
     labels = tables["train"].column("label").to_pylist()
     texts[2], labels[4] = "   ", 7
-    tables["train"] = pa.Table.from_arrays([pa.array(texts), pa.array(labels, type=pa.int64())], schema=sources.TEXT_SCHEMA)
+    tables["train"] = pa.Table.from_arrays([pa.array(texts), pa.array(labels, type=pa.int64())],
+                                           schema=sources.TEXT_SCHEMA)
     v = pub.publish("tweet-sentiment", "1.0.0", tables, metadata)
     result, mats, checks = run(TWEETS, reg, v.tag)
     assert not result.success and not checks["schema"].passed

@@ -190,7 +190,8 @@ def test_ray_up_refuses_a_foreign_process_on_its_port(stack):
     finally:
         squatter.close()
     assert out.returncode != 0
-    assert f"127.0.0.1:{env['OCM_RAY_PORT']} (Ray GCS) is taken by another process: {os.getpid()}" in out.stderr
+    assert (f"127.0.0.1:{env['OCM_RAY_PORT']} (Ray GCS) is taken by another process: "
+            f"{os.getpid()}") in out.stderr
     assert "OCM_RAY_PORT" in out.stderr
     assert not processes_of(home), "ray-up started something although it refused"
 

@@ -18,7 +18,8 @@ def test_real_fashion_mnist_holdout_is_in_no_training_split():
         tables, _ = fashion_mnist_version(VersionOptions(resplit_seed=resplit))
         assert not held & set(row_keys(tables["train"])), resplit
         assert not held & set(row_keys(tables["val"])), resplit
-        assert tables["train"].num_rows == 60_000 and tables["val"].num_rows == sources.FASHION_MNIST_HOLDOUT_START
+        assert (tables["train"].num_rows == 60_000
+                and tables["val"].num_rows == sources.FASHION_MNIST_HOLDOUT_START)
 
 
 def test_real_tweet_holdout_is_in_no_split():
@@ -43,7 +44,8 @@ def test_publisher_refuses_a_version_that_trains_on_the_holdout(tmp_path):
     import pyarrow as pa
 
     leaky["train"] = pa.concat_tables([tables["train"], leaky["train"]])
-    with pytest.raises(RegistryError, match=r"2 row\(s\) of the train split are in the holdout holdout/fashion-mnist"):
+    with pytest.raises(RegistryError,
+                       match=r"2 row\(s\) of the train split are in the holdout holdout/fashion-mnist"):
         pub.publish("fashion-mnist", "1.0.0", leaky, metadata)
     assert not pub.has_tag("fashion-mnist-v1.0.0")  # nothing was published
     assert pub.publish("fashion-mnist", "1.0.0", tables, metadata).tag == "fashion-mnist-v1.0.0"

@@ -1,6 +1,6 @@
 """Lineage for clients: the Dagster webserver, started from ``workspace.yaml`` as a user would, serves the
-whole chain over its GraphQL API — dataset → preprocessing → model (or → hpo → model) → evaluation → champion → endpoint
-for every family — with the asset checks on the right assets.
+whole chain over its GraphQL API — dataset → preprocessing → model (or → hpo → model) → evaluation →
+champion → endpoint for every family — with the asset checks on the right assets.
 
 One ``dagster-webserver`` for the module (fresh DAGSTER_HOME with telemetry off, fresh OCM_HOME, a free
 loopback port), killed by process group at teardown. The helpers live in ``scripts/screenshot_lineage.py``,

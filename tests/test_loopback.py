@@ -39,7 +39,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _names(procs: list[psutil.Process]) -> list[str]:
-    """The names of the processes still alive (Ray's short-lived workers may end between listing and reading)."""
+    """The names of the processes still alive (Ray's short-lived workers may end between listing and
+    reading)."""
     names = []
     for proc in procs:
         try:
@@ -71,7 +72,8 @@ def test_in_process_head_listens_on_loopback_only(tmp_path):
             time.sleep(0.5)
         assert serve_port in {port for _, port, _ in found}, found
         names = " ".join(_names(tree))
-        for part in ("gcs_server", "raylet", "ray::DashboardA", "ray::RuntimeEnv", "ray::ProxyActor", "haproxy"):
+        for part in ("gcs_server", "raylet", "ray::DashboardA", "ray::RuntimeEnv", "ray::ProxyActor",
+                     "haproxy"):
             assert part in names, names
         assert len(found) >= 8, found
         exposed = [item for item in found if not is_loopback(item[0])]

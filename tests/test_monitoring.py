@@ -61,7 +61,8 @@ def test_texts_of_another_language_drift():
     train = text_table(400, 0).column("text").to_pylist()
     vocab = {t for text in train for t in drift.tokens(text)}
     ref = drift.summarize_texts(train, vocab)
-    own = drift.input_drift(ref, drift.summarize_texts(text_table(200, 1).column("text").to_pylist(), vocab), T)
+    own = drift.input_drift(ref, drift.summarize_texts(text_table(200, 1).column("text").to_pylist(), vocab),
+                            T)
     assert own["passed"], own
     other = [f"das wetter ist heute wirklich sehr schlecht gewesen nummer {i}" for i in range(200)]
     shifted = drift.input_drift(ref, drift.summarize_texts(other, vocab), T)
@@ -132,7 +133,8 @@ def test_cluster_monitors_scrape_every_ray_pod_of_ocm():
 
     import yaml
 
-    docs = list(yaml.safe_load_all((Path(__file__).resolve().parents[1] / "deploy" / "monitoring.yaml").read_text()))
+    docs = list(yaml.safe_load_all(
+        (Path(__file__).resolve().parents[1] / "deploy" / "monitoring.yaml").read_text()))
     by_kind = {d["kind"]: d for d in docs}
     assert set(by_kind) == {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
     for doc in docs:

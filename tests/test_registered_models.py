@@ -76,7 +76,8 @@ def test_plain_mlflow_predicts_raw_pixels_without_ocm(registered, tmp_path):
     script = tmp_path / "plain.py"
     script.write_text(PLAIN_MLFLOW)
     out = subprocess.run([sys.executable, str(script), uri, "models:/t.fashion-mnist-classifier@champion",
-                          str(path)], capture_output=True, text=True, cwd=tmp_path, env=_clean_env(), timeout=300)
+                          str(path)], capture_output=True, text=True, cwd=tmp_path, env=_clean_env(),
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     answer = json.loads(out.stdout.strip().splitlines()[-1])
     assert answer["ocm_modules"] == []
@@ -91,8 +92,8 @@ def test_mlflow_models_predict_command(registered, tmp_path):
     root, uri, predictor = registered
     images, _ = _images(tmp_path)
     request = tmp_path / "request.json"
-    request.write_text(json.dumps({"dataframe_split": {"columns": ["image"],
-                                                       "data": [[img.reshape(-1).tolist()] for img in images]}}))
+    request.write_text(json.dumps({"dataframe_split": {
+        "columns": ["image"], "data": [[img.reshape(-1).tolist()] for img in images]}}))
     output = tmp_path / "out.json"
     env = {**_clean_env(), "MLFLOW_TRACKING_URI": uri}
     out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "predict",

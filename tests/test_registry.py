@@ -29,7 +29,8 @@ def test_publish_list_resolve_read(registry):
     assert reg.resolve("fashion-mnist-v1.0.0") == v1
     assert v1.commit == subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=pub.root, text=True).strip()
     # annotated tag, data in DVC not git
-    assert subprocess.check_output(["git", "cat-file", "-t", v1.tag], cwd=pub.root, text=True).strip() == "tag"
+    assert subprocess.check_output(["git", "cat-file", "-t", v1.tag], cwd=pub.root,
+                                   text=True).strip() == "tag"
     tracked = subprocess.check_output(["git", "ls-files", "fashion-mnist"], cwd=pub.root, text=True).split()
     assert sorted(tracked) == [
         "fashion-mnist/.gitignore",
@@ -73,7 +74,8 @@ def test_missing_file_is_a_clear_error(registry):
     pub, reg, _, _ = registry
     tables, metadata = image_version()
     broken = pub.publish("fashion-mnist", "1.1.0", {"train": tables["train"]}, metadata)
-    with pytest.raises(RegistryError, match=r"fashion-mnist/val.parquet is missing .* at fashion-mnist-v1.1.0"):
+    with pytest.raises(RegistryError,
+                       match=r"fashion-mnist/val.parquet is missing .* at fashion-mnist-v1.1.0"):
         reg.file_info(broken, "fashion-mnist/val.parquet")
     with pytest.raises(RegistryError, match="is missing"):
         with reg.open(broken, "fashion-mnist/val.parquet"):
@@ -84,7 +86,8 @@ def test_unreachable_repo_and_remote(registry, tmp_path):
     pub, reg, v1, _ = registry
     with pytest.raises(RegistryError, match="listing tags of the registry .*nowhere"):
         DvcRegistry(repo_url=str(tmp_path / "nowhere")).scan("fashion-mnist")
-    # the data lives only in the DVC remote (and the working copy's cache): read from a clone without the remote
+    # the data lives only in the DVC remote (and the working copy's cache): read from a clone without the
+    # remote
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(pub.root), str(clone)], check=True)
     shutil.rmtree(pub.remote_dir)
@@ -101,7 +104,8 @@ def test_existing_tag_needs_force_and_force_moves_it(registry):
     moved = pub.publish("fashion-mnist", "1.0.0", tables, metadata, force=True)
     assert moved.commit != v1.commit
     assert reg.resolve("fashion-mnist-v1.0.0").commit == moved.commit
-    assert reg.file_info(moved, "fashion-mnist/train.parquet").md5 != reg.file_info(v1, "fashion-mnist/train.parquet").md5
+    assert (reg.file_info(moved, "fashion-mnist/train.parquet").md5
+            != reg.file_info(v1, "fashion-mnist/train.parquet").md5)
 
 
 def test_team_registry_by_url(registry, tmp_path):
@@ -118,7 +122,8 @@ def test_team_registry_by_url(registry, tmp_path):
 
 
 @pytest.mark.parametrize("tag, ok", [("fashion-mnist-v1.0.0", True), ("tweet-sentiment-v10.2.33", True),
-                                     ("fashion-mnist-v1.0", False), ("fashion-mnist", False), ("v1.0.0", False)])
+                                     ("fashion-mnist-v1.0", False), ("fashion-mnist", False),
+                                     ("v1.0.0", False)])
 def test_tag_grammar(tag, ok):
     if ok:
         dataset, version = parse_tag(tag)
@@ -182,8 +187,10 @@ def test_cli_publishes_from_idx_files_and_csv(tmp_path):
 
 def test_cli_bad_input_says_what_to_do(tmp_path):
     home = tmp_path / "home"
-    out = _ocm("registry", "publish", "fashion-mnist", "1.0.0", "--source", str(tmp_path / "empty"), env_home=home)
-    assert out.returncode == 2 and "train-images-idx3-ubyte" in out.stderr and "dataset-fashion-mnist" in out.stderr
+    out = _ocm("registry", "publish", "fashion-mnist", "1.0.0", "--source", str(tmp_path / "empty"),
+               env_home=home)
+    assert (out.returncode == 2 and "train-images-idx3-ubyte" in out.stderr
+            and "dataset-fashion-mnist" in out.stderr)
     out = _ocm("registry", "publish", "fashion-mnist", "one", env_home=home)
     assert out.returncode == 2 and "not a valid version tag" in out.stderr
     out = _ocm("registry", "show", "fashion-mnist-v3.0.0", env_home=home)
@@ -294,7 +301,8 @@ def test_a_registry_that_asks_for_credentials_fails_at_once(git_waits):
 
 
 def test_a_url_that_looks_like_an_option_is_a_url(tmp_path, monkeypatch):
-    """``git ls-remote --tags -- <url>``: without the ``--``, this URL would run a command via --upload-pack."""
+    """``git ls-remote --tags -- <url>``: without the ``--``, this URL would run a command via
+    --upload-pack."""
     work = tmp_path / "work"
     subprocess.run(["git", "init", "-q", str(work)], check=True)
     subprocess.run(["git", "remote", "add", "origin", str(tmp_path / "elsewhere")], cwd=work, check=True)

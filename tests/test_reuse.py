@@ -19,8 +19,8 @@ FASHION = family("fashion_mnist")
 QUICK = {"num_workers": 2, "cpus_per_worker": 1, "batch_size": 64, "epochs": 1, "learning_rate": 2e-3,
          "row_limit": 128}
 DATASET = {"files": {"train": {"md5": "a" * 32}, "val": {"md5": "b" * 32}}}
-PREPROCESSING = {"mean": 0.28, "std": 0.35, "classes": ["a", "b"], "tag": "fashion-mnist-v1.0.0", "commit": "c1",
-                 "data_version": "x"}
+PREPROCESSING = {"mean": 0.28, "std": 0.35, "classes": ["a", "b"], "tag": "fashion-mnist-v1.0.0",
+                 "commit": "c1", "data_version": "x"}
 
 
 @pytest.mark.parametrize(("change", "same"), [
@@ -60,7 +60,8 @@ def materialize(resources, instance, tag, config):
     if not instance.has_dynamic_partition(FASHION.partitions_name, tag):
         instance.add_dynamic_partitions(FASHION.partitions_name, [tag])
     result = dg.materialize(family_assets(FASHION), partition_key=tag, resources=resources, instance=instance,
-                            run_config={"ops": {"fashion_mnist__model": {"config": config}}}, raise_on_error=False)
+                            run_config={"ops": {"fashion_mnist__model": {"config": config}}},
+                            raise_on_error=False)
     assert result.success
     mat = next(e.materialization for e in result.get_asset_materialization_events()
                if e.asset_key == model_key(FASHION))
@@ -71,7 +72,8 @@ def training_runs(mlflow) -> int:
     """MLflow runs the model step opened to train (evaluation runs are tagged ocm_stage=evaluation)."""
     client = mlflow.configure()
     experiment = client.get_experiment_by_name(f"{mlflow.env_name}.{FASHION.dataset}")
-    runs = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name LIKE '% train %'")
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string="attributes.run_name LIKE '% train %'")
     return len(runs)
 
 
@@ -141,8 +143,8 @@ def test_identical_texts_under_a_new_tag_are_not_searched_again(tmp_path, ray_lo
     def run(tag):
         if not instance.has_dynamic_partition(tweets.partitions_name, tag):
             instance.add_dynamic_partitions(tweets.partitions_name, [tag])
-        result = dg.materialize(family_assets(tweets), partition_key=tag, resources=resources, instance=instance,
-                                run_config=config)
+        result = dg.materialize(family_assets(tweets), partition_key=tag, resources=resources,
+                                instance=instance, run_config=config)
         return {e.asset_key: {k: v.value for k, v in e.materialization.metadata.items()}
                 for e in result.get_asset_materialization_events()}
 

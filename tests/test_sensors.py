@@ -22,7 +22,8 @@ def instance():
 
 def tick(registry, instance, cursor=None):
     """One sensor evaluation, then what the daemon does with its partition requests."""
-    repo = build_definitions(resources={**build_resources("local"), "registry": registry}).get_repository_def()
+    repo = build_definitions(
+        resources={**build_resources("local"), "registry": registry}).get_repository_def()
     sensor = repo.get_sensor_def(FASHION.sensor_name)
     with dg.build_sensor_context(
         cursor=cursor, instance=instance, instance_ref=instance.get_ref(), repository_def=repo,
@@ -61,7 +62,8 @@ def daemon_tags(request: dg.RunRequest) -> dict[str, str]:
 
 def queue(instance, request: dg.RunRequest) -> dg.DagsterRun:
     """A run record for the request, as the daemon creates it before it submits it (not started)."""
-    return instance.create_run_for_job(ended_ok, status=dg.DagsterRunStatus.NOT_STARTED, tags=daemon_tags(request))
+    return instance.create_run_for_job(ended_ok, status=dg.DagsterRunStatus.NOT_STARTED,
+                                       tags=daemon_tags(request))
 
 
 def finish(instance, request: dg.RunRequest, ok: bool) -> str:
@@ -94,7 +96,8 @@ def test_new_tag_becomes_partition_and_run(registry, instance):
     queue(instance, result.run_requests[0])
     again = tick(reg, instance, result.cursor)
     assert again.run_requests == [] and again.dynamic_partitions_requests == []
-    assert "none new or moved" in again.skip_message and "1 run(s) still queued or running" in again.skip_message
+    assert ("none new or moved" in again.skip_message
+            and "1 run(s) still queued or running" in again.skip_message)
     assert again.cursor == result.cursor
 
 
@@ -109,7 +112,8 @@ def test_second_version_and_moved_tag(registry, instance):
 
     moved = pub.publish("fashion-mnist", "1.0.0", *image_version(n_train=40, n_val=10, seed=9), force=True)
     result = tick(reg, instance, cursor)
-    assert [(r.partition_key, r.run_key) for r in result.run_requests] == [(v1.tag, f"{v1.tag}@{moved.commit}")]
+    assert [(r.partition_key, r.run_key) for r in result.run_requests] == [
+        (v1.tag, f"{v1.tag}@{moved.commit}")]
     assert result.run_requests[0].tags["ocm/trigger"] == "moved"
     assert result.dynamic_partitions_requests == []  # the partition already exists
 
@@ -143,7 +147,8 @@ def test_unreachable_registry_fails_the_tick_clearly(tmp_path, instance):
 def schedule_tick(registry, instance):
     import datetime
 
-    repo = build_definitions(resources={**build_resources("local"), "registry": registry}).get_repository_def()
+    repo = build_definitions(
+        resources={**build_resources("local"), "registry": registry}).get_repository_def()
     schedule = repo.get_schedule_def(FASHION.schedule_name)
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED  # opt-in
     when = datetime.datetime(2026, 11, 23, 3, 0, tzinfo=datetime.UTC)
@@ -225,8 +230,8 @@ def test_a_run_that_succeeded_or_was_cancelled_is_not_retried(registry, instance
 
 
 def _force_tag(pub, tag, commit):
-    subprocess.run(["git", "tag", "-f", "-a", tag, commit, "-m", f"{tag} back to {commit[:10]}"], cwd=pub.root,
-                   check=True, capture_output=True)
+    subprocess.run(["git", "tag", "-f", "-a", tag, commit, "-m", f"{tag} back to {commit[:10]}"],
+                   cwd=pub.root, check=True, capture_output=True)
 
 
 def test_a_tag_moved_away_and_back_runs_again(registry, instance):
@@ -260,7 +265,8 @@ def test_twelve_new_tags_are_taken_five_per_tick_oldest_first(registry, instance
     from ocm_assets.sensors import MAX_RUNS_PER_TICK
 
     pub, reg, v1, _ = registry
-    versions = ["1.0.1", "1.2.0", "1.10.0", "1.9.0", "2.0.0", "1.3.0", "1.4.0", "1.5.0", "1.6.0", "1.7.0", "1.8.0"]
+    versions = ["1.0.1", "1.2.0", "1.10.0", "1.9.0", "2.0.0", "1.3.0", "1.4.0", "1.5.0", "1.6.0", "1.7.0",
+                "1.8.0"]
     refs = "".join(f"create refs/tags/fashion-mnist-v{v} HEAD\n" for v in versions)
     subprocess.run(["git", "update-ref", "--stdin"], input=refs, text=True, cwd=pub.root, check=True)
     everything = [v.tag for v in reg.list_versions("fashion-mnist")]
@@ -271,7 +277,8 @@ def test_twelve_new_tags_are_taken_five_per_tick_oldest_first(registry, instance
         result = tick(reg, instance, cursor)
         asked = [r.partition_key for r in result.run_requests]
         assert len(asked) == expected
-        assert list(result.dynamic_partitions_requests[0].partition_keys) == asked  # partitions only for these
+        # partitions only for these
+        assert list(result.dynamic_partitions_requests[0].partition_keys) == asked
         cursor, seen = result.cursor, seen + asked
         # the cursor records exactly the tags asked for so far, so the next tick takes the rest
         assert sorted(json.loads(cursor)["tags"]) == sorted(seen)
@@ -291,19 +298,21 @@ def test_the_cap_is_configurable_and_retries_come_first(registry, instance):
     sensor = build_registry_sensor(FASHION, repo.get_job(FASHION.retrain_job_name), max_runs_per_tick=1)
 
     def one_tick(cursor):
-        with dg.build_sensor_context(cursor=cursor, instance=instance, instance_ref=instance.get_ref(), repository_def=repo,
-                                     resources={"registry": reg}) as context:
+        with dg.build_sensor_context(cursor=cursor, instance=instance, instance_ref=instance.get_ref(),
+                                     repository_def=repo, resources={"registry": reg}) as context:
             return sensor.evaluate_tick(context)
 
     first = one_tick(None)
     finish(instance, first.run_requests[0], ok=False)
     v2 = pub.publish("fashion-mnist", "1.1.0", tables, metadata)
     second = one_tick(first.cursor)
-    assert [(r.run_key, r.tags["ocm/trigger"]) for r in second.run_requests] == [(f"{v1.tag}@{v1.commit}#2", "retry")]
+    assert [(r.run_key, r.tags["ocm/trigger"]) for r in second.run_requests] == [
+        (f"{v1.tag}@{v1.commit}#2", "retry")]
     assert v2.tag not in json.loads(second.cursor)["tags"]
     queue(instance, second.run_requests[0])
     third = one_tick(second.cursor)
-    assert [(r.run_key, r.tags["ocm/trigger"]) for r in third.run_requests] == [(f"{v2.tag}@{v2.commit}", "new")]
+    assert [(r.run_key, r.tags["ocm/trigger"]) for r in third.run_requests] == [
+        (f"{v2.tag}@{v2.commit}", "new")]
 
 
 def test_a_cursor_of_the_earlier_format_still_works(registry, instance):
@@ -323,7 +332,8 @@ def test_a_cursor_of_the_earlier_format_still_works(registry, instance):
 
 def test_a_black_holed_registry_fails_the_tick_within_its_timeout(instance, git_waits):
     """Checks that the tick runs one ``git ls-remote``, waits for it at most ``git_timeout_s``, kills it and
-    fails with an error that names the timeout (no wall-clock figure: what git was given and what came back)."""
+    fails with an error that names the timeout (no wall-clock figure: what git was given and what came
+    back)."""
     import socket
     import threading
 
@@ -349,7 +359,8 @@ def test_a_black_holed_registry_fails_the_tick_within_its_timeout(instance, git_
         assert not thread.is_alive(), "the tick hangs on the black-holed registry"
     error = outcome.get("error")
     assert isinstance(error, RegistryError), error
-    assert "listing tags of the registry git://127.0.0.1" in str(error) and "no answer within 2 s" in str(error)
+    assert ("listing tags of the registry git://127.0.0.1" in str(error)
+            and "no answer within 2 s" in str(error))
     # one git, waited for with the configured timeout (the second wait is the reaping after the kill)
     assert {id(proc) for _, _, proc in waits} == {id(waits[0][2])}, [cmd for cmd, _, _ in waits]
     assert waits[0][0] == ["git", "ls-remote", "--tags", "--", url] and waits[0][1] == 2, waits[0][:2]

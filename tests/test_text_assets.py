@@ -76,8 +76,10 @@ def test_search_nested_runs_and_registered_model(stack):
 
     client = resources["mlflow"].configure()
     parent = client.get_run(hpo["mlflow_parent_run_id"])
-    assert parent.data.tags["dvc_data_version"] == v1.tag and parent.data.tags["dagster_run_id"] == result.run_id
-    assert parent.data.params["scheduler"] == "ASHA" and parent.data.tags["best_trial_id"] == hpo["best_trial"]
+    assert (parent.data.tags["dvc_data_version"] == v1.tag
+            and parent.data.tags["dagster_run_id"] == result.run_id)
+    assert (parent.data.params["scheduler"] == "ASHA"
+            and parent.data.tags["best_trial_id"] == hpo["best_trial"])
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 4
@@ -99,10 +101,12 @@ def test_search_nested_runs_and_registered_model(stack):
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(TWEETS.partitions_name, [v1.tag])
     evaluated = dg.materialize(
-        [dg.SourceAsset(model_key(TWEETS), partitions_def=dg.DynamicPartitionsDefinition(name=TWEETS.partitions_name)),
+        [dg.SourceAsset(model_key(TWEETS),
+                        partitions_def=dg.DynamicPartitionsDefinition(name=TWEETS.partitions_name)),
          build_evaluation_asset(TWEETS)],
         partition_key=v1.tag, resources=resources, instance=instance, selection=[evaluation_key(TWEETS)])
-    record = next(e.materialization for e in evaluated.get_asset_materialization_events()).metadata["evaluation"].value
+    record = next(e.materialization
+                  for e in evaluated.get_asset_materialization_events()).metadata["evaluation"].value
     assert record["challenger_version"] == model["registered_version"] and record["champion_version"] is None
     holdout = record["scores"]["challenger"]["holdout"]
     assert holdout["rows"] == 45 and len(holdout["per_class_accuracy"]) == 3
@@ -115,7 +119,8 @@ def test_search_nested_runs_and_registered_model(stack):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"search_space": json.dumps({"learning_rate": {"type": "loguniform", "low": 0, "high": 1}})}, "learning_rate"),
+    ({"search_space": json.dumps({"learning_rate": {"type": "loguniform", "low": 0, "high": 1}})},
+     "learning_rate"),
     ({"search_space": "{not json"}, "not valid JSON"),
     ({"backbone": "/nonexistent/backbone-dir"}, "/nonexistent/backbone-dir"),
 ])
@@ -134,7 +139,8 @@ def test_zero_eval_rows_is_refused_with_a_reason(stack):
     instance.add_dynamic_partitions(TWEETS.partitions_name, [v1.tag])
     search = {**SEARCH, "backbone": backbone, "num_trials": 1, "max_epochs": 1}
     result = dg.materialize(
-        family_assets(TWEETS), partition_key=v1.tag, resources=resources, instance=instance, raise_on_error=False,
+        family_assets(TWEETS), partition_key=v1.tag, resources=resources, instance=instance,
+        raise_on_error=False,
         run_config={"ops": {"tweet_sentiment__hpo": {"config": search},
                             "tweet_sentiment__model": {"config": {"eval_rows": 0}}}})
     failure = next(e for e in result.all_events if e.is_step_failure)

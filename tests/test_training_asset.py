@@ -101,7 +101,8 @@ def test_run_config_is_generated_from_the_core_settings():
     assert list(VisionTrainConfig.model_fields) == [f.name for f in fields(TrainSettings)]
     for f in fields(TrainSettings):
         config_field = VisionTrainConfig.model_fields[f.name]
-        assert (config_field.default, config_field.description) == (f.default, f.metadata["description"]), f.name
+        assert (config_field.default, config_field.description) == (f.default,
+                                                                    f.metadata["description"]), f.name
     assert VisionTrainConfig(epochs=3, row_limit=9).settings() == TrainSettings(epochs=3, row_limit=9)
 
 
@@ -153,7 +154,8 @@ def test_training_refuses_data_whose_blocking_check_failed(stack, tmp_path):
     materialization of the model alone is refused too: nothing trains on data that failed validation."""
     pub, _, _, resources = stack
     tables, metadata = image_version(n_train=64, n_val=16, seed=5)
-    bad = pub.publish("fashion-mnist", "1.5.0", tables, {**metadata, "normalization": {"mean": 0.9, "std": 0.1}})
+    bad = pub.publish("fashion-mnist", "1.5.0", tables,
+                      {**metadata, "normalization": {"mean": 0.9, "std": 0.1}})
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(FASHION.partitions_name, [bad.tag])
     shared = {**resources, "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
@@ -165,8 +167,9 @@ def test_training_refuses_data_whose_blocking_check_failed(stack, tmp_path):
         "schema": True, "normalization_matches_data": False}
     assert not [e for e in first.all_events if e.is_step_start and e.step_key == "fashion_mnist__model"]
 
-    by_hand = dg.materialize(family_assets(FASHION), partition_key=bad.tag, resources=shared, instance=instance,
-                             run_config=run_config, raise_on_error=False, selection=[model_key(FASHION)])
+    by_hand = dg.materialize(family_assets(FASHION), partition_key=bad.tag, resources=shared,
+                             instance=instance, run_config=run_config, raise_on_error=False,
+                             selection=[model_key(FASHION)])
     assert not by_hand.success
     failure = next(e for e in by_hand.all_events if e.is_step_failure).step_failure_data.error.to_string()
     assert "normalization_matches_data" in failure and "refusing to train" in failure

@@ -46,7 +46,8 @@ def test_cache_is_keyed_by_data_version_and_backbone(ray_local, backbones, tmp_p
     assert not np.allclose(other, first)
     cache.get(TEXTS, data_key="md5-v1", backbone_dir=a, max_length=8, actors=1)  # other truncation
     assert cache.misses == 4
-    two = cache.get(TEXTS, data_key="md5-v1", backbone_dir=a, max_length=16, layers=2, actors=1)  # other layers
+    # other layers
+    two = cache.get(TEXTS, data_key="md5-v1", backbone_dir=a, max_length=16, layers=2, actors=1)
     assert cache.misses == 5 and two.shape == (len(TEXTS), 64)
     np.testing.assert_allclose(two[:, 32:], first, atol=1e-5)  # the last layer's pooling comes last
 

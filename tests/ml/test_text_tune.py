@@ -116,8 +116,9 @@ def head_search(ray_local, text_data):
                       "class_weighting": {"type": "choice", "values": ["none", "balanced"]}},
     )
     cache = text_data["folder"] / "embedding-cache"
-    result = run_search(text_data["train_url"], text_data["val_url"], LABEL_MAP, text_data["backbone"], settings,
-                        str(text_data["folder"] / "ray_results"), "tiny-heads", cache_dir=str(cache))
+    result = run_search(text_data["train_url"], text_data["val_url"], LABEL_MAP, text_data["backbone"],
+                        settings, str(text_data["folder"] / "ray_results"), "tiny-heads",
+                        cache_dir=str(cache))
     again = run_search(text_data["train_url"], text_data["val_url"], LABEL_MAP, text_data["backbone"],
                        SearchSettings(**{**settings.__dict__, "num_trials": 1}),
                        str(text_data["folder"] / "ray_results"), "tiny-heads-again", cache_dir=str(cache))
@@ -150,7 +151,8 @@ def test_default_space_builds_tune_domains():
     validate_settings(SearchSettings())
     validate_settings(finetune)
     heads = build_search_space(SearchSettings().space(), "embeddings")
-    assert set(heads) == {"learning_rate", "batch_size", "weight_decay", "hidden", "dropout", "class_weighting"}
+    assert set(heads) == {"learning_rate", "batch_size", "weight_decay", "hidden", "dropout",
+                          "class_weighting"}
     assert heads["class_weighting"].categories == ["none", "balanced"] and 0 in heads["hidden"].categories
     assert SearchSettings().row_limit is None  # the default search uses every training row
 
@@ -216,7 +218,8 @@ def test_run_search_rejects_bad_input_before_any_trial(tmp_path):
     from ocm_ml.text.tune import run_search
 
     with pytest.raises(ValueError, match="low > 0|finite|must be > 0"):
-        bad_space = SearchSettings(search_space={"learning_rate": {"type": "loguniform", "low": -1, "high": 1}})
+        bad_space = SearchSettings(
+            search_space={"learning_rate": {"type": "loguniform", "low": -1, "high": 1}})
         run_search("x.parquet", "y.parquet", LABEL_MAP, None, bad_space, str(tmp_path), "r")
     with pytest.raises(ValueError, match="no such local directory"):
         run_search(

@@ -1,4 +1,5 @@
-"""Ray Train DDP training of the Fashion-MNIST ResNet18, on a real local Ray with 2 CPUs and tiny synthetic data.
+"""Ray Train DDP training of the Fashion-MNIST ResNet18, on a real local Ray with 2 CPUs and tiny synthetic
+data.
 
 The images are learnable by construction (``ocm_ml.vision.synthetic``: class k lights up one 7x7 block over
 noise), so an epoch on a few hundred images is far above chance.
@@ -247,8 +248,8 @@ def test_aggregate_worker_metrics_averages_every_worker():
 # ------------------------------------------------------------------------------------------------------------
 
 
-# The driver waits on the progress queue for up to an hour here: the run must still end as soon as fit() returns
-# (the "fit returned" event wakes it), or pytest-timeout fails the test.
+# The driver waits on the progress queue for up to an hour here: the run must still end as soon as fit()
+# returns (the "fit returned" event wakes it), or pytest-timeout fails the test.
 @pytest.mark.timeout(900)
 def test_two_worker_ddp_training_reports_epochs_live_and_checkpoints(ray_local, data, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "_EVENT_WAIT_S", 3600.0)
@@ -362,7 +363,8 @@ def test_training_that_keeps_failing_raises_runtime_error(ray_local, data, tmp_p
 
 @pytest.fixture
 def s3_bucket():
-    """A real S3 endpoint (moto's server on a free local port) with one bucket; yields a pyarrow S3FileSystem."""
+    """A real S3 endpoint (moto's server on a free local port) with one bucket; yields a pyarrow
+    S3FileSystem."""
     import socket
 
     from moto.server import ThreadedMotoServer

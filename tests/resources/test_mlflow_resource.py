@@ -1,5 +1,5 @@
-"""MLflow resource: a real sqlite-backed MLflow in a temporary folder (runs, nested runs, a pyfunc model registered,
-aliased and loaded back), and fast failures for servers that do not answer."""
+"""MLflow resource: a real sqlite-backed MLflow in a temporary folder (runs, nested runs, a pyfunc model
+registered, aliased and loaded back), and fast failures for servers that do not answer."""
 
 import http.server
 import subprocess
@@ -295,7 +295,8 @@ def test_code_version_is_the_git_commit_of_the_checkout(tmp_path):
 
     from ocm_resources.mlflow import LocalMlflow, git_code_version
 
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
     version = git_code_version()
     assert version is not None and version.removesuffix("-dirty") == head
     tags = LocalMlflow(home=str(tmp_path)).lineage_tags("t", "c", "r", "p")

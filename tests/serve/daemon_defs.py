@@ -17,7 +17,8 @@ from ocm_resources.registry import DvcRegistry
 from ocm_resources.serve_control import ServeControl
 from ocm_resources.storage import CheckpointStorage
 
-#: Route /fashion_mnist_daemon; no floors (320 real training rows, one epoch), a new version must win by 1 point.
+#: Route /fashion_mnist_daemon; no floors (320 real training rows, one epoch), a new version must win by 1
+#: point.
 FAMILY = Family("fashion_mnist_daemon", "fashion-mnist", "image", "daemon e2e test family",
                 gate=Gate(floors={"accuracy": 0.0}, win_margin=0.01))
 
@@ -33,7 +34,8 @@ def defs() -> dg.Definitions:
             "ray_cluster": RayHead(address=ray_address, keep_alive=True),
             "mlflow": LocalMlflow(home=home, env_name="daemon"),
             "checkpoints": CheckpointStorage(base_path=f"{home}/ray-results"),
-            "serve": ServeControl(address=ray_address, http_port=int(os.environ["OCM_DAEMON_TEST_SERVE_PORT"])),
+            "serve": ServeControl(address=ray_address,
+                                  http_port=int(os.environ["OCM_DAEMON_TEST_SERVE_PORT"])),
         },
         families=(FAMILY,),
     )

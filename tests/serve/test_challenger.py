@@ -32,7 +32,8 @@ def test_canary_then_shadow_then_off(image_url):
         reconfigure(IMAGE_APP, {"model_uri": V1, "challenger_uri": V2, "challenger_mode": "canary",
                                       "challenger_share": 1.0})
         assert set(answers(image_url, 5)) == {(V2, 7)}  # the answer names the model that gave it
-        assert httpx.get(f"{image_url}/health", timeout=30).json()["model_uri"] == V1  # the champion is still v1
+        # the champion is still v1
+        assert httpx.get(f"{image_url}/health", timeout=30).json()["model_uri"] == V1
         info = challenger_info(image_url)
         assert info["mode"] == "canary" and info["model_version"] == "2" and info["canary_requests"] >= 5
 

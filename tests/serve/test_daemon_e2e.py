@@ -65,7 +65,8 @@ def daemon(tmp_path_factory, ray_local, serve_http):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "PYTEST_"))}
     env.update(
         DAGSTER_HOME=str(dagster_home), OCM_HOME=str(root / "ocm"), OCM_DAEMON_TEST_HOME=str(root / "ocm"),
-        OCM_REGISTRY_URL=str(root / "registry"), OCM_DAEMON_TEST_RAY=ray_local.get_runtime_context().gcs_address,
+        OCM_REGISTRY_URL=str(root / "registry"),
+        OCM_DAEMON_TEST_RAY=ray_local.get_runtime_context().gcs_address,
         OCM_DAEMON_TEST_SERVE_PORT=serve_http.rsplit(":", 1)[1], OCM_SENSOR_INTERVAL_SECONDS="5",
         PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", RAY_USAGE_STATS_ENABLED="0",
     )
@@ -119,12 +120,14 @@ def test_daemon_retrains_promotes_and_serves_a_published_tag_and_stops_a_corrupt
     assert info is not None and info["model_uri"].endswith("/1"), info
 
     runs = {r.run_id: r for r in _runs(instance)}
-    launched = {(r.tags.get("dagster/sensor_name"), tuple(sorted(k.to_user_string() for k in r.asset_selection or [])))
+    launched = {(r.tags.get("dagster/sensor_name"),
+                 tuple(sorted(k.to_user_string() for k in r.asset_selection or [])))
                 for r in runs.values()}
     # every run came from one of the daemon's sensors, none from this test
     assert all(sensor for sensor, _ in launched), launched
     # the registry sensor's run is the ingest job (the dataset alone; the job selects it, the run does not)
-    assert any(r.tags.get("dagster/sensor_name") == FAMILY.sensor_name and r.job_name == f"{FAMILY.name}_ingest"
+    assert any(r.tags.get("dagster/sensor_name") == FAMILY.sensor_name
+               and r.job_name == f"{FAMILY.name}_ingest"
                and r.tags.get("dagster/partition") == tag for r in runs.values()), _describe(instance)
     assert any(sensor == f"{FAMILY.name}_training_automation" and f"{FAMILY.name}/model" in assets
                for sensor, assets in launched), launched
@@ -140,7 +143,8 @@ def test_daemon_retrains_promotes_and_serves_a_published_tag_and_stops_a_corrupt
     # a corrupt version: its normalization does not match its pixels
     pub = RegistryPublisher(registry, remote_dir=daemon["root"] / "dvc-remote")
     tables, metadata = image_version(n_train=160, n_val=40, seed=5)
-    bad = pub.publish("fashion-mnist", "1.1.0", tables, {**metadata, "normalization": {"mean": 0.9, "std": 0.1}})
+    bad = pub.publish("fashion-mnist", "1.1.0", tables,
+                      {**metadata, "normalization": {"mean": 0.9, "std": 0.1}})
 
     model_key = dg.AssetKey([FAMILY.name, "model"])
 
@@ -150,7 +154,8 @@ def test_daemon_retrains_promotes_and_serves_a_published_tag_and_stops_a_corrupt
 
     _wait_for(daemon, f"the training run of {bad.tag}", trained_bad)
     training = next(r for r in _runs(instance)
-                    if r.tags.get("dagster/partition") == bad.tag and model_key in (r.asset_selection or set()))
+                    if r.tags.get("dagster/partition") == bad.tag
+                    and model_key in (r.asset_selection or set()))
     checks = {}
     for record in instance.all_logs(training.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
         evaluation = record.dagster_event.asset_check_evaluation_data  # type: ignore[union-attr]

@@ -1,8 +1,8 @@
-"""The loop, end to end on the real definitions: a new tag -> one registry-sensor tick -> its ingest run of the
-dataset -> the rest only by automation conditions (evaluated per automation sensor with Dagster's own helper,
-runs executed in-process as the daemon would launch them): preprocessing and training, evaluation, the gate
-and the endpoint -> a new champion served, checked over HTTP. A bad version fails its blocking check and the
-conditions ask for nothing more: the endpoint keeps serving the old champion."""
+"""The loop, end to end on the real definitions: a new tag -> one registry-sensor tick -> its ingest run of
+the dataset -> the rest only by automation conditions (evaluated per automation sensor with Dagster's own
+helper, runs executed in-process as the daemon would launch them): preprocessing and training, evaluation,
+the gate and the endpoint -> a new champion served, checked over HTTP. A bad version fails its blocking
+check and the conditions ask for nothing more: the endpoint keeps serving the old champion."""
 
 import json
 import urllib.request
@@ -114,7 +114,8 @@ def run_of(ticks, asset):
 def test_new_tag_retrains_promotes_and_serves_then_bad_tag_is_stopped(loop):
     pub, defs, instance, url = loop
     cursors = {}
-    assert drive(defs, instance, cursors, RUN_CONFIG, only=CHAIN) == []  # the daemon ticks before any data: nothing to do
+    # the daemon ticks before any data: nothing to do
+    assert drive(defs, instance, cursors, RUN_CONFIG, only=CHAIN) == []
     v1 = pub.publish("fashion-mnist", "1.0.0", *noisy_version())
     first = tick(defs, instance, None)
     (request,) = first.run_requests
@@ -136,7 +137,8 @@ def test_new_tag_retrains_promotes_and_serves_then_bad_tag_is_stopped(loop):
     assert ingest(defs, instance, second.run_requests[0]).success
     ticks = drive(defs, instance, cursors, RUN_CONFIG, only=CHAIN)
     rollout = run_of(ticks, "endpoint")
-    assert chain(ticks) == expected_chain(v2.tag), [(e.check_name, e.passed) for e in rollout.get_asset_check_evaluations()]
+    assert chain(ticks) == expected_chain(v2.tag), [(e.check_name, e.passed)
+                                                    for e in rollout.get_asset_check_evaluations()]
     info = _get(f"{url}/info")
     assert info["data_version"] == v2.tag and info["model_version"] in ("2", 2)
     pred = urllib.request.Request(f"{url}/predict", data=json.dumps({"images": [[0] * 784]}).encode(),

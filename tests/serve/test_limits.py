@@ -114,7 +114,8 @@ def test_build_app_refuses_credentials_before_serve_sees_them():
     assert SECRET not in str(info.value)
     with pytest.raises(ValueError, match="MLFLOW_TRACKING_PASSWORD"):
         build_app("image", {"model_uri": "models:/m/1", "registry_url": "/r"},
-                  ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": {"MLFLOW_TRACKING_PASSWORD": "x"}}})
+                  ray_actor_options={"num_cpus": 1,
+                                     "runtime_env": {"env_vars": {"MLFLOW_TRACKING_PASSWORD": "x"}}})
     with pytest.raises(ValueError, match="max_queued_requests"):
         build_app("image", {"model_uri": "models:/m/1", "registry_url": "/r"}, max_queued_requests=0)
 
@@ -124,7 +125,8 @@ def test_serve_config_file_args_set_the_queue_bound_and_refuse_credentials():
     from ocm_ml.serve.entrypoints import image_app, text_app
 
     args = {"model_uri": "models:/m/1", "registry_url": "/abs/registry"}
-    config = image_app({**args, "max_queued_requests": 8, "retry_after_s": 3})._bound_deployment._deployment_config
+    config = image_app({**args, "max_queued_requests": 8,
+                        "retry_after_s": 3})._bound_deployment._deployment_config
     assert config.max_queued_requests == 8 and config.backpressure_config.retry_after_s == 3
     assert config.backpressure_config.status_code == 503
     assert "retry_after_s" not in config.user_config and "max_queued_requests" not in config.user_config

@@ -74,7 +74,8 @@ def flaky_models(serve_env) -> dict[str, str]:
     tags = {k: champion_run.data.tags[k] for k in ("dvc_data_version", "dvc_commit")}
     code = serve_env.root / "flaky_pyfunc.py"
     code.write_text(FLAKY_PYFUNC)
-    for name, model_config in (("flaky", {"lookup_url": LOOKUP_URL}), ("leaky", {"vocabulary_url": VOCABULARY_URL})):
+    for name, model_config in (("flaky", {"lookup_url": LOOKUP_URL}),
+                               ("leaky", {"vocabulary_url": VOCABULARY_URL})):
         with mlflow.start_run(run_name=f"text-{name}", experiment_id=champion_run.info.experiment_id):
             mlflow.set_tags(tags)
             mlflow.pyfunc.log_model(name="model", python_model=str(code), model_config=model_config,
@@ -277,7 +278,8 @@ def test_a_failing_challenger_answers_only_for_itself(text_url, flaky_models):
         # Every challenger-routed request either got the challenger's answer or is counted as its error.
         assert stats["canary_requests"] - stats["canary_errors"] == answered_by[flaky] >= 1
         assert stats["champion_requests"] + stats["canary_requests"] == len(texts)
-        assert "challenger exploded" in stats["canary_last_error"] and SECRET not in stats["canary_last_error"]
+        assert ("challenger exploded" in stats["canary_last_error"]
+                and SECRET not in stats["canary_last_error"])
 
         reconfigure(TEXT_APP, {"challenger_mode": "shadow"})
         responses = _predict_many(text_url, ["boom good"] * 10)
@@ -355,7 +357,8 @@ def test_no_credential_reaches_health_info_serve_config_or_logs(text_url, serve_
         assert {r.status_code for r in _predict_many(text_url, ["boom"] * 4)} == {200}
         info_text = httpx.get(f"{text_url}/info", timeout=30).text
         assert "lookup https://***@lookup.example.com" in info_text
-        bodies = [info_text, httpx.get(f"{text_url}/health", timeout=30).text, httpx.get(text_url, timeout=30).text]
+        bodies = [info_text, httpx.get(f"{text_url}/health", timeout=30).text,
+                  httpx.get(text_url, timeout=30).text]
     finally:
         deploy(build_app("text", good, ray_actor_options=TEST_ACTOR_OPTIONS, version=version), TEXT_APP)
         wait_healthy(text_url)

@@ -47,7 +47,8 @@ def logged_app(serve_http, serve_env, tmp_path_factory):
 def test_requests_produce_log_rows_with_model_version_and_request_id(logged_app):
     url, root = logged_app["url"], logged_app["root"]
     image = [100] + [0] * 783
-    given = httpx.post(f"{url}/predict", json={"images": [image, image]}, headers={"X-Request-Id": "trace-me-1"})
+    given = httpx.post(f"{url}/predict", json={"images": [image, image]},
+                       headers={"X-Request-Id": "trace-me-1"})
     assert given.status_code == 200, given.text
     assert given.headers.get_list("x-request-id") == ["trace-me-1"]
     fresh = httpx.post(f"{url}/predict", json={"images": [image]})
@@ -123,7 +124,8 @@ def test_bad_settings_are_refused_with_a_reason(serve_env):
 
     with pytest.raises(ValueError, match="sample_rate must be within 0-1"):
         build_app("image", serve_env.user_config("image", f"models:/{IMAGE_MODEL}/1",
-                                                 prediction_log={"root": "/tmp/x", "family": "f", "sample_rate": 2}))
+                                                 prediction_log={"root": "/tmp/x", "family": "f",
+                                                                 "sample_rate": 2}))
     with pytest.raises(ValueError, match="unknown prediction_log key"):
         LogSettings.from_config({"root": "/tmp/x", "family": "f", "rate": 1})
     with pytest.raises(ValueError, match="credentials"):
@@ -225,8 +227,9 @@ def monitored(serve_http, serve_env, tmp_path_factory):
                           .experiment_id):
         mlflow.set_tags({"dvc_data_version": version.tag, "dvc_commit": version.commit})
         norm = metadata["normalization"]
-        mlflow.pytorch.log_model(_band_model(norm["mean"], norm["std"]), name="model", serialization_format="pickle",
-                                 registered_model_name=MONITORED_MODEL, pip_requirements=["torch"])
+        mlflow.pytorch.log_model(_band_model(norm["mean"], norm["std"]), name="model",
+                                 serialization_format="pickle", registered_model_name=MONITORED_MODEL,
+                                 pip_requirements=["torch"])
     log_root = str(root / "prediction_log")
     log = {"root": log_root, "family": MONITORED, "flush_interval_s": 0.3}
     user_config = {**serve_env.user_config("image", f"models:/{MONITORED_MODEL}/1", prediction_log=log),
@@ -250,7 +253,8 @@ def _send(url: str, pixels: np.ndarray, per_request: int = 10) -> list[str]:
 
 
 def _val_pixels(table) -> np.ndarray:
-    return np.asarray(table.column("image").combine_chunks().flatten(), dtype=np.int64).reshape(table.num_rows, 784)
+    return np.asarray(table.column("image").combine_chunks().flatten(),
+                      dtype=np.int64).reshape(table.num_rows, 784)
 
 
 def _materialize(fam, instance, resources, partition, config=None):
@@ -363,9 +367,11 @@ def test_text_rows_get_the_oov_share_of_the_models_own_tokenizer(tmp_path):
     model_dir = Path(spec.submodule_search_locations[0]) / "model"
     labels = {"0": "negative", "1": "neutral", "2": "positive"}
     pyfunc = TextClassifierPyfunc()
-    pyfunc._predictor = TextPredictor(AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3),
-                                      AutoTokenizer.from_pretrained(model_dir), labels)
-    resolved = ResolvedModel("models:/t/1", "models:/t/1", "file:///t/1", "run", "t", "1", {"dvc_commit": "c" * 40}, None)
+    pyfunc._predictor = TextPredictor(
+        AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3),
+        AutoTokenizer.from_pretrained(model_dir), labels)
+    resolved = ResolvedModel("models:/t/1", "models:/t/1", "file:///t/1", "run", "t", "1",
+                             {"dvc_commit": "c" * 40}, None)
     bundle = TextBundle(kind="text", model_uri="models:/t/1", model=pyfunc, resolved=resolved,
                         data_version="tweet-sentiment-v1.0.0", metadata={}, metadata_md5="", label_map=labels)
     rec = PredictionRecorder()

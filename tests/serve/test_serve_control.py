@@ -32,14 +32,16 @@ def _app(serve_env, version: str, model: str = f"models:/{IMAGE_MODEL}/1", **opt
 
 def _replica_ids(control) -> set[str]:
     """The replicas answering now, each asked on its own direct-ingress port."""
-    return {httpx.get(f"{url}/health", timeout=30).json()["replica_id"] for url in control.urls(APP)["direct"]}
+    return {httpx.get(f"{url}/health", timeout=30).json()["replica_id"]
+            for url in control.urls(APP)["direct"]}
 
 
 def test_replica_settings_apply_to_a_running_app(control, serve_env):
     first = control.run(APP, *_app(serve_env, "commit-a", num_replicas=1))
     assert first["action"] == "deployed" and len(first["urls"]["direct"]) == 1
 
-    second = control.run(APP, *_app(serve_env, "commit-a", num_replicas=2, ray_actor_options={"num_cpus": 0.2}))
+    second = control.run(APP, *_app(serve_env, "commit-a", num_replicas=2,
+                                    ray_actor_options={"num_cpus": 0.2}))
     assert second["action"] == "reconfigured"
     deployed = control.deployed(APP)
     assert deployed["options"]["num_replicas"] == 2

@@ -1,5 +1,5 @@
-"""evaluation + champion + endpoint against a real local Serve over HTTP, real MLflow and a real registry with a
-holdout. The models are hand-made linear detectors with known skill: one that knows classes S predicts a
+"""evaluation + champion + endpoint against a real local Serve over HTTP, real MLflow and a real registry with
+a holdout. The models are hand-made linear detectors with known skill: one that knows classes S predicts a
 synthetic image of class k right exactly when k is in S. So which model is better on which rows is known.
 
 - the first model is promoted and deployed; an easier validation split never promotes a model that is worse
@@ -103,8 +103,10 @@ def _stack_mlflow_uris(request):
         ml.set_registry_uri(mlflow.resolved_registry_uri())
 
 
-def new_version(pub, instance, version: str, knows: set[int], mlflow, val_classes: set[int] = ALL, seed: int = 0):
-    """Publish a version, register a detector that knows ``knows`` for its partition; returns (tag, version)."""
+def new_version(pub, instance, version: str, knows: set[int], mlflow, val_classes: set[int] = ALL,
+                seed: int = 0):
+    """Publish a version, register a detector that knows ``knows`` for its partition; returns (tag,
+    version)."""
     import mlflow as ml
 
     v = pub.publish("fashion-mnist", version, *version_tables(seed, val_classes))
@@ -118,7 +120,8 @@ def new_version(pub, instance, version: str, knows: set[int], mlflow, val_classe
 
 
 def rollout(resources, instance, tag, endpoint_config=None, selection=None):
-    assets = [dg.SourceAsset(model_key(FAM), partitions_def=dg.DynamicPartitionsDefinition(name=FAM.partitions_name)),
+    assets = [dg.SourceAsset(model_key(FAM),
+                             partitions_def=dg.DynamicPartitionsDefinition(name=FAM.partitions_name)),
               *build_serving_assets(FAM)]
     run_config = {"ops": {f"{FAM.name}__endpoint": {"config": endpoint_config}}} if endpoint_config else None
     selection = selection or [evaluation_key(FAM), champion_key(FAM), endpoint_key(FAM)]
@@ -210,7 +213,8 @@ def test_each_rollout_judges_its_own_partition_and_the_better_ends_champion(stac
     result = rollout(resources, instance, t_worse)
     assert result.success, failure(result)
     record = materialization(result, evaluation_key(FAM)).metadata["evaluation"].value
-    assert record["challenger_version"] == int(v_worse) and record["champion_version"] == int(aliases(mlflow)["champion"])
+    assert (record["challenger_version"] == int(v_worse)
+            and record["champion_version"] == int(aliases(mlflow)["champion"]))
     assert materialization(result, champion_key(FAM)).metadata["decision"].value == "kept"
     final = aliases(mlflow)["champion"]
     assert final in (before, v_best)  # v_best ties the 100 % champion or replaces a weaker one

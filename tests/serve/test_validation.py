@@ -1,4 +1,5 @@
-"""Request validation: every malformed body is an InputError with a 4xx and a message that names the problem."""
+"""Request validation: every malformed body is an InputError with a 4xx and a message that names the
+problem."""
 
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ def test_scores_by_hand():
     truth = np.array([0, 0, 1, 1, 2, 2])
     predicted = np.array([0, 1, 1, 1, 2, 0])
     conf = np.array([0.9, 0.6, 0.8, 0.7, 0.95, 0.55])
-    scores = score_stream(lambda x: (predicted[x], conf[x]), [(np.arange(6), truth)], ["a", "b", "c"], batch_size=4)
+    scores = score_stream(lambda x: (predicted[x], conf[x]), [(np.arange(6), truth)], ["a", "b", "c"],
+                          batch_size=4)
     assert scores.rows == 6 and scores.accuracy == pytest.approx(4 / 6)
     assert scores.per_class_accuracy == [0.5, 1.0, 0.5]
     assert scores.confusion == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]

@@ -71,7 +71,8 @@ def test_same_version_and_bad_gates():
 def test_a_challenger_below_the_tfidf_baseline_is_not_promoted():
     from ocm_assets.families import TEXT_GATE
 
-    baselines = {"majority": {"accuracy": 0.44, "macro_f1": 0.2}, "tfidf_lr": {"accuracy": 0.76, "macro_f1": 0.738}}
+    baselines = {"majority": {"accuracy": 0.44, "macro_f1": 0.2},
+                 "tfidf_lr": {"accuracy": 0.76, "macro_f1": 0.738}}
     below = decide({"accuracy": 0.74, "macro_f1": 0.712}, None, TEXT_GATE, baselines=baselines)
     assert not below.promote
     assert any("does not beat the tfidf_lr baseline's 0.7380" in r for r in below.reasons), below.reasons

@@ -11,7 +11,8 @@ class FakeReplica:
 
     def __init__(self, rps=100.0, error_rate=0.0, p99_ms=20.0, fail_from_share=None):
         self.share = 0.0
-        self.rps, self.error_rate, self.p99_ms, self.fail_from_share = rps, error_rate, p99_ms, fail_from_share
+        self.rps, self.error_rate, self.p99_ms, self.fail_from_share = (rps, error_rate, p99_ms,
+                                                                        fail_from_share)
         self.stats = {"canary_requests": 0, "canary_errors": 0, "shadow_items": 0, "shadow_errors": 0,
                       "shadow_agreements": 0}
         self.now = 0.0
