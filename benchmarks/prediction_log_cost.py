@@ -55,9 +55,11 @@ def main() -> None:
                            log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         control = ServeControl(address=None)
-        user_config = {"kind": "image", "model_uri": model["model_uri"], "tracking_uri": model["tracking_uri"],
-                       "registry_url": model["registry_url"], "torch_threads": args.torch_threads}
-        control.run("fashion_mnist", build_app("image", user_config, max_ongoing_requests=128, version="bench"),
+        user_config = {"kind": "image", "model_uri": model["model_uri"],
+                       "tracking_uri": model["tracking_uri"], "registry_url": model["registry_url"],
+                       "torch_threads": args.torch_threads}
+        control.run("fashion_mnist",
+                    build_app("image", user_config, max_ongoing_requests=128, version="bench"),
                     config_hash(user_config))
         url = control.urls("fashion_mnist")["direct"][0] + "/predict"
         check_predict(url, model["body"])
@@ -74,11 +76,13 @@ def main() -> None:
                     logged_requests += r["requests"]
                 print(f"  round {round_ + 1} log {mode:<3} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:6.2f} ms  "
                       f"p99 {r['p99_ms']:6.2f} ms  errors {r['errors']}", flush=True)
-        control.reconfigure("fashion_mnist", {"prediction_log": None}, rebuild_app)  # flushes what is buffered
+        # flushes what is buffered
+        control.reconfigure("fashion_mnist", {"prediction_log": None}, rebuild_app)
         from datetime import UTC, datetime, timedelta
 
         now = datetime.now(UTC)
-        rows = read_log(str(log_root), "fashion_mnist", now - timedelta(hours=2), now + timedelta(hours=1)).num_rows
+        rows = read_log(str(log_root), "fashion_mnist", now - timedelta(hours=2),
+                        now + timedelta(hours=1)).num_rows
     finally:
         import ray
 

@@ -57,7 +57,8 @@ def main():
                 return time.perf_counter() - t, result
 
         capped_t, capped_first = tick(None, capped)
-        assert len(capped_first.run_requests) == min(MAX_RUNS_PER_TICK, args.tags), len(capped_first.run_requests)
+        assert len(capped_first.run_requests) == min(MAX_RUNS_PER_TICK, args.tags), len(
+            capped_first.run_requests)
         first_t, first = tick(None)
         assert len(first.run_requests) == args.tags, len(first.run_requests)
         for req in first.dynamic_partitions_requests:

@@ -55,8 +55,9 @@ def main() -> int:
     stages["retrain (validate, preprocess, DDP train, register)"] = time.perf_counter() - t
     model = trained.get(f"{fam.name}/model")
     if model is not None:
-        print(f"  val accuracy {model.metadata['val_accuracy'].value:.4f} on {model.metadata['train_rows'].value} "
-              f"training rows, {model.metadata['images_per_second'].value:.0f} images/s")
+        print(f"  val accuracy {model.metadata['val_accuracy'].value:.4f} on "
+              f"{model.metadata['train_rows'].value} training rows, "
+              f"{model.metadata['images_per_second'].value:.0f} images/s")
     if not retrain.success:
         print("retrain failed")
         return 1
@@ -77,7 +78,8 @@ def main() -> int:
     for name, secs in stages.items():
         print(f"{name:<60}{secs:>10.1f}")
     print(f"{'total: git tag -> endpoint serving the new version':<60}{total:>10.1f}   (goal < 600)")
-    print(f"endpoint now: {http(f'{url}/info').get('model_uri')} on {http(f'{url}/info').get('data_version')}")
+    print(f"endpoint now: {http(f'{url}/info').get('model_uri')} "
+          f"on {http(f'{url}/info').get('data_version')}")
     return 0
 
 

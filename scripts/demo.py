@@ -36,7 +36,8 @@ class Console:
     """The demo's own lines go to the terminal (and the log); everything else goes only to the log.
 
     Ray, Lightning, Tune and MLflow write tips, warnings, worker output and progress bars straight to file
-    descriptors 1 and 2 (from C++, forwarded worker logs and subprocesses), so the redirect is at the fd level.
+    descriptors 1 and 2 (from C++, forwarded worker logs and subprocesses), so the redirect is at the fd
+    level.
     """
 
     def __init__(self) -> None:
@@ -76,7 +77,8 @@ def run_shown(cmd: list[str]) -> None:
     for line in (proc.stdout + proc.stderr).splitlines():
         show(line)
     if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed with exit status {proc.returncode} (see {CONSOLE.log_path})")
+        raise SystemExit(f"{' '.join(cmd)} failed with exit status {proc.returncode} "
+                         f"(see {CONSOLE.log_path})")
 
 
 def ocm(*args: str) -> None:
@@ -100,8 +102,8 @@ def demo_config(fam, quick: bool, epochs: int = 1) -> dict:
         if quick:
             train["row_limit"] = 4000
         return {"ops": {f"{fam.name}__model": {"config": train}}, "loggers": QUIET_LOGS}
-    # the search's defaults (ocm_ml.text.tune.SearchSettings): every training tweet embedded once by the frozen
-    # MiniLM (cached), then 12 ASHA trials of a head on the embeddings
+    # the search's defaults (ocm_ml.text.tune.SearchSettings): every training tweet embedded once by the
+    # frozen MiniLM (cached), then 12 ASHA trials of a head on the embeddings
     search: dict = {}
     model = {"eval_rows": 2000}
     if quick:
@@ -119,15 +121,18 @@ def run_job(defs, instance, job_name: str, *, partition: str | None = None, tags
         run_config=run_config or {"loggers": QUIET_LOGS},
     )
     took = time.perf_counter() - t
-    mats = {e.asset_key.to_user_string(): e.materialization for e in result.get_asset_materialization_events()}
-    checks = {f"{e.asset_key.path[-1]}:{e.check_name}": e.passed for e in result.get_asset_check_evaluations()}
+    mats = {e.asset_key.to_user_string(): e.materialization
+            for e in result.get_asset_materialization_events()}
+    checks = {f"{e.asset_key.path[-1]}:{e.check_name}": e.passed
+              for e in result.get_asset_check_evaluations()}
     show(f"  {job_name}{f' [{partition}]' if partition else ''}: run {result.run_id[:8]} "
           f"{'succeeded' if result.success else 'FAILED'} in {took:.0f}s; checks: "
           + (", ".join(f"{k}={'pass' if v else 'FAIL'}" for k, v in checks.items()) or "-"))
     if not result.success:
         for event in result.all_events:
             if event.is_step_failure:
-                show("    ", event.step_key, ":", event.step_failure_data.error.to_string().strip().splitlines()[-1])
+                show("    ", event.step_key, ":",
+                     event.step_failure_data.error.to_string().strip().splitlines()[-1])
     return result, mats, took
 
 
@@ -147,12 +152,14 @@ def sensor_tick(defs, instance, sensor_name: str, cursor: str | None):
 def show_endpoint(fam, registry, tag: str, url: str) -> dict:
     info = http(f"{url}/info")
     show(f"  GET {url}/info -> model {info.get('model_uri')} (registry v{info.get('model_version')}), "
-          f"data {info.get('data_version')} @ {str(info.get('dvc_commit'))[:10]}, MLflow run {str(info.get('run_id'))[:8]}, "
+          f"data {info.get('data_version')} @ {str(info.get('dvc_commit'))[:10]}, "
+          f"MLflow run {str(info.get('run_id'))[:8]}, "
           f"Dagster run {str(info.get('dagster_run_id'))[:8]}")
     version = registry.resolve(tag)
     with registry.parquet(version, f"{version.dataset}/val.parquet") as parquet:
         rows = parquet.read_row_group(0).slice(0, 2000)
-    if fam.kind == "text":  # samples without the corpus's mis-decoded characters (the schema check counts them)
+    # samples without the corpus's mis-decoded characters (the schema check counts them)
+    if fam.kind == "text":
         from ocm_ml.validation import has_mojibake
 
         keep = [i for i, t in enumerate(rows.column("text").to_pylist()) if not has_mojibake(t)]
@@ -226,7 +233,8 @@ def main() -> int:
             model = mats.get(f"{fam.name}/model")
             endpoint = None
             if result.success:
-                rollout, rmats, took = run_job(defs, instance, f"{fam.name}_rollout", partition=req.partition_key,
+                rollout, rmats, took = run_job(defs, instance, f"{fam.name}_rollout",
+                                               partition=req.partition_key,
                                                tags={"ocm/after_run": result.run_id})
                 timings[f"{req.partition_key} rollout"] = took
                 champion, endpoint = rmats.get(f"{fam.name}/champion"), rmats.get(f"{fam.name}/endpoint")
@@ -234,13 +242,14 @@ def main() -> int:
                 if evaluation is not None:
                     seconds = evaluation.metadata["evaluation_seconds"].value
                     timings[f"{req.partition_key} evaluation"] = seconds
-                    show(f"  evaluation on the same rows ({evaluation.metadata['holdout_rows'].value} holdout, "
-                          f"{evaluation.metadata['val_rows'].value} validation), {seconds:.0f}s:")
+                    show(f"  evaluation on the same rows ({evaluation.metadata['holdout_rows'].value} "
+                          f"holdout, {evaluation.metadata['val_rows'].value} validation), {seconds:.0f}s:")
                     for line in evaluation.metadata["comparison"].value.splitlines():
                         show("   ", line)
                     md = evaluation.metadata
                     for split in ("val", "holdout") if "tfidf_lr_val_macro_f1" in md else ():
-                        show(f"  text model on {split}: accuracy {md[f'challenger_{split}_accuracy'].value:.3f}, "
+                        show(f"  text model on {split}: "
+                             f"accuracy {md[f'challenger_{split}_accuracy'].value:.3f}, "
                              f"macro-F1 {md[f'challenger_{split}_macro_f1'].value:.3f}; TF-IDF + LR on all "
                              f"training rows: accuracy {md[f'tfidf_lr_{split}_accuracy'].value:.3f}, "
                              f"macro-F1 {md[f'tfidf_lr_{split}_macro_f1'].value:.3f}")
@@ -270,8 +279,8 @@ def main() -> int:
 
     fashion = family("fashion_mnist")
     new_tag = f"{fashion.dataset}-v{args.new_version}"
-    say(f"4. publish {new_tag}: Fashion-MNIST train + non-holdout test images pooled and re-split; the sensor "
-        "takes it from there")
+    say(f"4. publish {new_tag}: Fashion-MNIST train + non-holdout test images pooled and re-split; the "
+        "sensor takes it from there")
     url = f"http://127.0.0.1:8000/{fashion.name}"
     try:
         before = http(f"{url}/info")

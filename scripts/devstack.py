@@ -214,11 +214,13 @@ def own_head(stack: Stack) -> str | None:
         return f"{stack.ray_tmp}/ray_current_cluster names {address!r}, not {expected}"
     holder = listener(ports.ray)
     if holder is None or holder.pid not in {p.pid for p in procs}:
-        return f"port {ports.ray} is not held by the recorded head's session ({describe(holder) if holder else 'nobody'})"
+        return (f"port {ports.ray} is not held by the recorded head's session "
+                f"({describe(holder) if holder else 'nobody'})")
     return None
 
 
-def wait_for_head(stack: Stack, leader: psutil.Process, log: Path, offset: int, timeout: float = 180.0) -> None:
+def wait_for_head(stack: Stack, leader: psutil.Process, log: Path, offset: int,
+                  timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = log.read_bytes()[offset:].decode(errors="replace")
@@ -287,11 +289,13 @@ def ray_up(stack: Stack) -> None:
         done = subprocess.run(
             [str(VENV / "bin" / "python"), "-m", "ocm_resources.serve_control", "start-http",
              "--host", LOOPBACK, "--port", str(ports.serve)],
-            env=service_env(stack, RAY_ADDRESS=f"{LOOPBACK}:{ports.ray}"), stdout=log, stderr=subprocess.STDOUT,
+            env=service_env(stack, RAY_ADDRESS=f"{LOOPBACK}:{ports.ray}"), stdout=log,
+            stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
     if done.returncode != 0:
-        raise SystemExit(f"!! Serve HTTP did not start on {LOOPBACK}:{ports.serve} (see {stack.logs}/ray-head.log)")
+        raise SystemExit(f"!! Serve HTTP did not start on {LOOPBACK}:{ports.serve} "
+                         f"(see {stack.logs}/ray-head.log)")
     say(f"   Serve HTTP on http://{LOOPBACK}:{ports.serve}")
 
 
@@ -321,7 +325,8 @@ def start(stack: Stack) -> None:
         ),
         "dagster-daemon": ([str(VENV / "bin" / "dagster-daemon"), "run", "-w", workspace], None),
         "dagster-webserver": (
-            [str(VENV / "bin" / "dagster-webserver"), "-w", workspace, "-h", LOOPBACK, "-p", str(ports.dagster)],
+            [str(VENV / "bin" / "dagster-webserver"), "-w", workspace, "-h", LOOPBACK,
+             "-p", str(ports.dagster)],
             (ports.dagster, "Dagster webserver", "OCM_DAGSTER_PORT"),
         ),
     }

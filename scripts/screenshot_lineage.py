@@ -1,6 +1,6 @@
 """Screenshot the Dagster UI's asset lineage graph with headless Chromium (Debian's ``chromium``).
 
-    .venv/bin/python scripts/screenshot_lineage.py                      # own webserver, docs/lineage.png + groups
+    .venv/bin/python scripts/screenshot_lineage.py          # own webserver, docs/lineage.png + groups
     .venv/bin/python scripts/screenshot_lineage.py --url http://127.0.0.1:3000   # a running `make dev` UI
     .venv/bin/python scripts/screenshot_lineage.py --group fashion_mnist --out /tmp/fm.png
 
@@ -328,7 +328,7 @@ PROBE_JS = r"""
   const fp = nodes.map((n) => { const r = n.getBoundingClientRect(); return [r.x|0, r.y|0, r.width|0, r.height|0].join(","); }).join(";");
   return {found, spinners, nodes: nodes.length, fp, title: document.title};
 })()
-"""
+"""  # noqa: E501 (the JavaScript is sent as it is: wrapping would change the string)
 
 
 def capture(
@@ -381,8 +381,9 @@ def group_route(group: str) -> str:
 
 
 def global_route(groups: list[str]) -> str:
-    """``/asset-groups`` with every group box expanded (``?expanded=`` takes the UI's group ids: ``global@global:<group>``,
-    or ``<repo>@<location>:<group>`` behind the per-location feature flag; unknown ids are ignored)."""
+    """``/asset-groups`` with every group box expanded (``?expanded=`` takes the UI's group ids:
+    ``global@global:<group>``, or ``<repo>@<location>:<group>`` behind the per-location feature flag; unknown
+    ids are ignored)."""
     ids = [f"global@global:{g}" for g in groups] + [f"{REPOSITORY}@{LOCATION}:{g}" for g in groups]
     return "/asset-groups?expanded=" + urllib.parse.quote(",".join(ids), safe="@:,")
 
@@ -397,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         "--group",
         action="append",
         dest="groups",
-        help="also screenshot this asset group to docs/lineage_<group>.png (repeatable; default: every family)",
+        help="also screenshot this asset group to docs/lineage_<group>.png (repeatable; default: every "
+        "family)",
     )
     ap.add_argument("--no-groups", action="store_true", help="only the global lineage page")
     ap.add_argument("--width", type=int, default=1600)
