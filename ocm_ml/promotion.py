@@ -109,7 +109,7 @@ def decide(
             ok = value - base >= margin and value > base
             rule(f"{baseline_name} {metric}", value, base + margin, ok,
                  f"{metric} {value:.4f} {'beats' if ok else 'does not beat'} the {baseline_name} baseline's "
-                 f"{base:.4f} by {margin:.4f}")
+                 f"{base:.4f} by the margin {margin:.4f} (gain {value - base:+.4f})")
     if champion is not None:
         value, current = _finite(challenger, gate.win_metric), _finite(champion, gate.win_metric)
         if value is None or current is None:
