@@ -290,7 +290,8 @@ def create_app(backend: Backend, *, title: str | None = None) -> FastAPI:
             ]
             request_id = log_prediction(request.headers.get("x-request-id"), texts, bundle, labels, confs)
             return _with_request_id(_json(
-                {"predictions": predictions, "model_uri": bundle.model_uri, "data_version": bundle.data_version}
+                {"predictions": predictions, "model_uri": bundle.model_uri,
+                 "data_version": bundle.data_version}
             ), echo_request_id, request_id)
 
     return app

@@ -34,7 +34,8 @@ class QueueFull(RuntimeError):
     def __init__(self, queued: int, size: int, limit: int):
         self.message = (
             f"the replica is overloaded: {queued} items already wait for the model and this request brings "
-            f"{size} more (at most {limit} may wait); retry after {self.retry_after_s}s or send smaller batches"
+            f"{size} more (at most {limit} may wait); retry after {self.retry_after_s}s or send smaller "
+            "batches"
         )
         super().__init__(self.message)
 
@@ -161,7 +162,8 @@ class AdaptiveBatcher(Generic[T, R]):
             try:
                 results = await self._fn([item for item, _ in batch])
                 if len(results) != len(batch):
-                    raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
+                    raise RuntimeError(f"batch function returned {len(results)} results for "
+                                       f"{len(batch)} items")
             except BaseException as exc:
                 for _, future in batch:
                     if not future.done():

@@ -117,7 +117,8 @@ class _Classifier:
         # cast: Ray annotates tag_keys as Tuple[str] (exactly one key), but takes a tuple of any length
         tag_keys = cast(Any, ("model_version", "data_version"))
         self._version_requests = serve_metrics.Counter(
-            "ocm_requests", description="Answered /predict requests per served model version", tag_keys=tag_keys)
+            "ocm_requests", description="Answered /predict requests per served model version",
+            tag_keys=tag_keys)
         self._version_items = serve_metrics.Counter(
             "ocm_predictions", description="Answered inputs (images or texts) per served model version",
             tag_keys=tag_keys)
@@ -129,7 +130,8 @@ class _Classifier:
     def log_prediction(self, request_id: str | None, inputs: Any, bundle: ModelBundle, predictions: Any,
                        confidences: Any, class_ids: Any = None) -> str:
         """The app's one call per answered request: the request id (the incoming ``X-Request-Id``, else
-        Serve's own id of this request), the per-version counters and, when sampled, a prediction-log record."""
+        Serve's own id of this request), the per-version counters and, when sampled, a prediction-log
+        record."""
         if not request_id:
             request_id = _serve_request_id() or uuid.uuid4().hex
         if self._version_tags[0] is not bundle:
@@ -251,7 +253,8 @@ class _Classifier:
         now = time.monotonic()
         if now - self._challenger_logged_at >= 10.0:  # not once per batch under load
             self._challenger_logged_at = now
-            logger.warning("challenger failed on %d request(s), the champion answered them: %s", requests, reason)
+            logger.warning("challenger failed on %d request(s), the champion answered them: %s",
+                           requests, reason)
 
     def _merge(self, parts: list[Any]) -> Any:
         if self.kind == "image":
@@ -292,7 +295,8 @@ class _Classifier:
         self._adaptive.set_max_batch_size(config.max_batch_size)
         self._adaptive.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self._adaptive.set_max_queued_items(config.queued_items_limit)
-        # cast: serve.batch gives the method set_max_batch_size/set_batch_wait_timeout_s, its type doesn't say so
+        # cast: serve.batch gives the method set_max_batch_size/set_batch_wait_timeout_s, its type doesn't
+        # say so
         serve_batched = cast(Any, self._serve_batched)
         serve_batched.set_max_batch_size(config.max_batch_size)
         serve_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
@@ -314,7 +318,8 @@ class _Classifier:
         from mlflow.tracking import MlflowClient
 
         def _version() -> str | None:
-            client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.registry_uri or config.tracking_uri)
+            client = MlflowClient(tracking_uri=config.tracking_uri,
+                                  registry_uri=config.registry_uri or config.tracking_uri)
             return resolve_model(model_uri, client).model_version
 
         loop = asyncio.get_running_loop()
@@ -323,7 +328,8 @@ class _Classifier:
     async def _load(self, config: ServeConfig) -> ModelBundle:
         t0 = time.perf_counter()
         bundle = await asyncio.get_running_loop().run_in_executor(self._load_pool, load_bundle, config)
-        logger.info("loaded %s (%s) in %.1fs", config.model_uri, bundle.data_version, time.perf_counter() - t0)
+        logger.info("loaded %s (%s) in %.1fs", config.model_uri, bundle.data_version,
+                    time.perf_counter() - t0)
         return bundle
 
     def _reject(self, user_config: Any, reason: str) -> None:
@@ -344,7 +350,8 @@ class _Classifier:
             try:
                 config = ServeConfig.from_user_config({"kind": self.kind, **(user_config or {})})
                 if config.kind != self.kind:
-                    raise ValueError(f"this is the {self.kind} deployment; user_config says kind={config.kind!r}")
+                    raise ValueError(f"this is the {self.kind} deployment; "
+                                     f"user_config says kind={config.kind!r}")
             except (TypeError, ValueError) as exc:
                 error = f"invalid user_config: {exc}"
             if error is not None:  # raised outside the except block: no chained original text
@@ -394,7 +401,8 @@ class _Classifier:
             "max_batch": self.limits.max_batch,
             "max_text_length": self.limits.max_text_length,
             "max_body_bytes": self.limits.max_body_bytes,
-            "max_queued_items": self._adaptive.max_queued_items if self.config.batcher == "adaptive" else None,
+            "max_queued_items": (self._adaptive.max_queued_items if self.config.batcher == "adaptive"
+                                 else None),
             "torch_threads": torch.get_num_threads(),
             "replica_id": _replica_id(),
             "prediction_log": self.prediction_log.info(),
@@ -440,7 +448,8 @@ def _new_challenger_stats() -> dict[str, Any]:
 
     return {"canary_requests": 0, "canary_errors": 0, "canary_latencies_ms": deque(maxlen=LATENCY_WINDOW),
             "canary_fallbacks": 0, "canary_last_error": None,
-            "champion_requests": 0, "champion_errors": 0, "champion_latencies_ms": deque(maxlen=LATENCY_WINDOW),
+            "champion_requests": 0, "champion_errors": 0,
+            "champion_latencies_ms": deque(maxlen=LATENCY_WINDOW),
             "shadow_items": 0, "shadow_agreements": 0, "shadow_skipped": 0, "shadow_errors": 0,
             "shadow_last_error": None}
 

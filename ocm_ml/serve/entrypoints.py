@@ -16,10 +16,11 @@ Serve calls the builder named by ``import_path`` with the application's ``args``
 ``args`` holds the deployment's ``user_config`` keys (see :class:`~ocm_ml.serve.loading.ServeConfig`) plus
 the deployment options in :data:`OPTION_KEYS` (``max_queued_requests`` and ``retry_after_s``: Serve's 503
 with Retry-After once that many requests wait; ``code_version``: the git commit, as the endpoint asset sets
-it). URIs in ``args`` must not carry credentials: the builder
-refuses them, and the submitted Serve config itself is shown by the dashboard; the Ray pods' environment
-holds them (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``/``TOKEN``, git and DVC credential config). The applications are the ones ``ServeControl`` deploys
-(same deployments, same code version), so the endpoint asset can hot-reload them in place.
+it). URIs in ``args`` must not carry credentials: the builder refuses them, and the submitted Serve config
+itself is shown by the dashboard; the Ray pods' environment holds them
+(``MLFLOW_TRACKING_USERNAME``/``PASSWORD``/``TOKEN``, git and DVC credential config). The applications are the
+ones ``ServeControl`` deploys (same deployments, same code version), so the endpoint asset can hot-reload them
+in place.
 """
 
 from __future__ import annotations

@@ -184,7 +184,8 @@ class ResolvedModel:
 
     requested_uri: str
     load_uri: str
-    artifact_location: str  # where the model's files are (file://, s3://, ...), found with this config's client
+    # where the model's files are (file://, s3://, ...), found with this config's client
+    artifact_location: str
     run_id: str
     model_name: str | None
     model_version: str | None
@@ -323,7 +324,8 @@ class ModelBundle:
 
     @property
     def class_names(self) -> list[str]:
-        """The output classes in class-id order (images: the model's classes; texts: the label map's names)."""
+        """The output classes in class-id order (images: the model's classes; texts: the label map's
+        names)."""
         raise NotImplementedError(f"{type(self).__name__} has no classes; use an ImageBundle or TextBundle")
 
 

@@ -59,7 +59,8 @@ class LogSettings:
         if not isinstance(self.root, str) or not self.root:
             raise ValueError("prediction_log.root must be a folder or s3://bucket/prefix")
         if "@" in self.root.split("/")[2 if "://" in self.root else 0]:
-            raise ValueError("prediction_log.root must not carry credentials; the replica's environment has them")
+            raise ValueError("prediction_log.root must not carry credentials; "
+                             "the replica's environment has them")
         if not isinstance(self.family, str) or not self.family or "/" in self.family:
             raise ValueError(f"prediction_log.family must be a folder name, got {self.family!r}")
         if isinstance(self.sample_rate, bool) or not 0.0 <= float(self.sample_rate) <= 1.0:
@@ -182,7 +183,8 @@ class PredictionRecorder:
             if self._buffered_rows + n > 4 * s.max_buffered_rows:
                 self.stats["rows_dropped"] += n
                 return
-            self._buffer.append((time.time(), request_id, bundle, inputs, predictions, confidences, class_ids))
+            self._buffer.append((time.time(), request_id, bundle, inputs, predictions, confidences,
+                                 class_ids))
             self._buffered_rows += n
             full = self._buffered_rows >= s.max_buffered_rows
         if full:

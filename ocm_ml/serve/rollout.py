@@ -177,8 +177,8 @@ def run_shadow(
     outcome = RolloutOutcome(passed=True)
     with Probe(send_probe):
         # The counters start at zero: loading the challenger resets them.
-        _, stats, elapsed = _observe(read_stats, "shadow_items", policy.shadow_seconds, policy.min_shadow_items,
-                                     policy.step_timeout_seconds, clock, sleep)
+        _, stats, elapsed = _observe(read_stats, "shadow_items", policy.shadow_seconds,
+                                     policy.min_shadow_items, policy.step_timeout_seconds, clock, sleep)
     items, errors = stats["shadow_items"], stats["shadow_errors"]
     agreement = stats["shadow_agreements"] / items if items else None
     record = {"mode": "shadow", "seconds": round(elapsed, 1), "shadow_items": items, "shadow_errors": errors,
@@ -188,10 +188,12 @@ def run_shadow(
         f"{'-' if agreement is None else f'{agreement:.1%}'} in {elapsed:.0f}s")
     if items < policy.min_shadow_items:
         outcome.passed = False
-        outcome.reasons.append(f"shadow saw only {items} items (needs {policy.min_shadow_items}): not enough to judge")
+        outcome.reasons.append(f"shadow saw only {items} items (needs {policy.min_shadow_items}): "
+                               "not enough to judge")
     elif errors:
         outcome.passed = False
-        outcome.reasons.append(f"challenger raised {errors} errors in shadow ({stats.get('shadow_last_error')})")
+        outcome.reasons.append(f"challenger raised {errors} errors in shadow "
+                               f"({stats.get('shadow_last_error')})")
     elif agreement is not None and agreement < policy.min_shadow_agreement:
         outcome.passed = False
         outcome.reasons.append(f"shadow agreement {agreement:.1%} < {policy.min_shadow_agreement:.1%}")

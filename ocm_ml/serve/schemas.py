@@ -109,7 +109,8 @@ class HealthResponse(BaseModel):
     model_loaded: bool
     model_uri: str | None
     uptime_seconds: float
-    last_reload_error: str | None = Field(None, description="Why the last reload failed (the old model still serves).")
+    last_reload_error: str | None = Field(
+        None, description="Why the last reload failed (the old model still serves).")
     replica_id: str | None = None
     model_version: str | None = None
     data_version: str | None = None
@@ -130,7 +131,8 @@ class InfoResponse(BaseModel):
     kind: str
     model_uri: str
     model_name: str | None = None
-    model_version: str | None = Field(None, description="Registered model version, when served from the registry.")
+    model_version: str | None = Field(
+        None, description="Registered model version, when served from the registry.")
     run_id: str | None = None
     data_version: str | None = Field(None, description="DVC registry tag the model was trained on.")
     dataset: str | None = None
@@ -140,7 +142,8 @@ class InfoResponse(BaseModel):
     normalization_params: NormalizationParams | None = None
     output_classes: list[str] | None = None
     label_map: dict[str, str] | None = None
-    metadata_md5: str | None = Field(None, description="md5 of the metadata.json the preprocessing came from.")
+    metadata_md5: str | None = Field(
+        None, description="md5 of the metadata.json the preprocessing came from.")
     run_tags: dict[str, str] = Field(default_factory=dict)
     loaded_at: str | None = None
     serving: dict[str, Any] = Field(default_factory=dict, description="Batching and limits in effect.")

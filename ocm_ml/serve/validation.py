@@ -328,7 +328,8 @@ def _as_pixel_array(images: list[Any]) -> np.ndarray:
     return np.stack(rows)
 
 
-def validate_images(payload: dict[str, Any], limits: Limits = Limits(), raw: bytes | None = None) -> np.ndarray:
+def validate_images(payload: dict[str, Any], limits: Limits = Limits(),
+                    raw: bytes | None = None) -> np.ndarray:
     """``{"images": [...]}`` → float32 array (N, 784) of pixel values in 0–255.
 
     ``raw`` is the request body, when there is one: booleans hide inside numeric arrays (numpy reads
