@@ -1,20 +1,22 @@
-"""Training throughput: Ray Train DDP (N workers) vs plain torch DDP and a bare single-process loop, same data.
+"""Training throughput: Ray Train DDP (N workers) vs plain torch DDP and a bare single-process loop,
+same data.
 
     .venv/bin/python benchmarks/ddp_vs_single.py                  # 16,384 rows, batch 128, 2 epochs, 2 rounds
     .venv/bin/python benchmarks/ddp_vs_single.py --with-defaults  # + DDP with PyTorch's and Ray's defaults
     .venv/bin/python benchmarks/ddp_vs_single.py --rows 4096 --rounds 1   # quick look (start-up weighs more)
 
 Both sides train the 1-channel ResNet18 (``ocm_ml.vision.model``) with the same optimizer
-(``lightning_module.build_optimizer``: fused Adam) on the same synthetic 28x28 images, normalized the same way,
-with the same per-step batch size (DDP: per worker, so its global batch is N times larger). Images/s counts
-training only (data loading included, validation excluded), from an epoch's start to its last batch; the first
-epoch is a warm-up and is reported but left out of the comparison when there are two or more.
+(``lightning_module.build_optimizer``: fused Adam) on the same synthetic 28x28 images, normalized the same
+way, with the same per-step batch size (DDP: per worker, so its global batch is N times larger). Images/s
+counts training only (data loading included, validation excluded), from an epoch's start to its last batch;
+the first epoch is a warm-up and is reported but left out of the comparison when there are two or more.
 
 - "single": one process, a plain loop over in-memory numpy batches, once per thread count in
   ``--single-threads`` (default 1 and every core); the comparison uses the faster one.
-- "ray ddp": ``ocm_ml.vision.train.train_fashion_mnist`` itself (Ray Data streaming + Lightning + RayDDPStrategy,
-  the product's defaults: bf16 gradient all-reduce), ``--workers`` workers x 1 CPU, on a local Ray with as many
-  CPUs as the machine has and ocm's idle-worker setting (``ocm_resources.ray.IDLE_WORKER_KEEP_MS``).
+- "ray ddp": ``ocm_ml.vision.train.train_fashion_mnist`` itself (Ray Data streaming + Lightning +
+  RayDDPStrategy, the product's defaults: bf16 gradient all-reduce), ``--workers`` workers x 1 CPU, on a local
+  Ray with as many CPUs as the machine has and ocm's idle-worker setting
+  (``ocm_resources.ray.IDLE_WORKER_KEEP_MS``).
 - "plain torch ddp": what a user who leaves Ray Train would run, torchrun-style: ``--workers`` processes
   (``torch.multiprocessing.spawn``) x 1 torch thread, gloo, the same model, optimizer, per-process batch, DDP
   options and gradient hook (``ocm_ml.vision.train.DDP_KWARGS``, ``comm_hook``: bf16 unless
@@ -28,10 +30,10 @@ median over rounds of each side's steady img/s (this machine's speed drifts by +
 Default size: 64 steps per worker per epoch, so the per-epoch start (a new Ray Data execution) weighs as it
 does in real runs (235 steps per epoch in the demo), not as in a 16-step toy epoch.
 
-The machine's load average is printed beside each figure: on a shared machine, compare runs only at similar load
-(``--wait-load 1.5`` waits for a quiet moment). Under oversubscription torch's multi-threaded kernels collapse
-(OpenMP threads spin waiting for descheduled peers), which flatters DDP's single-threaded workers; the CPU
-ms/img column is the load-robust view of each side's cost per image.
+The machine's load average is printed beside each figure: on a shared machine, compare runs only at similar
+load (``--wait-load 1.5`` waits for a quiet moment). Under oversubscription torch's multi-threaded kernels
+collapse (OpenMP threads spin waiting for descheduled peers), which flatters DDP's single-threaded workers;
+the CPU ms/img column is the load-robust view of each side's cost per image.
 
 Measured (2 cores, 2026-12-02, default arguments, medians of 2 rounds), three runs over 4 hours
 (the first two before the driver stopped polling its progress queue every 0.5 s):
@@ -42,8 +44,8 @@ Measured (2 cores, 2026-12-02, default arguments, medians of 2 rounds), three ru
     483               818                1.69x           692       0.85x               0.72
 
 The ratio to the best single process follows the host more than DDP: how well this VM runs two threads at once
-("2 threads / 1") moved the 2-thread baseline by 50 % between runs, while DDP's share of linear scaling stayed at
-0.68-0.72. In steady training Ray's other processes used 9-17 % of a core (``Ray helpers``); a plain
+("2 threads / 1") moved the 2-thread baseline by 50 % between runs, while DDP's share of linear scaling stayed
+at 0.68-0.72. In steady training Ray's other processes used 9-17 % of a core (``Ray helpers``); a plain
 torch.distributed loop without them (2 processes, gloo, in-memory batches, same model, fused Adam, bf16
 all-reduce) kept its training threads on CPU 87-88 % of the time against 77 % for Ray Train's (``/proc``
 schedstat), and reached 0.85-1.08x of the 2-thread process. Each idle Ray worker process wakes every 10 ms
@@ -111,8 +113,8 @@ def single_process(
     return rates, cpu_ms[-1]
 
 
-def _plain_ddp_worker(rank: int, world: int, port: int, train_path: str, batch_size: int, epochs: int, lr: float,
-                      seed: int, compression: str, out: str) -> None:
+def _plain_ddp_worker(rank: int, world: int, port: int, train_path: str, batch_size: int, epochs: int,
+                      lr: float, seed: int, compression: str, out: str) -> None:
     """One rank of the plain torch.distributed baseline (``torch.multiprocessing.spawn``, torchrun-style):
     gloo, 1 torch thread, the same model, optimizer, DDP options and gradient hook as ocm's workers, this
     rank's contiguous share of the rows in memory (Ray Data's equal split is contiguous too)."""
@@ -158,7 +160,8 @@ def _plain_ddp_worker(rank: int, world: int, port: int, train_path: str, batch_s
 
 def plain_ddp(train_path: str, batch_size: int, epochs: int, lr: float, workers: int, seed: int,
               compression: str) -> tuple[list[float], float]:
-    """Plain torch DDP, ``workers`` processes x 1 thread: per-epoch img/s of all ranks, CPU ms/img of rank 0."""
+    """Plain torch DDP, ``workers`` processes x 1 thread: per-epoch img/s of all ranks, CPU ms/img of
+    rank 0."""
     import json
     import socket
 
@@ -182,7 +185,8 @@ def ray_ddp(
 
     from ocm_ml.vision.train import TrainSettings, train_fashion_mnist
 
-    cpu_at_epoch: list[tuple[float, float, float]] = []  # (wall clock, worker CPU, helper CPU) per epoch report
+    # (wall clock, worker CPU, helper CPU) per epoch report
+    cpu_at_epoch: list[tuple[float, float, float]] = []
 
     def on_epoch(record: dict) -> None:
         cpu_at_epoch.append((time.perf_counter(), *ray_cpu_seconds()))
@@ -233,7 +237,8 @@ def ray_ddp(
 def ray_cpu_seconds() -> tuple[float, float]:
     """User+system CPU (every thread) of this process's Ray Train workers, and of everything else Ray runs for
     the job: GCS, raylet, agents, the Train controller and its actors, Ray Data's coordinators and tasks, idle
-    workers and this driver process. On a machine whose cores the workers fill, the second steals from them."""
+    workers and this driver process. On a machine whose cores the workers fill, the second steals from
+    them."""
     import psutil
 
     me = psutil.Process(os.getpid())
@@ -326,8 +331,11 @@ def main(argv: list[str] | None = None) -> None:
     plain_compression = overrides.get("gradient_compression", TrainSettings().gradient_compression)
     plain_name = f"plain torch ddp, {args.workers} x 1 thread"
     if args.with_defaults:
-        ddp_sides["  same, fp32 all-reduce, Ray idle 1 s"] = (1000, {**overrides, "gradient_compression": "none"})
-    # (round, name, global batch, per-epoch img/s, CPU ms per image, Ray helpers' share of a core, load before, after)
+        ddp_sides["  same, fp32 all-reduce, Ray idle 1 s"] = (
+            1000, {**overrides, "gradient_compression": "none"}
+        )
+    # (round, name, global batch, per-epoch img/s, CPU ms per image, Ray helpers' share of a core,
+    # load before, after)
     sides: list[tuple] = []
     results = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -336,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
         for round_ in range(1, args.rounds + 1):
             for n in threads:
                 load = wait_for_load(args.wait_load, args.wait_timeout)
-                rates, cpu_ms = single_process(train_path, args.batch_size, args.epochs, args.lr, n, args.seed)
+                rates, cpu_ms = single_process(train_path, args.batch_size, args.epochs, args.lr, n,
+                                               args.seed)
                 name = f"single process, {n} torch thread{'s' if n > 1 else ''}"
                 sides.append((round_, name, args.batch_size, rates, cpu_ms, None, load, os.getloadavg()[0]))
                 print(f"round {round_}: {name}: img/s per epoch {[round(r) for r in rates]}", flush=True)
@@ -347,21 +356,24 @@ def main(argv: list[str] | None = None) -> None:
                     idle_ms, **settings,
                 )
                 sides.append(
-                    (round_, name, args.batch_size * args.workers, rates, cpu_ms, helpers, load, os.getloadavg()[0])
+                    (round_, name, args.batch_size * args.workers, rates, cpu_ms, helpers, load,
+                     os.getloadavg()[0])
                 )
-                print(f"round {round_}: {name.strip()}: img/s per epoch {[round(r) for r in rates]}", flush=True)
+                print(f"round {round_}: {name.strip()}: img/s per epoch {[round(r) for r in rates]}",
+                      flush=True)
             if not args.skip_plain:
                 load = wait_for_load(args.wait_load, args.wait_timeout)
-                rates, cpu_ms = plain_ddp(train_path, args.batch_size, args.epochs, args.lr, args.workers, args.seed,
-                                          plain_compression)
+                rates, cpu_ms = plain_ddp(train_path, args.batch_size, args.epochs, args.lr, args.workers,
+                                          args.seed, plain_compression)
                 sides.append((round_, plain_name, args.batch_size * args.workers, rates, cpu_ms, None, load,
                               os.getloadavg()[0]))
-                print(f"round {round_}: {plain_name}: img/s per epoch {[round(r) for r in rates]}", flush=True)
+                print(f"round {round_}: {plain_name}: img/s per epoch {[round(r) for r in rates]}",
+                      flush=True)
 
     print()
     print(
-        f"ResNet18 (1-channel), {args.rows} train images 28x28, {args.epochs} epoch(s), batch {args.batch_size} "
-        f"per process, {os.cpu_count()} cores, {args.rounds} round(s)"
+        f"ResNet18 (1-channel), {args.rows} train images 28x28, {args.epochs} epoch(s), "
+        f"batch {args.batch_size} per process, {os.cpu_count()} cores, {args.rounds} round(s)"
     )
     header = (
         f"{'round':>5} {'side':<38} {'global batch':>12} {'img/s per epoch':>16} {'img/s steady':>12} "
@@ -373,14 +385,15 @@ def main(argv: list[str] | None = None) -> None:
         per_epoch = " ".join(f"{r:.0f}" for r in rates)
         helper_text = "" if helpers is None else f"{helpers:.0%} core"
         print(
-            f"{round_:>5} {name:<38} {global_batch:>12} {per_epoch:>16} {steady(rates):>12.0f} {cpu_ms:>10.2f} "
-            f"{helper_text:>11} {before:>5.1f}->{after:<5.1f}"
+            f"{round_:>5} {name:<38} {global_batch:>12} {per_epoch:>16} {steady(rates):>12.0f} "
+            f"{cpu_ms:>10.2f} {helper_text:>11} {before:>5.1f}->{after:<5.1f}"
         )
     medians = {
         name: statistics.median(steady(side[3]) for side in sides if side[1] == name)
         for name in dict.fromkeys(side[1] for side in sides)
     }
-    print("\nmedian steady img/s: " + ", ".join(f"{name.strip()} {rate:.0f}" for name, rate in medians.items()))
+    print("\nmedian steady img/s: "
+          + ", ".join(f"{name.strip()} {rate:.0f}" for name, rate in medians.items()))
     singles = {name: rate for name, rate in medians.items() if name.startswith("single")}
     if singles:
         best = max(singles, key=singles.get)
@@ -388,7 +401,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name.strip()} / best single-process ({best}): {medians[name] / singles[best]:.2f}x")
     if plain_name in medians:
         for name in ddp_sides:
-            print(f"{name.strip()} / {plain_name}: {medians[name] / medians[plain_name]:.2f}x (goal >= 0.90x)")
+            print(f"{name.strip()} / {plain_name}: {medians[name] / medians[plain_name]:.2f}x "
+                  "(goal >= 0.90x)")
     one, many = "single process, 1 torch thread", f"single process, {max(threads, default=1)} torch threads"
     if one in medians and many in medians:
         # How well this host runs two threads at once: near 2x on a quiet host, far lower when its vCPUs are
@@ -400,16 +414,16 @@ def main(argv: list[str] | None = None) -> None:
                 f"{medians[name] / (args.workers * medians[one]):.2f}"
             )
     print(
-        "CPU ms/img: single = process CPU in the last epoch; ddp = all worker threads between the first and last "
-        "epoch reports (validation and checkpointing included). Ray helpers: CPU of every other Ray process of the "
-        "run (GCS, raylet, agents, Train and Data actors, idle workers, this driver) over the same span, as a share "
-        "of one core."
+        "CPU ms/img: single = process CPU in the last epoch; ddp = all worker threads between the first and "
+        "last epoch reports (validation and checkpointing included). Ray helpers: CPU of every other Ray "
+        "process of the run (GCS, raylet, agents, Train and Data actors, idle workers, this driver) over the "
+        "same span, as a share of one core."
     )
     for name, result in results.items():
         print(
             f"{name.strip()} (last round): val_accuracy {result.val_accuracy:.3f}, elapsed "
-            f"{result.elapsed_seconds:.1f} s (worker start-up and validation included); time waiting for data per "
-            "epoch: " + " ".join(f"{h['data_wait_fraction']:.1%}" for h in result.history)
+            f"{result.elapsed_seconds:.1f} s (worker start-up and validation included); time waiting for "
+            "data per epoch: " + " ".join(f"{h['data_wait_fraction']:.1%}" for h in result.history)
         )
 
 

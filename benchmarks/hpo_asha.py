@@ -77,15 +77,15 @@ def main() -> int:
 
     asha, fifo = runs["asha"], runs["fifo"]
     print(f"\nembedding (first search, cache miss): {asha.embedding}")
-    print(f"embedding (second search): hits {fifo.embedding['cache_hits']}, misses {fifo.embedding['cache_misses']}"
-          f", {fifo.embedding['seconds']}s")
+    print(f"embedding (second search): hits {fifo.embedding['cache_hits']}, "
+          f"misses {fifo.embedding['cache_misses']}, {fifo.embedding['seconds']}s")
     print(f"\n{args.trials} trials x up to {args.epochs} epochs, head on cached MiniLM embeddings, "
           f"{settings.val_row_limit} validation rows per epoch")
     print("| search | trial-epochs | wall s | best val macro-F1 | best config |")
     print("|---|---|---|---|---|")
     for name, r in runs.items():
-        print(f"| {name.upper()} | {r.trial_epochs_run} | {r.wall_time_s:.1f} | {r.best_metrics['val_macro_f1']:.4f} "
-              f"| {r.best_config} |")
+        print(f"| {name.upper()} | {r.trial_epochs_run} | {r.wall_time_s:.1f} | "
+              f"{r.best_metrics['val_macro_f1']:.4f} | {r.best_config} |")
     print(f"ASHA / FIFO: trial-epochs {asha.trial_epochs_run / fifo.trial_epochs_run:.2f}x, wall "
           f"{asha.wall_time_s / fifo.wall_time_s:.2f}x, best macro-F1 "
           f"{100 * (asha.best_metrics['val_macro_f1'] - fifo.best_metrics['val_macro_f1']):+.2f} points")
@@ -103,8 +103,8 @@ def main() -> int:
         ours = predictor.predict_ids(texts)
         model_s = time.perf_counter() - t
         ref = [names.index(p) for p in reference.predict(texts)[0]]
-        print(f"| MiniLM embeddings + head (ASHA best) | {split} | {len(texts)} | {accuracy(labels, ours):.4f} | "
-              f"{macro_f1(labels, ours):.4f} |")
+        print(f"| MiniLM embeddings + head (ASHA best) | {split} | {len(texts)} | "
+              f"{accuracy(labels, ours):.4f} | {macro_f1(labels, ours):.4f} |")
         print(f"| TF-IDF + LR, all {len(train_y)} training rows | {split} | {len(texts)} | "
               f"{accuracy(labels, ref):.4f} | {macro_f1(labels, ref):.4f} |")
         print(f"  ({split}: model predicted in {model_s:.1f}s)")

@@ -108,13 +108,14 @@ def setup_model(work: Path) -> dict:
                                  registered_model_name=MODEL_NAME, pip_requirements=["torch"])
     image = train.images[int(np.argmax(train.labels == 9))]  # an ankle boot
     body = {"images": [[[round(float(v) / 1.01 + 0.13, 2) for v in row] for row in image]]}  # floats, ~6 KB
-    return {"tracking_uri": tracking_uri, "registry_url": str(pub.root), "model_uri": f"models:/{MODEL_NAME}/1",
-            "body": json.dumps(body)}
+    return {"tracking_uri": tracking_uri, "registry_url": str(pub.root),
+            "model_uri": f"models:/{MODEL_NAME}/1", "body": json.dumps(body)}
 
 
 def wrk(url: str, lua: Path, concurrency: int, duration: int) -> dict:
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--timeout", "10s", "--latency", "-s", str(lua), url],
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--timeout", "10s", "--latency", "-s", str(lua),
+         url],
         capture_output=True, text=True, check=True,
     ).stdout
 
@@ -128,7 +129,8 @@ def wrk(url: str, lua: Path, concurrency: int, duration: int) -> dict:
     non2xx = int(m[1]) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = non2xx + (sum(int(x) for x in sock.groups()) if sock else 0)
-    return {"rps": rps, "p50_ms": latency_ms("50"), "p99_ms": latency_ms("99"), "requests": total, "errors": errors}
+    return {"rps": rps, "p50_ms": latency_ms("50"), "p99_ms": latency_ms("99"), "requests": total,
+            "errors": errors}
 
 
 def check_predict(url: str, body: str) -> dict:
@@ -193,10 +195,11 @@ def main() -> None:
                                log_to_driver=False)
             serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
             control = ServeControl(address=None)
-            user_config = {"kind": "image", "model_uri": model["model_uri"], "tracking_uri": model["tracking_uri"],
-                           "registry_url": model["registry_url"], "torch_threads": args.torch_threads,
-                           "max_batch_size": args.max_batch_size}
-            control.run("fashion_mnist", build_app("image", user_config, max_ongoing_requests=128, version="bench"),
+            user_config = {"kind": "image", "model_uri": model["model_uri"],
+                           "tracking_uri": model["tracking_uri"], "registry_url": model["registry_url"],
+                           "torch_threads": args.torch_threads, "max_batch_size": args.max_batch_size}
+            control.run("fashion_mnist",
+                        build_app("image", user_config, max_ongoing_requests=128, version="bench"),
                         config_hash(user_config))
             found = control.urls("fashion_mnist")
             if not found["direct"]:
