@@ -94,8 +94,8 @@ def pytest_pyfunc_call(pyfuncitem):
     for key in ("RAY_ADDRESS", "PYTEST_ADDOPTS"):
         env.pop(key, None)
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", pyfuncitem.nodeid, "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-         "--durations=0", "--durations-min=60"],
+        [sys.executable, "-m", "pytest", pyfuncitem.nodeid, "-q", "-p", "no:cacheprovider",
+         "-p", "no:randomly", "--durations=0", "--durations-min=60"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     if proc.returncode != 0 or "1 passed" not in proc.stdout:

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     storage = CheckpointStorage(
         base_path=args.storage, endpoint_override=args.s3_endpoint, region=os.environ.get("AWS_REGION"),
-        access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"), secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
     )
     storage_path = storage.path_for("fashion_mnist", "fashion-mnist-v1.0.0", "two-node")
 

@@ -46,7 +46,8 @@ def test_workflow_runs_lint_checks_tests_and_the_cli_materialization(workflow):
 
 
 def test_image_job_builds_the_dockerfile(workflow):
-    (build,) = [s for s in workflow["jobs"]["image"]["steps"] if s.get("uses", "").startswith("docker/build-push")]
+    (build,) = [s for s in workflow["jobs"]["image"]["steps"]
+                if s.get("uses", "").startswith("docker/build-push")]
     assert build["with"]["context"] == "."
     assert "ocm-code-location" in build["with"]["tags"]
 
@@ -65,6 +66,7 @@ def test_tiny_materialize_script_materializes_the_data_slice(tmp_path):
     assert out.returncode == 0, log[-5000:]
     assert "RUN_SUCCESS" in log
     assert re.search(r"fashion_mnist/dataset \[fashion-mnist-v1\.0\.0\]: rows_train=200, rows_val=50", log)
-    assert re.search(r"fashion_mnist/preprocessing \[fashion-mnist-v1\.0\.0\]: mean=0\.2\d+, std=0\.3\d+", log)
+    assert re.search(r"fashion_mnist/preprocessing \[fashion-mnist-v1\.0\.0\]: "
+                     r"mean=0\.2\d+, std=0\.3\d+", log)
     assert "Asset check 'schema' on 'fashion_mnist/dataset' passed" in log
     assert list(tmp_path.iterdir()) == []  # the temporary OCM_HOME is removed

@@ -1,5 +1,6 @@
 """The Dockerfile installs exactly the project's lock (no Docker engine here: the file is parsed). One image
-serves the code location and the Ray pods, so its Python and Ray versions are the ones the lock was made for."""
+serves the code location and the Ray pods, so its Python and Ray versions are the ones the lock was
+made for."""
 
 import fnmatch
 import re

@@ -74,8 +74,8 @@ def test_local_builds_the_embedded_stack(monkeypatch, tmp_path):
 
 def test_cluster_builds_remote_resources_from_the_environment(cluster_env):
     r = build_resources("cluster")
-    assert set(r) == {"registry", "ray_cluster", "mlflow", "checkpoints", "serve", "io_manager", "prediction_logs",
-                      "alerts"}
+    assert set(r) == {"registry", "ray_cluster", "mlflow", "checkpoints", "serve", "io_manager",
+                      "prediction_logs", "alerts"}
 
     # step outputs on S3: OCM_IO_BUCKET unset, so the checkpoint bucket; keys only as EnvVar
     io = r["io_manager"]
@@ -252,13 +252,15 @@ def test_cluster_code_location_loads_without_heavy_modules(cluster_env):
 @pytest.mark.parametrize(
     ("env", "call", "message"),
     [
-        ({"OCM_SERVE_PORT": "eight"}, lambda: build_resources("local"), "OCM_SERVE_PORT='eight' is not a TCP port"),
+        ({"OCM_SERVE_PORT": "eight"}, lambda: build_resources("local"),
+         "OCM_SERVE_PORT='eight' is not a TCP port"),
         ({"OCM_DAGSTER_PORT": "70000"}, local_ports, "OCM_DAGSTER_PORT='70000' is out of range"),
         ({"OCM_MLFLOW_PORT": "3000"}, local_ports, "OCM_MLFLOW_PORT and OCM_DAGSTER_PORT are both 3000"),
         ({**CLUSTER, "OCM_SERVE_PORT": "x"}, lambda: build_resources("cluster"), "OCM_SERVE_PORT='x'"),
         ({**CLUSTER, "RAY_ADDRESS": "", "OCM_RAY_MAX_WORKERS": "two"}, lambda: build_resources("cluster"),
          "OCM_RAY_MAX_WORKERS='two' is not a number of Ray workers"),
-        ({"OCM_TRAIN_GPUS": "1.5"}, lambda: k8s_executor_config([], []), "OCM_TRAIN_GPUS='1.5' is not a whole"),
+        ({"OCM_TRAIN_GPUS": "1.5"}, lambda: k8s_executor_config([], []),
+         "OCM_TRAIN_GPUS='1.5' is not a whole"),
         ({"OCM_MAX_CONCURRENT_STEPS": "many"}, lambda: k8s_executor_config([], []),
          "OCM_MAX_CONCURRENT_STEPS='many' is not a whole number of step pods"),
         ({"RAY_AUTH_MODE": "disabled"}, local_ray_environment, "RAY_AUTH_MODE='disabled'"),

@@ -216,8 +216,9 @@ def test_retrain_and_rollout_one_process_per_step(s3_iam, ray_head, tmp_path, mo
         # Ray Train's checkpoints went to the checkpoint bucket on S3, not to a disk of the step
         assert s3_keys(s3_iam, CHECKPOINT_BUCKET, f"ray-results/{FAMILY.name}/{version.tag}/")
 
-        # the step processes reached Ray as Ray Client clients (the training step, the endpoint step): each connection got its own server on the head; no step process started a raylet (the head's
-        # session has exactly one)
+        # the step processes reached Ray as Ray Client clients (the training step, the endpoint step): each
+        # connection got its own server on the head; no step process started a raylet (the head's session has
+        # exactly one)
         session = ray_head["temp_dir"] / "session_latest" / "logs"
         client_servers = sorted(p.name for p in session.glob("ray_client_server_*.out"))
         assert len(client_servers) >= 1, sorted(p.name for p in session.iterdir())
@@ -275,7 +276,8 @@ def test_failed_training_job_fails_with_its_error(ray_head, tmp_path, monkeypatc
 def _jobs(ray_head) -> list:
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(ray_head["dashboard"], headers={"Authorization": f"Bearer {ray_head['token']}"})
+    client = JobSubmissionClient(ray_head["dashboard"],
+                                 headers={"Authorization": f"Bearer {ray_head['token']}"})
     jobs = [j for j in client.list_jobs() if str(j.type.value) == "SUBMISSION"]  # not Ray Client drivers
     return sorted(jobs, key=lambda j: j.start_time or 0)
 

@@ -231,9 +231,11 @@ def test_mlflow_and_minio_services(objects, config):
     assert args[:2] == ["mlflow", "server"] and f"--port={PORTS['mlflow']}" in args
     assert "--artifacts-destination=s3://ocm-mlflow/artifacts" in args
     # the database password is never in argv: libpq reads PGPASSWORD (from the Secret)
-    assert "--backend-store-uri=postgresql://mlflow@mlflow-postgresql.ocm.svc.cluster.local:5432/mlflow" in args
+    assert ("--backend-store-uri=postgresql://mlflow@mlflow-postgresql.ocm.svc.cluster.local:5432/mlflow"
+            in args)
     assert not any("PASSWORD" in a for a in args)
-    assert env_of(server)["PGPASSWORD"] == {"secretKeyRef": {"name": "ocm-mlflow-db", "key": "POSTGRES_PASSWORD"}}
+    assert env_of(server)["PGPASSWORD"] == {
+        "secretKeyRef": {"name": "ocm-mlflow-db", "key": "POSTGRES_PASSWORD"}}
     (postgres,) = containers(objects[("Deployment", "mlflow-postgresql")])
     assert "args" not in postgres and "command" not in postgres
     assert env_of(postgres)["POSTGRES_PASSWORD"] == env_of(server)["PGPASSWORD"]
@@ -262,7 +264,8 @@ def test_config_map_builds_the_cluster_resources(monkeypatch, config):
     # step pods hand outputs over through S3 (the bucket deploy/minio.yaml creates)
     io = resources["io_manager"]
     assert type(io).__name__ == "S3IOManager"
-    assert (io.bucket, io.prefix, io.endpoint_url) == ("ocm-dagster-io", "dagster/io", config["OCM_S3_ENDPOINT"])
+    assert (io.bucket, io.prefix, io.endpoint_url) == ("ocm-dagster-io", "dagster/io",
+                                                       config["OCM_S3_ENDPOINT"])
     buckets = " ".join(containers(manifests()[("Job", "minio-buckets")])[0]["args"])
     assert f"ocm/{io.bucket}" in buckets
 
@@ -314,7 +317,7 @@ def test_workspace_yaml_is_valid_and_points_at_the_module():
     assert Path(ROOT / entry["python_module"]["working_directory"]).resolve() == ROOT
 
 
-# -- security and reachability properties of every manifest ----------------------------------------------------
+# -- security and reachability properties of every manifest --------------------------------------------------
 
 def helm_containers(values):
     """(where, container-like settings) of every container the Dagster Helm values configure."""
@@ -377,7 +380,8 @@ def test_ray_addresses_are_ray_client_urls(objects, config):
 
 
 def client_urls(node, path=""):
-    """(path, value) of every string in a tree that a client would call: URLs and *_URI/*_URL/*_HOST values."""
+    """(path, value) of every string in a tree that a client would call: URLs and *_URI/*_URL/*_HOST
+    values."""
     if isinstance(node, dict):
         for key, value in node.items():
             yield from client_urls(value, f"{path}.{key}")
@@ -393,7 +397,9 @@ def test_no_wildcard_or_loopback_address_is_used_to_call_anything(objects, confi
     found = []
     for (kind, name), obj in objects.items():
         found += [(f"{kind}/{name}{p}", v) for p, v in client_urls(obj)]
-    for app in yaml.safe_load(objects[("RayService", "ocm-endpoints")]["spec"]["serveConfigV2"])["applications"]:
+    for app in yaml.safe_load(
+        objects[("RayService", "ocm-endpoints")]["spec"]["serveConfigV2"]
+    )["applications"]:
         found += [(f"serveConfigV2 {app['name']}{p}", v) for p, v in client_urls(app["args"])]
     assert len(found) > 20
     for where, value in found:
@@ -444,4 +450,5 @@ def test_no_secret_is_a_literal_or_an_argument(objects):
                 if re.search(r"PASSWORD|SECRET|TOKEN|KEY_ID", item["name"]):
                     assert "valueFrom" in item, f"{kind}/{name}: {item['name']} must come from a Secret"
             argv = " ".join(container.get("command", []) + container.get("args", []))
-            assert not re.search(r"\$\(?[A-Z_]*(PASSWORD|SECRET|TOKEN)", argv), f"{kind}/{name}: secret in argv"
+            assert not re.search(r"\$\(?[A-Z_]*(PASSWORD|SECRET|TOKEN)", argv), (
+                f"{kind}/{name}: secret in argv")

@@ -1,6 +1,6 @@
-"""The S3 path against a real S3 server on 127.0.0.1 (moto in server mode: the S3 REST API over HTTP, offline):
-checkpoint storage through pyarrow, and the data registry's DVC remote on S3 (dvc-s3), read by the same
-DvcRegistry and data assets as the embedded stack."""
+"""The S3 path against a real S3 server on 127.0.0.1 (moto in server mode: the S3 REST API over HTTP,
+offline): checkpoint storage through pyarrow, and the data registry's DVC remote on S3 (dvc-s3), read by the
+same DvcRegistry and data assets as the embedded stack."""
 
 import shutil
 import subprocess
@@ -115,7 +115,8 @@ def test_data_assets_materialize_from_the_s3_remote(s3_registry, monkeypatch):
         monkeypatch.setenv(name, SECRETS[name])
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(FASHION.partitions_name, [version.tag])
-    data_assets = [a for a in family_assets(FASHION) if a.key in (dataset_key(FASHION), preprocessing_key(FASHION))]
+    data_assets = [a for a in family_assets(FASHION)
+                   if a.key in (dataset_key(FASHION), preprocessing_key(FASHION))]
     result = dg.materialize(
         data_assets, partition_key=version.tag, instance=instance,
         resources={"registry": DvcRegistry(repo_url=str(pub.root), remote="s3remote")},

@@ -3,11 +3,11 @@
 (params, tags, metrics) or the MLflow server's log.
 
 The run uses the real cluster resources (OCM_ENV=cluster, build_resources) with a token and basic-auth
-credentials for MLflow and access keys for S3: RemoteMlflow against a basic-auth `mlflow server` on 127.0.0.1 (slow:
-the server takes a minute to start on a loaded machine) or, in the quick variant, against a sqlite tracking
-URI; CheckpointStorage against an S3 server on 127.0.0.1; a git+DVC registry. It materializes the data assets and a probe
-that does what `fashion_mnist/model` does with these resources (lineage tags, the same MLflow params,
-a checkpoint folder on S3) without training."""
+credentials for MLflow and access keys for S3: RemoteMlflow against a basic-auth `mlflow server` on 127.0.0.1
+(slow: the server takes a minute to start on a loaded machine) or, in the quick variant, against a sqlite
+tracking URI; CheckpointStorage against an S3 server on 127.0.0.1; a git+DVC registry. It materializes the
+data assets and a probe that does what `fashion_mnist/model` does with these resources (lineage tags, the same
+MLflow params, a checkpoint folder on S3) without training."""
 
 
 import dagster as dg
@@ -42,7 +42,8 @@ def mlflow_server(tmp_path_factory):
 @dg.asset(
     key=PROBE,
     partitions_def=partitions_for(FASHION),
-    ins={"dataset": dg.AssetIn(dataset_key(FASHION)), "preprocessing": dg.AssetIn(preprocessing_key(FASHION))},
+    ins={"dataset": dg.AssetIn(dataset_key(FASHION)),
+         "preprocessing": dg.AssetIn(preprocessing_key(FASHION))},
 )
 def secrets_probe(
     context: dg.AssetExecutionContext, mlflow: MlflowTracking, checkpoints: CheckpointStorage,
@@ -60,7 +61,8 @@ def secrets_probe(
         out.write(b"weights")
     tags = lineage(mlflow, context, dataset)
     with mlflow.start_run(f"{mlflow.env_name}.{FASHION.dataset}", run_name=f"{tag} probe", tags=tags) as run:
-        mlflow_lib.log_params({**VisionTrainConfig().model_dump(), "data_tag": tag, "mean": preprocessing.normalization.mean,
+        mlflow_lib.log_params({**VisionTrainConfig().model_dump(), "data_tag": tag,
+                               "mean": preprocessing.normalization.mean,
                                "std": preprocessing.normalization.std, "storage_path": storage_path})
         mlflow_lib.log_metric("val_accuracy", 0.5)
     context.log.info(f"probe run {run.info.run_id} at {storage_path}")
@@ -94,15 +96,16 @@ def test_no_secret_in_logs_metadata_or_mlflow(tracking, request, s3, tmp_path, m
     })
     resources = build_resources()
     assert type(resources["mlflow"]).__name__ == "RemoteMlflow"
-    data_assets = [a for a in family_assets(FASHION) if a.key in (dataset_key(FASHION), preprocessing_key(FASHION))]
+    data_assets = [a for a in family_assets(FASHION)
+                   if a.key in (dataset_key(FASHION), preprocessing_key(FASHION))]
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(FASHION.partitions_name, [version.tag])
     result = dg.materialize(
         [*data_assets, secrets_probe], partition_key=version.tag, resources=resources, instance=instance,
     )
     assert result.success
-    # the secrets were really used: the checkpoint reached S3, and (server) the basic-auth MLflow server, which
-    # answers 401 to anyone else, authenticated the run's requests as our user (checked below)
+    # the secrets were really used: the checkpoint reached S3, and (server) the basic-auth MLflow server,
+    # which answers 401 to anyone else, authenticated the run's requests as our user (checked below)
     probe = {e.asset_key: e.materialization for e in result.get_asset_materialization_events()}[PROBE]
     checkpoint = probe.metadata["checkpoint_path"].value
     assert s3_keys(s3, "ocm-checkpoints", checkpoint.split("/", 1)[1]) == [
@@ -135,7 +138,8 @@ def test_no_secret_in_logs_metadata_or_mlflow(tracking, request, s3, tmp_path, m
         assert_credentials_travelled(tracking_uri, run.info.experiment_id)
     assert any("probe run" in (r.user_message or "") for r in records)
     # ... and no secret value in any of them
-    leaks = [(where, name) for where, text in texts.items() for name, value in SECRETS.items() if value in text]
+    leaks = [(where, name) for where, text in texts.items()
+             for name, value in SECRETS.items() if value in text]
     assert leaks == []
 
 

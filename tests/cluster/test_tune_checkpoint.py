@@ -22,7 +22,8 @@ def test_best_checkpoint_is_referenced_where_tune_stored_it(s3, tmp_path, monkey
 
     scheme, _, endpoint = s3["endpoint"].partition("://")
     fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, scheme=scheme, region=REGION,
-                                 access_key=SECRETS["AWS_ACCESS_KEY_ID"], secret_key=SECRETS["AWS_SECRET_ACCESS_KEY"])
+                                 access_key=SECRETS["AWS_ACCESS_KEY_ID"],
+                                 secret_key=SECRETS["AWS_SECRET_ACCESS_KEY"])
     key = "ocm-checkpoints/ray-results/tweet_sentiment/v1/run/trial/checkpoint_000001"
     with fs.open_output_stream(f"{key}/model.safetensors") as out:
         out.write(b"weights")

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow  # two Ray nodes + DDP: 2-4 minutes on a busy 2-co
 
 
 def ray_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
     # a loaded machine needs more than Ray's default 30 s for a raylet to register
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PYTHONWARNINGS="ignore",
                RAY_raylet_start_wait_time_s="180")
@@ -161,7 +162,8 @@ def test_ddp_across_a_head_and_a_worker_node(two_nodes, tmp_path):
 
 def test_ddp_across_two_nodes_checkpoints_to_s3(two_nodes, tmp_path, s3):
     """The cluster's storage: both nodes' workers reach S3 through the (pickled) pyarrow filesystem."""
-    credentials = {**{k: SECRETS[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}, "AWS_REGION": REGION}
+    credentials = {**{k: SECRETS[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+                   "AWS_REGION": REGION}
     report = run_driver(two_nodes, tmp_path, "s3://ocm-checkpoints/two-node", "--s3-endpoint", s3["endpoint"],
                         env=credentials)
     prefix = report["storage_path"].split("/", 1)[1] + "/two-node-ddp/"

@@ -236,7 +236,8 @@ def reconfigure(name: str, changes: dict, *, merge: bool = True, timeout_s: floa
     from ocm_ml.serve.deployments import rebuild_app
     from ocm_resources.serve_control import ServeControl
 
-    return ServeControl(address=None).reconfigure(name, changes, rebuild_app, merge=merge, timeout_s=timeout_s)
+    return ServeControl(address=None).reconfigure(name, changes, rebuild_app, merge=merge,
+                                                  timeout_s=timeout_s)
 
 
 @pytest.fixture(scope="session")
