@@ -3,6 +3,7 @@
 
 import json
 import time
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from dagster_ray import RayResource
@@ -15,6 +16,9 @@ from ocm_assets.training import lineage, model_key, ray_cluster_resources
 from ocm_ml.contract import DatasetMetadata, DatasetVersion
 from ocm_resources.mlflow import MlflowTracking
 from ocm_resources.storage import CheckpointStorage
+
+if TYPE_CHECKING:
+    from ocm_ml.text.tune import SearchResult, SearchSettings
 
 
 def hpo_key(fam: Family) -> dg.AssetKey:
@@ -121,6 +125,56 @@ def _log_child_runs(client, experiment_id: str, parent_id: str, result,
     return child_ids
 
 
+def _search_params(config: dg.Config, settings: "SearchSettings", tag: str) -> dict[str, Any]:
+    """The search's settings as the parent MLflow run's params."""
+    return {
+        "backbone": config.backbone, "num_trials": settings.num_trials, "max_epochs": settings.max_epochs,
+        "row_limit": settings.row_limit, "val_row_limit": settings.val_row_limit,
+        "scheduler": settings.scheduler.upper(), "metric": settings.metric, "mode": settings.mode,
+        "grace_period": settings.grace_period, "reduction_factor": settings.reduction_factor,
+        "max_length": settings.max_length, "freeze_layers": settings.freeze_layers,
+        "method": settings.method, "search_space": json.dumps(settings.space()), "data_tag": tag,
+    }
+
+
+def _log_search(client, parent, result: "SearchResult", tags: dict[str, str]) -> None:
+    """The search's figures on the active parent run ``parent``, and a nested run per trial."""
+    import mlflow as mlflow_lib
+
+    if result.embedding:
+        mlflow_lib.log_metrics({f"embedding_{k}": float(v) for k, v in result.embedding.items()
+                                if isinstance(v, (int, float))})
+    child_ids = _log_child_runs(client, parent.info.experiment_id, parent.info.run_id, result, tags)
+    mlflow_lib.set_tags({"best_trial_id": result.best_trial_id,
+                         "best_trial_run_id": child_ids.get(result.best_trial_id, "")})
+    mlflow_lib.log_metrics({f"best_{k}": float(v) for k, v in result.best_metrics.items()
+                            if isinstance(v, (int, float))})
+    mlflow_lib.log_metrics({"trials_stopped_early": result.num_stopped_early,
+                            "trial_epochs_run": result.trial_epochs_run,
+                            "trial_epochs_budget": result.trial_epochs_budget})
+
+
+def _search_metadata(result: "SearchResult", settings: "SearchSettings") -> dict[str, Any]:
+    """The hpo asset's metadata: the trials, the best one, and what early stopping saved."""
+    saved = result.trial_epochs_budget - result.trial_epochs_run
+    return {
+        "trials": dg.MetadataValue.md(trials_table(result)),
+        "best_trial": result.best_trial_id,
+        "best_config": dg.MetadataValue.json(result.best_config),
+        **{f"best_{k}": dg.MetadataValue.float(float(v)) for k, v in result.best_metrics.items()
+           if isinstance(v, float)},
+        "trials_stopped_early": result.num_stopped_early,
+        "trial_epochs_run": result.trial_epochs_run,
+        "trial_epochs_without_early_stopping": result.trial_epochs_budget,
+        "compute_saved": dg.MetadataValue.text(
+            f"{saved} of {result.trial_epochs_budget} trial-epochs "
+            f"({100 * saved / max(result.trial_epochs_budget, 1):.0f}%)"),
+        "search_seconds": dg.MetadataValue.float(result.wall_time_s),
+        "method": settings.method,
+        **({"embedding": dg.MetadataValue.json(result.embedding)} if result.embedding else {}),
+    }
+
+
 def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
     @dg.asset(
         key=hpo_key(fam),
@@ -162,19 +216,9 @@ def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
         tags = lineage(mlflow, context, dataset)
         storage_path = checkpoints.path_for(fam.name, tag, context.run.run_id)
         client = mlflow.configure()
-        experiment = f"{mlflow.env_name}.{fam.dataset}"
-        with mlflow.start_run(experiment, run_name=f"{tag} search {context.run.run_id[:8]}",
-                              tags={**tags, "ocm_stage": "hpo"}) as parent:
-            parent_id = parent.info.run_id
-            mlflow_lib.log_params({
-                "backbone": config.backbone, "num_trials": settings.num_trials,
-                "max_epochs": settings.max_epochs,
-                "row_limit": settings.row_limit, "val_row_limit": settings.val_row_limit,
-                "scheduler": settings.scheduler.upper(), "metric": settings.metric, "mode": settings.mode,
-                "grace_period": settings.grace_period, "reduction_factor": settings.reduction_factor,
-                "max_length": settings.max_length, "freeze_layers": settings.freeze_layers,
-                "method": settings.method, "search_space": json.dumps(settings.space()), "data_tag": tag,
-            })
+        with mlflow.start_run(f"{mlflow.env_name}.{fam.dataset}", tags={**tags, "ocm_stage": "hpo"},
+                              run_name=f"{tag} search {context.run.run_id[:8]}") as parent:
+            mlflow_lib.log_params(_search_params(config, settings, tag))
             context.log.info(f"searching {settings.num_trials} trials x {settings.max_epochs} epochs "
                              f"on {tag}")
             result = run_search(
@@ -183,46 +227,22 @@ def build_hpo_asset(fam: Family) -> dg.AssetsDefinition:
                 cache_dir=_embedding_cache_dir(checkpoints),
                 data_keys={split: dataset.files[split].md5 for split in ("train", "val")},
             )
-            if result.embedding:
-                mlflow_lib.log_metrics({f"embedding_{k}": float(v) for k, v in result.embedding.items()
-                                        if isinstance(v, (int, float))})
-            child_ids = _log_child_runs(client, parent.info.experiment_id, parent_id, result, tags)
-            mlflow_lib.set_tags({"best_trial_id": result.best_trial_id,
-                                 "best_trial_run_id": child_ids.get(result.best_trial_id, "")})
-            mlflow_lib.log_metrics({f"best_{k}": float(v) for k, v in result.best_metrics.items()
-                                    if isinstance(v, (int, float))})
-            mlflow_lib.log_metrics({"trials_stopped_early": result.num_stopped_early,
-                                    "trial_epochs_run": result.trial_epochs_run,
-                                    "trial_epochs_budget": result.trial_epochs_budget})
-        saved = result.trial_epochs_budget - result.trial_epochs_run
-        url = mlflow.run_url(parent_id, parent.info.experiment_id)
+            _log_search(client, parent, result, tags)
+        parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
         for t in result.trials:
             context.log.info(f"trial {t.trial_id}: {t.config} best {settings.metric}={t.best_metric} "
                              f"after {t.epochs_run} epochs{' (stopped by ASHA)' if t.stopped_early else ''}")
         value = {
             "tag": tag, "commit": dataset.commit, "dataset": dataset,
             "label_map": preprocessing.require_label_map(),
-            "parent_run_id": parent_id, "experiment_id": parent.info.experiment_id,
+            "parent_run_id": parent_id, "experiment_id": experiment_id,
             "best_trial_id": result.best_trial_id, "best_config": result.best_config,
             "best_metrics": result.best_metrics, "best_checkpoint_dir": result.best_checkpoint_dir,
             "backbone": config.backbone, "max_length": settings.max_length, "training_key": reuse.key,
         }
+        url = mlflow.run_url(parent_id, experiment_id)
         return dg.Output(value, metadata={
-            "trials": dg.MetadataValue.md(trials_table(result)),
-            "best_trial": result.best_trial_id,
-            "best_config": dg.MetadataValue.json(result.best_config),
-            **{f"best_{k}": dg.MetadataValue.float(float(v)) for k, v in result.best_metrics.items()
-               if isinstance(v, float)},
-            "trials_stopped_early": result.num_stopped_early,
-            "trial_epochs_run": result.trial_epochs_run,
-            "trial_epochs_without_early_stopping": result.trial_epochs_budget,
-            "compute_saved": dg.MetadataValue.text(
-                f"{saved} of {result.trial_epochs_budget} trial-epochs "
-                f"({100 * saved / max(result.trial_epochs_budget, 1):.0f}%)"),
-            "search_seconds": dg.MetadataValue.float(result.wall_time_s),
-            "method": settings.method,
-            **({"embedding": dg.MetadataValue.json(result.embedding)} if result.embedding else {}),
-            "mlflow_parent_run_id": parent_id,
+            **_search_metadata(result, settings), "mlflow_parent_run_id": parent_id,
             **({"mlflow_parent_run_url": dg.MetadataValue.url(url)} if url else {}),
         })
 
