@@ -210,7 +210,8 @@ def serve_ingress_environment() -> dict[str, str]:
     if spec is not None and spec.submodule_search_locations:
         env["OCM_HAPROXY_BINARY"] = str(Path(spec.submodule_search_locations[0]) / "bin" / "haproxy")
     for var in ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
-        if not os.environ.get(var):
+        env[var] = os.environ.get(var, "")
+        if not env[var]:
             with socket.socket() as s:
                 s.bind((LOOPBACK, 0))
                 env[var] = str(s.getsockname()[1])

@@ -292,6 +292,16 @@ def test_local_ports_bind_host_and_ray_settings(monkeypatch):
     assert 0 < int(env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]) < 65536
 
 
+def test_a_fallback_proxy_port_set_in_the_environment_is_kept(monkeypatch):
+    """A process that already ran single_node_ray has the fallback proxy's ports in os.environ: the next
+    environment keeps them (and names them), it does not drop them nor pick new ones."""
+    monkeypatch.setenv("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "18500")
+    monkeypatch.delenv("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", raising=False)
+    env = local_ray_environment()
+    assert env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "18500"
+    assert 0 < int(env["RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"]) < 65536
+
+
 def test_shell_env_for_dev_sh_and_a_clear_error_without_traceback():
     env = {k: v for k, v in os.environ.items() if not k.startswith("OCM_")}
     ok = subprocess.run([sys.executable, "-m", "ocm_resources.env", "shell-env"], cwd=ROOT,
