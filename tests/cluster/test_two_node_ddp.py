@@ -27,8 +27,11 @@ pytestmark = pytest.mark.slow  # two Ray nodes + DDP: 2-4 minutes on a busy 2-co
 
 
 def ray_env() -> dict[str, str]:
+    # Not inherited: another Ray's address and token, and ocm's single-node setting, which a test that ran
+    # ocm_resources.ray.single_node_ray earlier in this process left in os.environ (two nodes need it off).
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
+                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     # a loaded machine needs more than Ray's default 30 s for a raylet to register
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PYTHONWARNINGS="ignore",
                RAY_raylet_start_wait_time_s="180")
