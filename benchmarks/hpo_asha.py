@@ -8,6 +8,7 @@ best validation macro-F1 side by side with the ratios, then the ASHA winner and 
 regression fitted on the whole training split, both on the validation split and the holdout.
 
     nice -n 5 .venv/bin/python benchmarks/hpo_asha.py [--trials 12] [--epochs 12] [--work .ocm/bench-hpo]
+        [--grace-period 1] [--reduction-factor 4]
 
 Figures on 2 shared cores move with the load; the ratios are measured side by side in one run.
 """
@@ -45,6 +46,10 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--work", default=".ocm/bench-hpo")
+    parser.add_argument("--grace-period", type=int, default=None,
+                        help="ASHA: epochs before a trial may be stopped (default: SearchSettings')")
+    parser.add_argument("--reduction-factor", type=int, default=None,
+                        help="ASHA: keep 1/N of the trials at each rung (default: SearchSettings')")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,7 +70,9 @@ def main() -> int:
     single_node_ray()  # loopback only, as ocm's own heads
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20,
              log_to_driver=False)
-    settings = SearchSettings(num_trials=args.trials, max_epochs=args.epochs)
+    rungs = {k: v for k, v in (("grace_period", args.grace_period),
+                               ("reduction_factor", args.reduction_factor)) if v is not None}
+    settings = SearchSettings(num_trials=args.trials, max_epochs=args.epochs, **rungs)
     runs = {}
     for scheduler in ("asha", "fifo"):
         t = time.perf_counter()
@@ -80,7 +87,8 @@ def main() -> int:
     print(f"embedding (second search): hits {fifo.embedding['cache_hits']}, "
           f"misses {fifo.embedding['cache_misses']}, {fifo.embedding['seconds']}s")
     print(f"\n{args.trials} trials x up to {args.epochs} epochs, head on cached MiniLM embeddings, "
-          f"{settings.val_row_limit} validation rows per epoch")
+          f"{settings.val_row_limit} validation rows per epoch; ASHA grace {settings.grace_period}, "
+          f"reduction {settings.reduction_factor}")
     print("| search | trial-epochs | wall s | best val macro-F1 | best config |")
     print("|---|---|---|---|---|")
     for name, r in runs.items():
